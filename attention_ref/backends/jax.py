@@ -1,0 +1,235 @@
+"""The JAX backend: SPEC.md in jax.numpy, jitted, on whatever device holds the inputs.
+
+Precision: every matmul runs at ``Precision.HIGHEST`` (true float32 on GPU/TPU, no TF32 or bf16
+passes). float64 inputs, and ``compute_dtype="float64"``, run inside a scoped ``jax.enable_x64``;
+the global x64 flag is never changed.
+
+Compilation: the computation is jitted once per shape and static options and reused. Small
+problems on the CPU (at most ``BUCKET_MAX_LOGITS`` logits after padding) are first padded on the
+host to a bucket shape (every dim rounded up to a power of two; L, S, E and Ev to at least 8), with
+the padded keys excluded and the padded queries, heads and channels dropped from the results, so
+that one compiled program serves many nearby shapes. Padding is exact: padded head-dim channels
+are zeros (they add exact zeros to q·kᵀ), padded keys get weight exactly 0, and the scale comes
+from the true E. Larger problems, arrays on accelerators and calls under a jax transformation
+(tracers) run the unpadded program.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..validation import AttentionPlan
+from .base import Backend
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+#: Padded problems with more logits than this run unpadded.
+BUCKET_MAX_LOGITS = 1 << 18
+#: Smallest bucket for L, S, E and Ev.
+BUCKET_MIN_LENGTH = 8
+
+
+def _grouped_attention(
+    q5: jax.Array,
+    k5: jax.Array,
+    v5: jax.Array,
+    mask5: jax.Array | None,
+    bias5: jax.Array | None,
+    scale: jax.Array,
+    softcap: jax.Array | None,
+    causal_offset: jax.Array | None,
+    kv_valid: jax.Array | None,
+    *,
+    compute_dtype: str,
+    out_dtype: str,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """SPEC.md on grouped arrays: q5 ``(B, Hkv, G, L, E)``, k5 ``(B, Hkv, 1, S, E)``,
+    v5 ``(B, Hkv, 1, S, Ev)``; mask5/bias5 broadcastable to ``(B, Hkv, G, L, S)``.
+
+    ``causal_offset`` None means not causal; ``kv_valid`` None means every key is real, else keys
+    ``j >= kv_valid`` are padding and excluded.
+    """
+    compute = jnp.dtype(compute_dtype)
+    length, keys = q5.shape[-2], k5.shape[-2]
+    q5, k5, v5 = q5.astype(compute), k5.astype(compute), v5.astype(compute)
+
+    logits = jnp.matmul(q5, jnp.swapaxes(k5, -1, -2), precision=_HIGHEST) * scale.astype(compute)
+    if softcap is not None:
+        cap = softcap.astype(compute)
+        logits = cap * jnp.tanh(logits / cap)
+    if bias5 is not None:
+        logits = logits + bias5.astype(compute)
+
+    allowed = logits != -jnp.inf
+    if mask5 is not None:
+        allowed = allowed & mask5
+    key_index = jnp.arange(keys)
+    if causal_offset is not None:
+        allowed = allowed & (key_index <= jnp.arange(length)[:, None] + causal_offset)
+    if kv_valid is not None:
+        allowed = allowed & (key_index < kv_valid)
+
+    masked = jnp.where(allowed, logits, -jnp.inf)
+    row_max = jnp.max(masked, axis=-1, keepdims=True, initial=-jnp.inf)
+    row_max = jnp.where(row_max == -jnp.inf, 0, row_max)
+    unnormalized = jnp.exp(masked - row_max)
+    denominator = unnormalized.sum(axis=-1, keepdims=True)
+    fully_excluded = denominator == 0
+    safe_denominator = jnp.where(fully_excluded, 1, denominator)
+    weights = unnormalized / safe_denominator
+    lse = jnp.where(fully_excluded, -jnp.inf, row_max + jnp.log(safe_denominator))[..., 0]
+
+    out = jnp.matmul(weights, v5, precision=_HIGHEST).astype(out_dtype)
+    return out, weights, lse
+
+
+_grouped_attention_jit = jax.jit(_grouped_attention, static_argnames=("compute_dtype", "out_dtype"))
+
+
+@partial(jax.jit, static_argnames=("plan",))
+def _direct_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    bias: jax.Array | None,
+    scale: jax.Array,
+    softcap: jax.Array | None,
+    *,
+    plan: AttentionPlan,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The unpadded program for one plan (its scale and softcap values are traced, not static)."""
+    lead, hkv, group = plan.batch_shape, plan.num_kv_heads, plan.group_size
+    grouped = (*lead, hkv, group, plan.q_len, plan.kv_len)
+    q5 = q.reshape(*lead, hkv, group, plan.q_len, plan.head_dim)
+    k5 = k.reshape(*lead, hkv, 1, plan.kv_len, plan.head_dim)
+    v5 = v.reshape(*lead, hkv, 1, plan.kv_len, plan.value_dim)
+    mask5 = None if mask is None else jnp.broadcast_to(mask, plan.logits_shape).reshape(grouped)
+    bias5 = None if bias is None else jnp.broadcast_to(bias, plan.logits_shape).reshape(grouped)
+    offset = plan.causal_offset if plan.causal else None
+    out, weights, lse = _grouped_attention(
+        q5, k5, v5, mask5, bias5, scale, softcap, offset, None,
+        compute_dtype=plan.compute_dtype, out_dtype=plan.dtype,
+    )
+    return (
+        out.reshape(plan.out_shape),
+        weights.reshape(plan.logits_shape) if plan.return_weights else None,
+        lse.reshape(plan.lse_shape) if plan.return_lse else None,
+    )
+
+
+def _bucket(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def _pad_to(x: np.ndarray, shape: tuple[int, ...], fill: Any = 0) -> np.ndarray:
+    if x.shape == shape:
+        return x
+    padded = np.full(shape, fill, dtype=x.dtype)
+    padded[tuple(slice(0, n) for n in x.shape)] = x
+    return padded
+
+
+class JaxBackend(Backend):
+    name = "jax"
+    framework = "jax"
+
+    def __init__(self, *, bucket_shapes: bool = True) -> None:
+        #: Pad small CPU problems to bucket shapes (see the module docstring).
+        self.bucket_shapes = bucket_shapes
+
+    def _attention(
+        self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+        with self._precision_scope(plan):
+            if self._uses_buckets(plan, (q, k, v, mask, bias)):
+                return self._bucketed(plan, q, k, v, mask, bias)
+            compute = jnp.dtype(plan.compute_dtype)
+            static_plan = dataclasses.replace(plan, scale=0.0, softcap=None if plan.softcap is None else 0.0)
+            softcap = None if plan.softcap is None else jnp.asarray(plan.softcap, compute)
+            return _direct_attention(
+                q, k, v, mask, bias, jnp.asarray(plan.scale, compute), softcap, plan=static_plan
+            )
+
+    @staticmethod
+    def _precision_scope(plan: AttentionPlan) -> contextlib.AbstractContextManager[Any]:
+        needs_x64 = plan.compute_dtype == "float64" or plan.dtype == "float64"
+        return jax.enable_x64(True) if needs_x64 else contextlib.nullcontext()
+
+    def _uses_buckets(self, plan: AttentionPlan, arrays: tuple[Any, ...]) -> bool:
+        if not self.bucket_shapes:
+            return False
+        for x in arrays:
+            if x is None:
+                continue
+            if isinstance(x, jax.core.Tracer) or any(d.platform != "cpu" for d in x.devices()):
+                return False
+        return math.prod(self._bucket_shape(plan)) <= BUCKET_MAX_LOGITS
+
+    @staticmethod
+    def _bucket_shape(plan: AttentionPlan) -> tuple[int, ...]:
+        """``(B, Hkv, G, L, S)`` of the padded problem."""
+        return (
+            _bucket(math.prod(plan.batch_shape)),
+            _bucket(plan.num_kv_heads),
+            _bucket(plan.group_size),
+            _bucket(plan.q_len, BUCKET_MIN_LENGTH),
+            _bucket(plan.kv_len, BUCKET_MIN_LENGTH),
+        )
+
+    def _bucketed(
+        self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        batch, hkv, group = math.prod(plan.batch_shape), plan.num_kv_heads, plan.group_size
+        length, keys, e_dim, ev_dim = plan.q_len, plan.kv_len, plan.head_dim, plan.value_dim
+        grouped = (batch, hkv, group, length, keys)
+        b_b, hkv_b, g_b, length_b, keys_b = self._bucket_shape(plan)
+        e_b, ev_b = _bucket(e_dim, BUCKET_MIN_LENGTH), _bucket(ev_dim, BUCKET_MIN_LENGTH)
+
+        q5 = _pad_to(np.asarray(q).reshape(batch, hkv, group, length, e_dim), (b_b, hkv_b, g_b, length_b, e_b))
+        k5 = _pad_to(np.asarray(k).reshape(batch, hkv, 1, keys, e_dim), (b_b, hkv_b, 1, keys_b, e_b))
+        v5 = _pad_to(np.asarray(v).reshape(batch, hkv, 1, keys, ev_dim), (b_b, hkv_b, 1, keys_b, ev_b))
+        padded_logits = (b_b, hkv_b, g_b, length_b, keys_b)
+        mask5 = np.ones((), bool) if mask is None else np.asarray(mask)
+        mask5 = _pad_to(np.broadcast_to(mask5, plan.logits_shape).reshape(grouped), padded_logits, False)
+        compute = np.dtype(plan.compute_dtype)
+        bias5 = np.zeros((), compute) if bias is None else np.asarray(bias).astype(compute)
+        bias5 = _pad_to(np.broadcast_to(bias5, plan.logits_shape).reshape(grouped), padded_logits)
+
+        # Not causal: an offset of keys_b never excludes a key.
+        offset = plan.causal_offset if plan.causal else keys_b
+        device = next(iter(q.devices()))
+        out, weights, lse = _grouped_attention_jit(
+            *(jax.device_put(x, device) for x in (q5, k5, v5, mask5, bias5)),
+            jnp.asarray(plan.scale, compute),
+            None if plan.softcap is None else jnp.asarray(plan.softcap, compute),
+            jnp.asarray(offset, jnp.int32),
+            jnp.asarray(keys, jnp.int32),
+            compute_dtype=plan.compute_dtype,
+            out_dtype=plan.dtype,
+        )
+
+        def unpad(x: jax.Array, shape: tuple[int, ...], final: tuple[int, ...]) -> jax.Array:
+            x = np.asarray(x)[tuple(slice(0, n) for n in shape)]
+            return jax.device_put(np.ascontiguousarray(x).reshape(final), device)
+
+        return (
+            unpad(out, (batch, hkv, group, length, ev_dim), plan.out_shape),
+            unpad(weights, grouped, plan.logits_shape) if plan.return_weights else None,
+            unpad(lse, grouped[:-1], plan.lse_shape) if plan.return_lse else None,
+        )
+
+    def asarray(self, x: np.ndarray) -> jax.Array:
+        with jax.enable_x64(True) if x.dtype == np.float64 else contextlib.nullcontext():
+            return jnp.asarray(x)
+
+    def to_numpy(self, x: jax.Array) -> np.ndarray:
+        return np.asarray(x)

@@ -1,0 +1,107 @@
+"""The PyTorch backend: SPEC.md in torch ops, on the device of the input tensors.
+
+On CUDA, float32 matmuls run as IEEE float32 for the duration of the call (TF32 off), whatever the
+process-wide setting; the setting is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..validation import AttentionPlan
+from .base import Backend
+
+
+@contextlib.contextmanager
+def ieee_float32_matmul(device: torch.device) -> Iterator[None]:
+    """Disable TF32 for CUDA matmuls inside the block (no-op on other devices)."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    setting, ieee = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
+    previous = getattr(matmul, setting)
+    setattr(matmul, setting, ieee)
+    try:
+        yield
+    finally:
+        setattr(matmul, setting, previous)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    framework = "torch"
+
+    def _attention(
+        self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with ieee_float32_matmul(q.device):
+            return self._compute(plan, q, k, v, mask, bias)
+
+    @staticmethod
+    def _compute(
+        plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        compute = getattr(torch, plan.compute_dtype)
+        device = q.device
+        lead, hkv, group = plan.batch_shape, plan.num_kv_heads, plan.group_size
+        length, keys = plan.q_len, plan.kv_len
+        grouped = (*lead, hkv, group, length, keys)  # GQA: q head h = kv head h // group
+
+        q5 = q.to(compute).reshape(*lead, hkv, group, length, plan.head_dim)
+        k5 = k.to(compute).reshape(*lead, hkv, 1, keys, plan.head_dim)
+        v5 = v.to(compute).reshape(*lead, hkv, 1, keys, plan.value_dim)
+
+        logits = torch.matmul(q5, k5.transpose(-1, -2)) * torch.tensor(plan.scale, dtype=compute, device=device)
+        if plan.softcap is not None:
+            cap = torch.tensor(plan.softcap, dtype=compute, device=device)
+            logits = cap * torch.tanh(logits / cap)
+        if bias is not None:
+            logits = logits + bias.to(compute).broadcast_to(plan.logits_shape).reshape(grouped)
+
+        allowed = logits != -torch.inf
+        if mask is not None:
+            allowed = allowed & mask.broadcast_to(plan.logits_shape).reshape(grouped)
+        if plan.causal:
+            key_index = torch.arange(keys, device=device)
+            query_index = torch.arange(length, device=device)[:, None]
+            allowed = allowed & (key_index <= query_index + plan.causal_offset)
+
+        masked = logits.masked_fill(~allowed, -torch.inf)
+        if keys:
+            row_max = masked.amax(dim=-1, keepdim=True)
+        else:
+            row_max = masked.new_full((*grouped[:-1], 1), -torch.inf)
+        row_max = row_max.masked_fill(row_max == -torch.inf, 0)
+        unnormalized = torch.exp(masked - row_max)
+        denominator = unnormalized.sum(dim=-1, keepdim=True)
+        fully_excluded = denominator == 0
+        safe_denominator = denominator.masked_fill(fully_excluded, 1)
+        weights = unnormalized / safe_denominator
+        lse = (row_max + torch.log(safe_denominator)).masked_fill(fully_excluded, -torch.inf)
+
+        out = torch.matmul(weights, v5).to(q.dtype)
+        return (
+            out.reshape(plan.out_shape),
+            weights.reshape(plan.logits_shape),
+            lse.reshape(plan.lse_shape),
+        )
+
+    def asarray(self, x: np.ndarray) -> torch.Tensor:
+        x = np.ascontiguousarray(x)
+        if x.dtype.name == "bfloat16":
+            return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(x)
+
+    def to_numpy(self, x: torch.Tensor) -> np.ndarray:
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return x.numpy()

@@ -1,0 +1,51 @@
+"""Recognise arrays of each framework without importing any framework.
+
+An array's framework is read from the module of its type (``numpy``, ``jax``/``jaxlib``, ``torch``),
+so asking "which framework is this?" never imports jax or torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Framework names, in the order used in messages and tables.
+FRAMEWORKS = ("numpy", "jax", "torch")
+
+_TOP_LEVEL_MODULE_TO_FRAMEWORK = {
+    "numpy": "numpy",
+    "jax": "jax",
+    "jaxlib": "jax",
+    "torch": "torch",
+}
+
+
+def framework_of(x: Any) -> str | None:
+    """Return ``"numpy"``, ``"jax"`` or ``"torch"`` for an array of that framework, else None.
+
+    NumPy scalars and Python numbers are not arrays: they return None.
+    """
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        return None
+    for cls in type(x).__mro__:
+        framework = _TOP_LEVEL_MODULE_TO_FRAMEWORK.get(cls.__module__.split(".")[0])
+        if framework is not None:
+            if framework == "numpy" and not _is_numpy_ndarray(x):
+                return None
+            return framework
+    return None
+
+
+def _is_numpy_ndarray(x: Any) -> bool:
+    import numpy as np  # numpy is the one hard dependency
+
+    return isinstance(x, np.ndarray)
+
+
+def dtype_name(x: Any) -> str:
+    """The dtype of an array as a framework-neutral name: ``"float32"``, ``"bfloat16"``, ``"bool"``..."""
+    return str(x.dtype).removeprefix("torch.")
+
+
+def shape_of(x: Any) -> tuple[int, ...]:
+    """The shape of an array as a plain tuple of ints (``torch.Size`` and jax shapes included)."""
+    return tuple(int(n) for n in x.shape)

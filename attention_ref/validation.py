@@ -1,0 +1,265 @@
+"""The one front door: every backend validates its arguments here, before any computation.
+
+``validate_attention_args`` checks every argument of ``attention`` against SPEC.md (rule 12 lists what
+is checked) and returns an :class:`AttentionPlan`, the framework-neutral description of the call that
+the backends execute. Because validation only reads ``.shape`` and ``.dtype``, the same bad input
+raises the same exception type with the same message on every backend.
+
+Shape letters: B... batch dims, Hq query heads, Hkv key/value heads, L queries, S keys,
+E q/k head dim, Ev value head dim.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .frameworks import FRAMEWORKS, dtype_name, framework_of, shape_of
+
+FLOATING_DTYPES = ("float16", "bfloat16", "float32", "float64")
+COMPUTE_DTYPES = ("float32", "float64")
+ALIGNMENTS = ("top_left", "bottom_right")
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """A validated attention call, independent of the framework that will run it.
+
+    Rank-2 inputs ``(L, E)`` have ``has_head_axis=False``; they are computed as one head and the
+    results carry no head axis.
+    """
+
+    framework: str
+    batch_shape: tuple[int, ...]
+    has_head_axis: bool
+    num_q_heads: int
+    num_kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    value_dim: int
+    dtype: str
+    compute_dtype: str
+    scale: float
+    softcap: float | None
+    causal: bool
+    alignment: str
+    has_mask: bool
+    has_bias: bool
+    return_weights: bool
+    return_lse: bool
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per kv head, ``Hq // Hkv`` (rule 2)."""
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def causal_offset(self) -> int:
+        """Query i may attend key j iff ``j <= i + causal_offset`` under causal (rule 7)."""
+        return 0 if self.alignment == "top_left" else self.kv_len - self.q_len
+
+    @property
+    def heads_shape(self) -> tuple[int, ...]:
+        """Leading dims of every result: ``(*B, Hq)``, or ``()`` for rank-2 inputs."""
+        return (*self.batch_shape, self.num_q_heads) if self.has_head_axis else ()
+
+    @property
+    def logits_shape(self) -> tuple[int, ...]:
+        """``(*B, Hq, L, S)``: the shape of the weights, and the target of mask/bias broadcasting."""
+        return (*self.heads_shape, self.q_len, self.kv_len)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return (*self.heads_shape, self.q_len, self.value_dim)
+
+    @property
+    def lse_shape(self) -> tuple[int, ...]:
+        return (*self.heads_shape, self.q_len)
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(n) for n in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _is_broadcastable(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(n in (1, t) for n, t in zip(reversed(shape), reversed(target)))
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def _check_real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number or None, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+def _check_compute_dtype(compute_dtype: Any, dtype: str) -> str:
+    if compute_dtype is None:
+        return "float64" if dtype == "float64" else "float32"
+    name = compute_dtype if isinstance(compute_dtype, str) else str(compute_dtype)
+    name = name.removeprefix("torch.")
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be None, 'float32' or 'float64', got {compute_dtype!r}")
+    if dtype == "float64" and name == "float32":
+        raise ValueError(
+            "compute_dtype='float32' would compute float64 inputs in float32; "
+            "use compute_dtype=None or 'float64', or cast the inputs yourself"
+        )
+    return name
+
+
+def _check_frameworks(arrays: dict[str, Any], backend_framework: str | None) -> str:
+    frameworks = {}
+    for name, x in arrays.items():
+        if x is None:
+            continue
+        framework = framework_of(x)
+        if framework is None:
+            raise TypeError(
+                f"{name} must be an array ({', '.join(FRAMEWORKS)}), got {type(x).__name__}"
+            )
+        frameworks[name] = framework
+    if len(set(frameworks.values())) > 1:
+        listing = ", ".join(f"{name} is {fw}" for name, fw in frameworks.items())
+        raise TypeError(f"all arrays must come from one framework, got {listing}")
+    framework = frameworks["q"]
+    if backend_framework is not None and framework != backend_framework:
+        raise TypeError(
+            f"the {backend_framework} backend takes {backend_framework} arrays, got {framework} "
+            f"arrays (convert them with backend.asarray)"
+        )
+    return framework
+
+
+def validate_attention_args(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    mask: Any = None,
+    bias: Any = None,
+    scale: Any = None,
+    causal: Any = False,
+    alignment: Any = "top_left",
+    softcap: Any = None,
+    return_weights: Any = False,
+    return_lse: Any = False,
+    compute_dtype: Any = None,
+    backend_framework: str | None = None,
+) -> AttentionPlan:
+    """Check every argument of ``attention`` (SPEC.md rule 12) and return the plan of the call.
+
+    ``backend_framework`` is the framework of the backend that will run the call (None: any).
+    Raises TypeError for a wrong type or dtype and ValueError for a wrong shape or value; each
+    message names the argument and, for shapes, the shapes involved.
+    """
+    framework = _check_frameworks(
+        {"q": q, "k": k, "v": v, "mask": mask, "bias": bias}, backend_framework
+    )
+
+    dtypes = {name: dtype_name(x) for name, x in (("q", q), ("k", k), ("v", v))}
+    if dtypes["q"] not in FLOATING_DTYPES:
+        raise TypeError(
+            f"q must have a floating dtype ({', '.join(FLOATING_DTYPES)}), got {dtypes['q']}"
+        )
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{name} {dt}" for name, dt in dtypes.items())
+        raise TypeError(f"q, k and v must share one dtype, got {listing}")
+    dtype = dtypes["q"]
+
+    q_shape, k_shape, v_shape = shape_of(q), shape_of(k), shape_of(v)
+    shapes = f"q {_fmt(q_shape)}, k {_fmt(k_shape)}, v {_fmt(v_shape)}"
+    if len(q_shape) < 2:
+        raise ValueError(f"q must have rank >= 2, (..., L, E), got shape {_fmt(q_shape)}")
+    if not len(q_shape) == len(k_shape) == len(v_shape):
+        raise ValueError(f"q, k and v must have the same rank, got {shapes}")
+    has_head_axis = len(q_shape) >= 3
+    if q_shape[:-3] != k_shape[:-3] or q_shape[:-3] != v_shape[:-3]:
+        raise ValueError(f"q, k and v must have the same batch dims (all but the last 3), got {shapes}")
+    num_q_heads = q_shape[-3] if has_head_axis else 1
+    num_kv_heads = k_shape[-3] if has_head_axis else 1
+    if has_head_axis and k_shape[-3] != v_shape[-3]:
+        raise ValueError(f"k and v must have the same number of heads Hkv, got {shapes}")
+    if num_kv_heads < 1:
+        raise ValueError(f"k and v must have at least one head, got {shapes}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"the query heads Hq={num_q_heads} must be a multiple of the kv heads "
+            f"Hkv={num_kv_heads}, got {shapes}"
+        )
+    if k_shape[-2] != v_shape[-2]:
+        raise ValueError(f"k and v must have the same number of keys S, got {shapes}")
+    if q_shape[-1] != k_shape[-1]:
+        raise ValueError(f"q and k must have the same head dim E, got {shapes}")
+    if q_shape[-1] < 1:
+        raise ValueError(f"the head dim E must be at least 1, got {shapes}")
+
+    logits_shape = (*q_shape[:-2], q_shape[-2], k_shape[-2])
+    for name, x, wanted in (("mask", mask, "bool"), ("bias", bias, "floating")):
+        if x is None:
+            continue
+        x_dtype = dtype_name(x)
+        if name == "mask" and x_dtype != "bool":
+            raise TypeError(
+                f"mask must be boolean (True = may attend), got {x_dtype}; "
+                "pass additive masks as bias"
+            )
+        if name == "bias" and x_dtype not in FLOATING_DTYPES:
+            raise TypeError(
+                f"bias must have a floating dtype ({', '.join(FLOATING_DTYPES)}), got {x_dtype}; "
+                "pass boolean masks as mask"
+            )
+        if not _is_broadcastable(shape_of(x), logits_shape):
+            raise ValueError(
+                f"{name} of shape {_fmt(shape_of(x))} is not broadcastable to the logits shape "
+                f"(..., Hq, L, S) = {_fmt(logits_shape)}"
+            )
+
+    resolved_scale = (
+        1.0 / math.sqrt(q_shape[-1]) if scale is None else _check_real("scale", scale)
+    )
+    if softcap is not None:
+        softcap = _check_real("softcap", softcap)
+        if softcap <= 0:
+            raise ValueError(f"softcap must be positive or None, got {softcap!r}")
+    causal = _check_flag("causal", causal)
+    if not isinstance(alignment, str) or alignment not in ALIGNMENTS:
+        raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
+    return_weights = _check_flag("return_weights", return_weights)
+    return_lse = _check_flag("return_lse", return_lse)
+
+    return AttentionPlan(
+        framework=framework,
+        batch_shape=q_shape[:-3],
+        has_head_axis=has_head_axis,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        q_len=q_shape[-2],
+        kv_len=k_shape[-2],
+        head_dim=q_shape[-1],
+        value_dim=v_shape[-1],
+        dtype=dtype,
+        compute_dtype=_check_compute_dtype(compute_dtype, dtype),
+        scale=resolved_scale,
+        softcap=softcap,
+        causal=causal,
+        alignment=alignment,
+        has_mask=mask is not None,
+        has_bias=bias is not None,
+        return_weights=return_weights,
+        return_lse=return_lse,
+    )
