@@ -5,12 +5,15 @@ passes). float64 inputs, and ``compute_dtype="float64"``, run inside a scoped ``
 the global x64 flag is never changed.
 
 Compilation: the computation is jitted once per shape and static options and reused. Small
-problems on the CPU (at most ``BUCKET_MAX_LOGITS`` logits after padding) are first padded on the
-host to a bucket shape (every dim rounded up to a power of two; L, S, E and Ev to at least 8), with
-the padded keys excluded and the padded queries, heads and channels dropped from the results, so
-that one compiled program serves many nearby shapes. Padding is exact: padded head-dim channels
-are zeros (they add exact zeros to q·kᵀ), padded keys get weight exactly 0, and the scale comes
-from the true E. Larger problems, arrays on accelerators and calls under a jax transformation
+problems on the CPU (at most ``BUCKET_MAX_LOGITS`` logits after padding) are laid out on the host
+as one head per row (batch dims and heads flattened, kv heads repeated per rule 2, inputs widened
+exactly to the compute dtype) and padded to a bucket shape (each dim rounded up to a power of two,
+at least ``BUCKET_MIN_ROWS`` rows and ``BUCKET_MIN_LENGTH`` for L, S, E and Ev), with the padded keys
+excluded and the padded rows, queries and channels cut from the results, so that one compiled
+program per compute dtype (and softcap on/off) serves all nearby shapes. Padding is exact: padded
+head-dim channels are zeros (they add exact zeros to q·kᵀ), padded keys get weight exactly 0, and
+the scale comes from the true E. The output is then rounded to the input dtype on the host
+(round-to-nearest-even, as XLA's convert). Larger problems, arrays on accelerators and calls under a jax transformation
 (tracers) run the unpadded program.
 """
 
@@ -33,8 +36,9 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 #: Padded problems with more logits than this run unpadded.
 BUCKET_MAX_LOGITS = 1 << 18
-#: Smallest bucket for L, S, E and Ev.
-BUCKET_MIN_LENGTH = 8
+#: Smallest bucket for L, S, E and Ev, and for rows (batch elements times query heads).
+BUCKET_MIN_LENGTH = 16
+BUCKET_MIN_ROWS = 8
 
 
 def _grouped_attention(
@@ -172,15 +176,15 @@ class JaxBackend(Backend):
                 continue
             if isinstance(x, jax.core.Tracer) or any(d.platform != "cpu" for d in x.devices()):
                 return False
-        return math.prod(self._bucket_shape(plan)) <= BUCKET_MAX_LOGITS
+        rows, length, keys = self._bucket_shape(plan)
+        return rows * length * keys <= BUCKET_MAX_LOGITS
 
     @staticmethod
-    def _bucket_shape(plan: AttentionPlan) -> tuple[int, ...]:
-        """``(B, Hkv, G, L, S)`` of the padded problem."""
+    def _bucket_shape(plan: AttentionPlan) -> tuple[int, int, int]:
+        """``(rows, L, S)`` of the padded problem, rows = ``prod(B) * Hq`` rounded up."""
+        rows = math.prod(plan.batch_shape) * plan.num_q_heads
         return (
-            _bucket(math.prod(plan.batch_shape)),
-            _bucket(plan.num_kv_heads),
-            _bucket(plan.group_size),
+            _bucket(rows, BUCKET_MIN_ROWS),
             _bucket(plan.q_len, BUCKET_MIN_LENGTH),
             _bucket(plan.kv_len, BUCKET_MIN_LENGTH),
         )
@@ -188,43 +192,53 @@ class JaxBackend(Backend):
     def _bucketed(
         self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        batch, hkv, group = math.prod(plan.batch_shape), plan.num_kv_heads, plan.group_size
-        length, keys, e_dim, ev_dim = plan.q_len, plan.kv_len, plan.head_dim, plan.value_dim
-        grouped = (batch, hkv, group, length, keys)
-        b_b, hkv_b, g_b, length_b, keys_b = self._bucket_shape(plan)
-        e_b, ev_b = _bucket(e_dim, BUCKET_MIN_LENGTH), _bucket(ev_dim, BUCKET_MIN_LENGTH)
-
-        q5 = _pad_to(np.asarray(q).reshape(batch, hkv, group, length, e_dim), (b_b, hkv_b, g_b, length_b, e_b))
-        k5 = _pad_to(np.asarray(k).reshape(batch, hkv, 1, keys, e_dim), (b_b, hkv_b, 1, keys_b, e_b))
-        v5 = _pad_to(np.asarray(v).reshape(batch, hkv, 1, keys, ev_dim), (b_b, hkv_b, 1, keys_b, ev_b))
-        padded_logits = (b_b, hkv_b, g_b, length_b, keys_b)
-        mask5 = np.ones((), bool) if mask is None else np.asarray(mask)
-        mask5 = _pad_to(np.broadcast_to(mask5, plan.logits_shape).reshape(grouped), padded_logits, False)
+        """Pad on the host to ``(rows, L, S)`` buckets, one head per row (kv heads repeated), inputs
+        widened to the compute dtype; run the bucket's program; cut and round the results."""
         compute = np.dtype(plan.compute_dtype)
-        bias5 = np.zeros((), compute) if bias is None else np.asarray(bias).astype(compute)
-        bias5 = _pad_to(np.broadcast_to(bias5, plan.logits_shape).reshape(grouped), padded_logits)
+        rows = math.prod(plan.batch_shape) * plan.num_q_heads
+        length, keys, group = plan.q_len, plan.kv_len, plan.group_size
+        rows_b, length_b, keys_b = self._bucket_shape(plan)
+        e_b = _bucket(plan.head_dim, BUCKET_MIN_LENGTH)
+        ev_b = _bucket(plan.value_dim, BUCKET_MIN_LENGTH)
+
+        def per_head(x: Any, last: int, repeat: int = 1) -> np.ndarray:  # (*B, H, n, last) -> (rows, n, last)
+            x = np.asarray(x).astype(compute)
+            if repeat > 1:
+                x = np.repeat(x, repeat, axis=-3)
+            return x.reshape(rows, x.shape[-2], last)
+
+        q3 = _pad_to(per_head(q, plan.head_dim), (rows_b, length_b, e_b))
+        k3 = _pad_to(per_head(k, plan.head_dim, group), (rows_b, keys_b, e_b))
+        v3 = _pad_to(per_head(v, plan.value_dim, group), (rows_b, keys_b, ev_b))
+        per_row = (rows, length, keys)
+        padded_logits = (rows_b, length_b, keys_b)
+        mask3 = np.ones((), bool) if mask is None else np.asarray(mask)
+        mask3 = _pad_to(np.broadcast_to(mask3, plan.logits_shape).reshape(per_row), padded_logits, False)
+        bias3 = np.zeros((), compute) if bias is None else np.asarray(bias).astype(compute)
+        bias3 = _pad_to(np.broadcast_to(bias3, plan.logits_shape).reshape(per_row), padded_logits)
 
         # Not causal: an offset of keys_b never excludes a key.
         offset = plan.causal_offset if plan.causal else keys_b
         device = next(iter(q.devices()))
         out, weights, lse = _grouped_attention_jit(
-            *(jax.device_put(x, device) for x in (q5, k5, v5, mask5, bias5)),
+            *(jax.device_put(x[None, :, None], device) for x in (q3, k3, v3, mask3, bias3)),
             jnp.asarray(plan.scale, compute),
             None if plan.softcap is None else jnp.asarray(plan.softcap, compute),
             jnp.asarray(offset, jnp.int32),
             jnp.asarray(keys, jnp.int32),
             compute_dtype=plan.compute_dtype,
-            out_dtype=plan.dtype,
+            out_dtype=plan.compute_dtype,
         )
 
-        def unpad(x: jax.Array, shape: tuple[int, ...], final: tuple[int, ...]) -> jax.Array:
-            x = np.asarray(x)[tuple(slice(0, n) for n in shape)]
-            return jax.device_put(np.ascontiguousarray(x).reshape(final), device)
+        def cut(x: jax.Array, shape: tuple[int, ...], final: tuple[int, ...], dtype: Any) -> jax.Array:
+            x = np.asarray(x)[0, :, 0][tuple(slice(0, n) for n in shape)]
+            return jax.device_put(np.ascontiguousarray(x).reshape(final).astype(dtype), device)
 
         return (
-            unpad(out, (batch, hkv, group, length, ev_dim), plan.out_shape),
-            unpad(weights, grouped, plan.logits_shape) if plan.return_weights else None,
-            unpad(lse, grouped[:-1], plan.lse_shape) if plan.return_lse else None,
+            # The cast to the input dtype rounds to nearest even, as XLA's convert does.
+            cut(out, (rows, length, plan.value_dim), plan.out_shape, q.dtype),
+            cut(weights, per_row, plan.logits_shape, compute) if plan.return_weights else None,
+            cut(lse, per_row[:-1], plan.lse_shape, compute) if plan.return_lse else None,
         )
 
     def asarray(self, x: np.ndarray) -> jax.Array:

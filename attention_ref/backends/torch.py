@@ -93,7 +93,7 @@ class TorchBackend(Backend):
         )
 
     def asarray(self, x: np.ndarray) -> torch.Tensor:
-        x = np.ascontiguousarray(x)
+        x = np.array(x, copy=True, order="C")  # owned and writable: torch cannot wrap read-only views
         if x.dtype.name == "bfloat16":
             return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(x)

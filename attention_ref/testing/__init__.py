@@ -1,0 +1,22 @@
+"""Testing tools: attention cases, Hypothesis strategies, the conformance properties of SPEC.md and
+the catalogue of bad inputs. Needs the ``verify`` (or ``test``) extra: hypothesis and ml_dtypes."""
+
+from .bad_inputs import BAD_INPUTS, BadInput, check_bad_inputs
+from .cases import AttentionCase, call
+from .profiles import register_profiles
+from .properties import PROPERTIES, Property, get_property, run_property
+from .strategies import attention_cases
+
+__all__ = [
+    "BAD_INPUTS",
+    "PROPERTIES",
+    "AttentionCase",
+    "BadInput",
+    "Property",
+    "attention_cases",
+    "call",
+    "check_bad_inputs",
+    "get_property",
+    "register_profiles",
+    "run_property",
+]

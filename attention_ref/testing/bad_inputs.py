@@ -1,0 +1,97 @@
+"""The catalogue of bad inputs (SPEC.md rule 12) and the check that an implementation rejects them.
+
+Each entry is a call that the front door must refuse, the exception type it must raise, and words
+its message must contain (the argument and the shapes involved).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..validation import validate_attention_args
+
+
+def _array(*shape: int, dtype: str = "float32") -> np.ndarray:
+    return np.ones(shape, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class BadInput:
+    name: str
+    error: type[Exception]
+    mentions: tuple[str, ...]
+    q: Any = field(default_factory=lambda: _array(3, 8))
+    k: Any = field(default_factory=lambda: _array(5, 8))
+    v: Any = field(default_factory=lambda: _array(5, 4))
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+BAD_INPUTS: tuple[BadInput, ...] = (
+    BadInput("q of rank 1", ValueError, ("q", "rank", "(4,)"), _array(4), _array(4), _array(4)),
+    BadInput("ranks differ", ValueError, ("rank", "(2, 3, 4)", "(3, 4)"), _array(2, 3, 4), _array(3, 4), _array(3, 4)),
+    BadInput("batch dims differ", ValueError, ("batch dims", "(2, 1, 3, 4)", "(3, 1, 5, 4)"),
+             _array(2, 1, 3, 4), _array(3, 1, 5, 4), _array(3, 1, 5, 4)),
+    BadInput("k and v heads differ", ValueError, ("Hkv", "(2, 5, 8)", "(1, 5, 8)"),
+             _array(4, 3, 8), _array(2, 5, 8), _array(1, 5, 8)),
+    BadInput("query heads not a multiple of kv heads", ValueError, ("Hq=3", "Hkv=2", "(3, 3, 8)"),
+             _array(3, 3, 8), _array(2, 5, 8), _array(2, 5, 8)),
+    BadInput("no kv heads", ValueError, ("at least one head", "(0, 5, 8)"), _array(2, 3, 8), _array(0, 5, 8), _array(0, 5, 8)),
+    BadInput("k and v key counts differ", ValueError, ("keys S", "(5, 8)", "(6, 4)"), _array(3, 8), _array(5, 8), _array(6, 4)),
+    BadInput("q and k head dims differ", ValueError, ("head dim E", "(3, 8)", "(5, 7)"), _array(3, 8), _array(5, 7), _array(5, 7)),
+    BadInput("empty head dim", ValueError, ("head dim E", "(3, 0)"), _array(3, 0), _array(5, 0), _array(5, 4)),
+    BadInput("integer q", TypeError, ("q", "int32"), _array(3, 8, dtype="int32"), _array(5, 8, dtype="int32"),
+             _array(5, 4, dtype="int32")),
+    BadInput("dtypes differ", TypeError, ("q float32", "k float64", "v float32"), k=_array(5, 8, dtype="float64")),
+    BadInput("float mask", TypeError, ("mask", "float32", "bias"), kwargs=dict(mask=_array(3, 5))),
+    BadInput("mask not broadcastable", ValueError, ("mask", "(4, 5)", "(3, 5)"),
+             kwargs=dict(mask=np.ones((4, 5), dtype=bool))),
+    BadInput("boolean bias", TypeError, ("bias", "bool", "mask"), kwargs=dict(bias=np.ones((3, 5), dtype=bool))),
+    BadInput("bias not broadcastable", ValueError, ("bias", "(2, 3, 5)", "(3, 5)"), kwargs=dict(bias=_array(2, 3, 5))),
+    BadInput("zero softcap", ValueError, ("softcap", "0.0"), kwargs=dict(softcap=0.0)),
+    BadInput("negative softcap", ValueError, ("softcap", "-1.0"), kwargs=dict(softcap=-1.0)),
+    BadInput("NaN softcap", ValueError, ("softcap", "nan"), kwargs=dict(softcap=float("nan"))),
+    BadInput("string scale", TypeError, ("scale", "'0.5'"), kwargs=dict(scale="0.5")),
+    BadInput("bool scale", TypeError, ("scale", "True"), kwargs=dict(scale=True)),
+    BadInput("infinite scale", ValueError, ("scale", "inf"), kwargs=dict(scale=float("inf"))),
+    BadInput("unknown alignment", ValueError, ("alignment", "'lower_right'"), kwargs=dict(alignment="lower_right")),
+    BadInput("non-bool causal", TypeError, ("causal", "1"), kwargs=dict(causal=1)),
+    BadInput("non-bool return_weights", TypeError, ("return_weights", "'yes'"), kwargs=dict(return_weights="yes")),
+    BadInput("half-precision compute dtype", ValueError, ("compute_dtype", "'float16'"),
+             kwargs=dict(compute_dtype="float16")),
+    BadInput("float64 computed in float32", ValueError, ("compute_dtype='float32'", "float64"),
+             _array(3, 8, dtype="float64"), _array(5, 8, dtype="float64"), _array(5, 4, dtype="float64"),
+             kwargs=dict(compute_dtype="float32")),
+    BadInput("q not an array", TypeError, ("q", "list"), q=[[1.0] * 8] * 3),
+)
+
+
+def _raised(call: Any) -> BaseException | None:
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - the error is the result
+        return error
+    return None
+
+
+def front_door_error(bad: BadInput) -> BaseException | None:
+    """What the shared front door raises for this input (NumPy arrays, no backend)."""
+    return _raised(lambda: validate_attention_args(bad.q, bad.k, bad.v, **bad.kwargs))
+
+
+def check_bad_inputs(impl: Any) -> None:
+    """Every catalogued bad input raises, through ``impl``, the catalogued type with the front door's
+    message, which names the argument and shapes."""
+    __tracebackhide__ = True
+    for bad in BAD_INPUTS:
+        convert = lambda x: impl.asarray(x) if isinstance(x, np.ndarray) else x  # noqa: E731
+        kwargs = {name: convert(value) for name, value in bad.kwargs.items()}
+        error = _raised(lambda: impl.attention(convert(bad.q), convert(bad.k), convert(bad.v), **kwargs))
+        expected = front_door_error(bad)
+        assert type(error) is bad.error and type(expected) is bad.error, (
+            f"{bad.name}: raised {error!r}, expected {bad.error.__name__} (front door: {expected!r})")
+        assert str(error) == str(expected), f"{bad.name}: message {str(error)!r} differs from {str(expected)!r}"
+        missing = [word for word in bad.mentions if word not in str(error)]
+        assert not missing, f"{bad.name}: message {str(error)!r} does not mention {missing}"

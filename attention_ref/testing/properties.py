@@ -1,0 +1,557 @@
+"""The conformance properties of SPEC.md, each written once as a function of an implementation.
+
+An *implementation* is any object with ``attention(q, k, v, **keywords)`` taking the spec's keyword
+names, ``asarray(numpy_array)`` and ``to_numpy(array)``: our backends, or an adapter around someone
+else's kernel. Each :class:`Property` names the SPEC.md rules it proves, a Hypothesis strategy of
+cases, and a check that raises AssertionError on a violation. ``run_property`` runs one.
+
+Every tolerance comes from ``AttentionCase.bounds`` (``attention_ref.tolerance``); positions the
+spec fixes exactly (excluded keys, fully excluded rows, values that must not change) are compared
+exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from hypothesis import assume, given
+from hypothesis import settings as Settings
+from hypothesis import strategies as st
+
+from ..result import AttentionOutput
+from ..tolerance import UNIT_ROUNDOFF
+from .bad_inputs import check_bad_inputs
+from .cases import AttentionCase, call
+from .strategies import attention_cases, numpy_dtype, random_values
+
+_seeds = st.integers(0, 2**32 - 1)
+
+
+@dataclass(frozen=True)
+class Property:
+    """One property of SPEC.md: ``check(impl, example)`` for examples drawn from ``strategy``
+    (``check(impl)`` once when ``strategy`` is None)."""
+
+    name: str
+    rules: tuple[int, ...]
+    description: str
+    strategy: st.SearchStrategy[Any] | None
+    check: Callable[..., None]
+
+
+PROPERTIES: list[Property] = []
+
+
+def attention_property(
+    name: str, rules: tuple[int, ...], strategy: st.SearchStrategy[Any] | None
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register ``check`` as a property; its docstring's first line is the description."""
+
+    def register(check: Callable[..., None]) -> Callable[..., None]:
+        description = (check.__doc__ or name).strip().splitlines()[0]
+        PROPERTIES.append(Property(name, rules, description, strategy, check))
+        return check
+
+    return register
+
+
+def get_property(name: str) -> Property:
+    for prop in PROPERTIES:
+        if prop.name == name:
+            return prop
+    raise KeyError(name)
+
+
+def run_property(prop: Property, impl: Any, settings: Settings | None = None) -> None:
+    """Run one property against ``impl`` with Hypothesis (current profile unless ``settings``)."""
+    if prop.strategy is None:
+        prop.check(impl)
+        return
+
+    def test(example: Any) -> None:
+        prop.check(impl, example)
+
+    # Distinct Hypothesis database keys per property and implementation.
+    test._hypothesis_internal_add_digest = f"{prop.name}:{getattr(impl, 'name', impl)}".encode()  # type: ignore[attr-defined]
+    wrapped = given(prop.strategy)(test)
+    if settings is not None:
+        wrapped = settings(wrapped)
+    wrapped()
+
+
+# ---- comparisons -------------------------------------------------------------------------------
+
+
+def assert_within(
+    what: str,
+    actual: np.ndarray,
+    expected: np.ndarray,
+    bound: np.ndarray | float,
+    case: AttentionCase,
+    *,
+    exact: np.ndarray | None = None,
+) -> None:
+    """``|actual - expected| <= bound`` elementwise; equality where ``exact`` (and wherever
+    ``expected`` is infinite); NaN never passes. The message shows the worst element."""
+    __tracebackhide__ = True
+    actual = np.asarray(actual)
+    assert actual.shape == expected.shape, (
+        f"{what}: shape {actual.shape}, expected {expected.shape}\n  case: {case!r}"
+    )
+    a64, e64 = actual.astype(np.float64), np.asarray(expected, dtype=np.float64)
+    bound = np.broadcast_to(np.asarray(bound, dtype=np.float64), e64.shape)
+    with np.errstate(invalid="ignore"):
+        error = np.where(a64 == e64, 0.0, np.abs(a64 - e64))
+    must_equal = ~np.isfinite(e64)
+    if exact is not None:
+        must_equal = must_equal | np.broadcast_to(exact, e64.shape)
+    bad = np.isnan(error) | np.where(must_equal, error != 0, error > bound)
+    if not bad.any():
+        return
+    ratio = np.where(bad, np.nan_to_num(error / np.where(bound > 0, bound, np.inf), nan=np.inf, posinf=np.inf), -1)
+    worst = np.unravel_index(np.argmax(np.where(must_equal & bad, np.inf, ratio)), e64.shape)
+    rule = "exactly" if must_equal[worst] else f"within {bound[worst]:.3g}"
+    raise AssertionError(
+        f"{what}: {int(bad.sum())} of {bad.size} elements wrong; worst at {tuple(int(i) for i in worst)}: "
+        f"got {a64[worst]!r}, expected {e64[worst]!r} {rule} (|error| {error[worst]:.3g})\n"
+        f"  case: {case!r}"
+    )
+
+
+def assert_finite(what: str, result: AttentionOutput, case: AttentionCase) -> None:
+    __tracebackhide__ = True
+    for name, x in zip(("out", "weights", "lse"), result):
+        if x is None:
+            continue
+        x64 = np.asarray(x, dtype=np.float64)
+        nan_or_inf = np.isnan(x64) | (np.isinf(x64) if name != "lse" else np.isposinf(x64))
+        assert not nan_or_inf.any(), (
+            f"{what}: {name} has {int(nan_or_inf.sum())} NaN/inf values at "
+            f"{[tuple(int(i) for i in ix) for ix in np.argwhere(nan_or_inf)[:3]]}\n  case: {case!r}"
+        )
+
+
+def full_results(impl: Any, case: AttentionCase, **kwargs: Any) -> AttentionOutput:
+    return call(impl, case, return_weights=True, return_lse=True, **kwargs)
+
+
+def assert_matches_oracle(impl: Any, case: AttentionCase, result: AttentionOutput | None = None) -> None:
+    """out, weights and lse within the tolerance rule of the float64 oracle; exact where rule 8
+    fixes the value."""
+    __tracebackhide__ = True
+    result = full_results(impl, case) if result is None else result
+    oracle = case.oracle()
+    bounds = case.bounds(oracle=oracle)
+    allowed = case.allowed()
+    fully_excluded = ~allowed.any(axis=-1)
+    assert_within("out", result.out, oracle.out, bounds.out, case, exact=fully_excluded[..., None])
+    assert_within("weights", result.weights, oracle.weights, bounds.weights, case, exact=~allowed)
+    assert_within("lse", result.lse, oracle.lse, bounds.lse, case, exact=fully_excluded)
+
+
+def assert_same_results(
+    first: AttentionOutput, second: AttentionOutput, bound: Any, case: AttentionCase, what: str
+) -> None:
+    """Two results that the spec says are equal, within ``bound`` (an ErrorBounds) or exactly
+    (``bound=None``)."""
+    __tracebackhide__ = True
+    for name in ("out", "weights", "lse"):
+        a, b = getattr(first, name), getattr(second, name)
+        if a is None or b is None:
+            continue
+        assert_within(f"{what}: {name}", a, b, 0.0 if bound is None else getattr(bound, name), case,
+                      exact=None if bound is not None else np.ones(b.shape, bool))
+
+
+def _broadcast_full(x: np.ndarray | None, shape: tuple[int, ...], fill: Any, dtype: Any) -> np.ndarray:
+    base = np.full((), fill, dtype=dtype) if x is None else x
+    return np.broadcast_to(base, shape).copy()
+
+
+def _with_new_kv(case: AttentionCase, keys: np.ndarray, rng: np.random.Generator) -> AttentionCase:
+    """The case with k and v at the key positions ``keys`` (bool, ``(S,)``) replaced by new values."""
+    dtype = numpy_dtype(case.dtype)
+    k, v = case.k.copy(), case.v.copy()
+    k[..., keys, :] = random_values(rng, k[..., keys, :].shape, "normal", 5.0).astype(dtype)
+    v[..., keys, :] = random_values(rng, v[..., keys, :].shape, "normal", 5.0).astype(dtype)
+    return case.replace(k=k, v=v)
+
+
+# ---- rule 1, 2, 3, 4, 5, 6, 7, 10: agreement with the oracle -----------------------------------
+
+
+@attention_property("matches_float64_oracle", (1, 2, 3, 4, 5, 6, 7, 10), attention_cases())
+def matches_float64_oracle(impl: Any, case: AttentionCase) -> None:
+    """out, weights and lse match the float64 oracle within the tolerance rule (every feature, every dtype)."""
+    assert_matches_oracle(impl, case)
+
+
+# ---- rule 8: exclusion ---------------------------------------------------------------------------
+
+
+@attention_property("weights_rows_sum_to_one", (8, 11), attention_cases())
+def weights_rows_sum_to_one(impl: Any, case: AttentionCase) -> None:
+    """Each row of weights sums to 1, or is all 0 when the row is fully excluded."""
+    result = full_results(impl, case)
+    bounds = case.bounds()
+    attended = case.allowed().any(axis=-1)
+    sums = np.asarray(result.weights, np.float64).sum(axis=-1)
+    bound = bounds.weights.sum(axis=-1) + case.kv_len * UNIT_ROUNDOFF["float64"]
+    assert_within("sum of weights", sums, attended.astype(np.float64), bound, case, exact=~attended)
+
+
+@attention_property("excluded_keys_get_zero_weight", (8,), st.tuples(attention_cases(), _seeds))
+def excluded_keys_get_zero_weight(impl: Any, example: tuple[AttentionCase, int]) -> None:
+    """Excluded keys get weight exactly 0, and changing their k and v changes nothing."""
+    case, seed = example
+    rng = np.random.default_rng(seed)
+    hidden = rng.random(case.kv_len) < 0.5
+    mask = _broadcast_full(case.mask, case.logits_shape, True, bool)
+    mask[..., hidden] = False
+    case = case.replace(mask=mask)
+    result = full_results(impl, case)
+    allowed = case.allowed()
+    assert_within("weights of excluded keys", np.where(allowed, 0, result.weights),
+                  np.zeros(allowed.shape), 0.0, case, exact=np.ones(allowed.shape, bool))
+    changed = _with_new_kv(case, hidden, rng)
+    assert_same_results(full_results(impl, changed), result, None, changed, "after changing excluded k/v")
+
+
+@attention_property("output_within_attended_values", (8, 11), attention_cases())
+def output_within_attended_values(impl: Any, case: AttentionCase) -> None:
+    """Each output lies within the range of the attended v rows (per channel); fully excluded rows are 0."""
+    result = full_results(impl, case)
+    bounds = case.bounds()
+    allowed = case.allowed()[..., None]
+    _, v = case.repeated_kv()
+    v64 = np.asarray(v, np.float64)[..., None, :, :]
+    low = np.where(allowed, v64, np.inf).min(axis=-2, initial=np.inf)
+    high = np.where(allowed, v64, -np.inf).max(axis=-2, initial=-np.inf)
+    out = np.asarray(result.out, np.float64)
+    fully_excluded = ~allowed.any(axis=-2)
+    clipped = np.where(fully_excluded, 0.0, np.clip(out, low, high))
+    assert_within("out vs range of attended v", out, clipped, bounds.out, case,
+                  exact=np.broadcast_to(fully_excluded, out.shape))
+
+
+@attention_property("fully_excluded_rows_are_zero", (1, 8),
+                    st.tuples(st.sampled_from(("mask_row", "bias_row", "bottom_right_causal", "no_keys")),
+                              attention_cases(min_q_len=1), attention_cases(min_q_len=4, max_kv_len=3), _seeds))
+def fully_excluded_rows_are_zero(impl: Any, example: tuple[str, AttentionCase, AttentionCase, int]) -> None:
+    """Rows excluded by mask, -inf bias, bottom-right causal (L > S) or S = 0 give out 0, weights 0,
+    lse -inf; nothing is NaN."""
+    mechanism, case, long_query_case, seed = example
+    rng = np.random.default_rng(seed)
+    rows = rng.random(case.q_len) < 0.5
+    rows[rng.integers(case.q_len)] = True
+    if mechanism == "mask_row":
+        mask = _broadcast_full(case.mask, case.logits_shape, True, bool)
+        mask[..., rows, :] = False
+        case = case.replace(mask=mask)
+    elif mechanism == "bias_row":
+        bias = _broadcast_full(case.bias, case.logits_shape, 0.0, numpy_dtype(case.dtype))
+        bias[..., rows, :] = -np.inf
+        case = case.replace(bias=bias)
+    elif mechanism == "bottom_right_causal":
+        case = long_query_case.replace(causal=True, alignment="bottom_right")
+    else:
+        case = case.replace(k=case.k[..., :0, :], v=case.v[..., :0, :],
+                            mask=None if case.mask is None else case.mask[..., :1],
+                            bias=None if case.bias is None else case.bias[..., :1])
+    fully_excluded = ~case.allowed().any(axis=-1)
+    assert fully_excluded.any() or case.q.size == 0 or math.prod(case.logits_shape[:-2]) == 0
+    result = full_results(impl, case)
+    assert_finite("fully excluded rows", result, case)
+    assert_matches_oracle(impl, case, result)
+
+
+@attention_property("neg_inf_bias_equals_mask", (5, 8), attention_cases(bias=True, neg_inf_bias=True))
+def neg_inf_bias_equals_mask(impl: Any, case: AttentionCase) -> None:
+    """A -inf bias entry excludes its key exactly as a False mask entry does."""
+    bias64 = np.broadcast_to(np.asarray(case.bias, np.float64), case.logits_shape)
+    mask = _broadcast_full(case.mask, case.logits_shape, True, bool) & (bias64 != -np.inf)
+    masked = case.replace(mask=mask, bias=np.where(bias64 == -np.inf, 0.0, bias64).astype(case.bias.dtype))
+    bound = 2 * case.bounds()
+    assert_same_results(full_results(impl, case), full_results(impl, masked), bound, case, "-inf bias vs mask")
+
+
+# ---- rule 3: scale -------------------------------------------------------------------------------
+
+
+@attention_property("default_scale_is_inverse_sqrt_head_dim", (3,), attention_cases(scale=False))
+def default_scale_is_inverse_sqrt_head_dim(impl: Any, case: AttentionCase) -> None:
+    """scale=None equals an explicit scale of 1/sqrt(E)."""
+    explicit = case.replace(scale=1.0 / math.sqrt(case.head_dim))
+    assert_same_results(full_results(impl, case), full_results(impl, explicit), 2 * case.bounds(), case,
+                        "scale=None vs 1/sqrt(E)")
+
+
+@attention_property("zero_scale_averages_attended_values", (3, 8), attention_cases(bias=False))
+def zero_scale_averages_attended_values(impl: Any, case: AttentionCase) -> None:
+    """scale=0 gives the plain mean of the attended v rows."""
+    case = case.replace(scale=0.0)
+    result = full_results(impl, case)
+    allowed = case.allowed()
+    _, v = case.repeated_kv()
+    counts = allowed.sum(axis=-1, keepdims=True)
+    mean = np.matmul(allowed / np.maximum(counts, 1), np.asarray(v, np.float64))
+    assert_within("out", result.out, mean, case.bounds().out, case, exact=(counts == 0))
+
+
+@attention_property("scale_is_homogeneous", (3,),
+                    st.tuples(attention_cases(), st.sampled_from((2.0, 4.0, -1.0, -2.0))))
+def scale_is_homogeneous(impl: Any, example: tuple[AttentionCase, float]) -> None:
+    """attention(c·q, k, scale=s) equals attention(q, k, scale=c·s)."""
+    case, factor = example
+    scaled_q = np.asarray(case.q, np.float64) * factor
+    rounded_q = scaled_q.astype(case.q.dtype)
+    assume(np.array_equal(rounded_q.astype(np.float64), scaled_q))  # c·q exact in the dtype
+    scale = case.resolved_scale
+    first = case.replace(q=rounded_q, scale=scale)
+    second = case.replace(scale=factor * scale)
+    assert_same_results(full_results(impl, first), full_results(impl, second), 2 * second.bounds(), second,
+                        f"q scaled by {factor}")
+
+
+@attention_property("large_scale_selects_extreme_key", (3, 9),
+                    st.tuples(attention_cases(bias=False, softcap=False), st.booleans()))
+def large_scale_selects_extreme_key(impl: Any, example: tuple[AttentionCase, bool]) -> None:
+    """A large positive scale tends to the argmax key's v (negative: the argmin key's)."""
+    case, negative = example
+    k, v = case.repeated_kv()
+    dots = np.matmul(np.asarray(case.q, np.float64), np.swapaxes(np.asarray(k, np.float64), -1, -2))
+    dots = -dots if negative else dots
+    allowed = case.with_causal_as_mask().replace(scale=1.0).allowed()
+    ranked = np.sort(np.where(allowed, dots, -np.inf), axis=-1)
+    attended = allowed.sum(axis=-1)
+    sizes = np.matmul(np.abs(np.asarray(case.q, np.float64)), np.swapaxes(np.abs(np.asarray(k, np.float64)), -1, -2))
+    size = np.where(allowed, sizes, 0).max(axis=-1, initial=0.0)
+    gap = np.full(attended.shape, np.inf)
+    if case.kv_len >= 2:
+        with np.errstate(invalid="ignore"):
+            gap = np.where(attended >= 2, ranked[..., -1] - ranked[..., -2], gap)
+    # Rows whose extreme key is unique by a margin that float32 logits resolve.
+    checked = (attended >= 1) & (gap > 0) & (gap >= 1e-3 * size)
+    assume(checked.any())
+    min_gap = np.where(checked & np.isfinite(gap), gap, np.inf).min(initial=np.inf)
+    margin = 64.0
+    scale = margin / min_gap if np.isfinite(min_gap) else 1.0
+    case = case.replace(scale=-scale if negative else scale)
+    result = call(impl, case)
+    chosen = np.take_along_axis(np.asarray(v, np.float64),
+                                np.argmax(np.where(allowed, dots, -np.inf), axis=-1)[..., None], axis=-2)
+    value_size = np.abs(np.asarray(v, np.float64)).max(axis=-2, keepdims=True, initial=0.0)
+    bound = case.bounds().out + 2 * case.kv_len * math.exp(-margin / 2) * value_size
+    assert_within("out vs the extreme key's v", np.where(checked[..., None], result.out, 0),
+                  np.where(checked[..., None], chosen, 0), bound, case)
+
+
+# ---- rule 1: permutations and batch dims ----------------------------------------------------------
+
+
+def _permute(x: np.ndarray | None, perm: np.ndarray, axis: int) -> np.ndarray | None:
+    if x is None or x.ndim < -axis or x.shape[axis] == 1:
+        return x
+    return np.take(x, perm, axis=axis)
+
+
+@attention_property("key_permutation_invariance", (1, 8), st.tuples(attention_cases(), _seeds))
+def key_permutation_invariance(impl: Any, example: tuple[AttentionCase, int]) -> None:
+    """Permuting the keys (k, v and the key axis of mask and bias) changes nothing but the weights' order."""
+    case, seed = example
+    case = case.with_causal_as_mask()
+    perm = np.random.default_rng(seed).permutation(case.kv_len)
+    permuted = case.replace(k=np.take(case.k, perm, axis=-2), v=np.take(case.v, perm, axis=-2),
+                            mask=_permute(case.mask, perm, -1), bias=_permute(case.bias, perm, -1))
+    first, second = full_results(impl, case), full_results(impl, permuted)
+    second = second._replace(weights=np.take(second.weights, np.argsort(perm), axis=-1))
+    assert_same_results(first, second, 2 * case.bounds(), case, "keys permuted")
+
+
+@attention_property("query_permutation_equivariance", (1,), st.tuples(attention_cases(), _seeds))
+def query_permutation_equivariance(impl: Any, example: tuple[AttentionCase, int]) -> None:
+    """Permuting the queries (q and the query axis of mask and bias) permutes the results the same way."""
+    case, seed = example
+    case = case.with_causal_as_mask()
+    perm = np.random.default_rng(seed).permutation(case.q_len)
+    permuted = case.replace(q=np.take(case.q, perm, axis=-2), mask=_permute(case.mask, perm, -2),
+                            bias=_permute(case.bias, perm, -2))
+    first, second = full_results(impl, case), full_results(impl, permuted)
+    inverse = np.argsort(perm)
+    second = AttentionOutput(np.take(second.out, inverse, axis=-2), np.take(second.weights, inverse, axis=-2),
+                             np.take(second.lse, inverse, axis=-1))
+    assert_same_results(first, second, 2 * case.bounds(), case, "queries permuted")
+
+
+@attention_property("batch_dims_equal_a_loop", (1,), attention_cases(min_batch_dims=1))
+def batch_dims_equal_a_loop(impl: Any, case: AttentionCase) -> None:
+    """Extra leading batch dims give the same results as a loop over them."""
+    full = full_results(impl, case)
+    bounds = 2 * case.bounds()
+    mask = None if case.mask is None else np.broadcast_to(case.mask, case.logits_shape)
+    bias = None if case.bias is None else np.broadcast_to(case.bias, case.logits_shape)
+    for index in np.ndindex(*case.batch_shape):
+        part = case.replace(q=case.q[index], k=case.k[index], v=case.v[index],
+                            mask=None if mask is None else mask[index], bias=None if bias is None else bias[index])
+        result = full_results(impl, part)
+        for name in ("out", "weights", "lse"):
+            assert_within(f"batch {index}: {name}", getattr(result, name), getattr(full, name)[index],
+                          getattr(bounds, name)[index], part)
+
+
+# ---- rule 2: GQA -----------------------------------------------------------------------------------
+
+
+@attention_property("gqa_equals_repeated_kv_heads", (2,), attention_cases(gqa=True))
+def gqa_equals_repeated_kv_heads(impl: Any, case: AttentionCase) -> None:
+    """Hq > Hkv equals repeating each kv head Hq/Hkv times (repeat_interleave order)."""
+    k, v = case.repeated_kv()
+    repeated = case.replace(k=k, v=v)
+    assert_same_results(full_results(impl, case), full_results(impl, repeated), 2 * case.bounds(), case,
+                        "GQA vs repeated kv heads")
+
+
+# ---- rule 4: softcap -------------------------------------------------------------------------------
+
+
+@attention_property("softcap_bounds_weight_ratios", (4,), attention_cases(softcap=True, bias=False))
+def softcap_bounds_weight_ratios(impl: Any, case: AttentionCase) -> None:
+    """With softcap c (and no bias) every attended key gets weight >= exp(-2c) / (attended keys)."""
+    result = full_results(impl, case)
+    allowed = case.allowed()
+    counts = allowed.sum(axis=-1, keepdims=True)
+    floor = np.where(allowed, math.exp(-2 * case.softcap) / np.maximum(counts, 1), 0.0)
+    weights = np.asarray(result.weights, np.float64)
+    assert_within("attended weights vs exp(-2c)/n", np.minimum(weights, floor), floor, case.bounds().weights, case)
+
+
+# ---- rule 5: bias ----------------------------------------------------------------------------------
+
+
+@attention_property("bias_row_constant_changes_nothing", (5,), st.tuples(attention_cases(bias=True), _seeds))
+def bias_row_constant_changes_nothing(impl: Any, example: tuple[AttentionCase, int]) -> None:
+    """Adding a constant to each row of the bias changes neither out nor weights."""
+    case, seed = example
+    shifts = np.random.default_rng(seed).uniform(-8, 8, (*case.logits_shape[:-1], 1))
+    shifted_bias = (np.asarray(case.bias, np.float64) + shifts).astype(case.bias.dtype)
+    shifted = case.replace(bias=shifted_bias)
+    allowed = case.allowed()
+    # Rounding the shifted bias back to its dtype perturbs each logit by up to u·|bias|.
+    rounding = UNIT_ROUNDOFF[case.dtype] * np.where(
+        allowed & np.isfinite(shifted_bias.astype(np.float64)), np.abs(shifted_bias.astype(np.float64)), 0
+    ).max(axis=-1, initial=0.0)
+    bound_first, bound_second = case.bounds(), shifted.bounds(extra_logit_error=rounding)
+    first, second = full_results(impl, case), full_results(impl, shifted)
+    for name in ("out", "weights"):
+        assert_within(f"bias shifted per row: {name}", getattr(second, name), getattr(first, name),
+                      getattr(bound_first, name) + getattr(bound_second, name), case)
+
+
+# ---- rule 7: causal --------------------------------------------------------------------------------
+
+
+@attention_property("causal_equals_explicit_mask", (7,), attention_cases(causal=True))
+def causal_equals_explicit_mask(impl: Any, case: AttentionCase) -> None:
+    """causal=True (either alignment) equals the explicit mask j <= i (+ S - L for bottom_right)."""
+    assert_same_results(full_results(impl, case), full_results(impl, case.with_causal_as_mask()),
+                        2 * case.bounds(), case, f"causal {case.alignment} vs explicit mask")
+
+
+@attention_property("causal_ignores_future_keys", (7,), st.tuples(attention_cases(causal=True), _seeds))
+def causal_ignores_future_keys(impl: Any, example: tuple[AttentionCase, int]) -> None:
+    """Under causal, changing the k and v of keys a query cannot see leaves its results unchanged."""
+    case, seed = example
+    rng = np.random.default_rng(seed)
+    cut = int(rng.integers(0, case.kv_len + 1))
+    offset = 0 if case.alignment == "top_left" else case.kv_len - case.q_len
+    rows = np.arange(case.q_len) + offset < cut  # these rows see no key >= cut
+    changed = _with_new_kv(case, np.arange(case.kv_len) >= cut, rng)
+    first, second = full_results(impl, case), full_results(impl, changed)
+    for name, x, y in (("out", first.out, second.out), ("weights", first.weights, second.weights),
+                       ("lse", first.lse[..., None], second.lse[..., None])):
+        assert_within(f"rows before key {cut}: {name}", y[..., rows, :], x[..., rows, :], 0.0, case,
+                      exact=np.ones(x[..., rows, :].shape, bool))
+
+
+# ---- rule 9: stability -----------------------------------------------------------------------------
+
+
+@attention_property("huge_logits_stay_finite", (9,),
+                    st.tuples(attention_cases(softcap=False, bias=False, min_kv_len=1, min_q_len=1), st.booleans()))
+def huge_logits_stay_finite(impl: Any, example: tuple[AttentionCase, bool]) -> None:
+    """Logits of magnitude 1e4 give finite results that match the oracle."""
+    case, negative = example
+    k, _ = case.repeated_kv()
+    dots = np.abs(np.matmul(np.asarray(case.q, np.float64), np.swapaxes(np.asarray(k, np.float64), -1, -2)))
+    largest = dots.max(initial=0.0)
+    assume(largest > 0)
+    case = case.replace(scale=(-1e4 if negative else 1e4) / largest)
+    result = full_results(impl, case)
+    assert_finite("huge logits", result, case)
+    assert_matches_oracle(impl, case, result)
+
+
+# ---- rules 10, 11: dtypes and results -----------------------------------------------------------------
+
+
+@attention_property("result_types_and_dtypes", (1, 10, 11), attention_cases())
+def result_types_and_dtypes(impl: Any, case: AttentionCase) -> None:
+    """Output in the input dtype; weights and lse in the compute dtype; the result's form and shapes;
+    compute_dtype='float64' computes in float64."""
+    out = call(impl, case).out
+    heads = case.logits_shape[:-2]
+    assert out.dtype == numpy_dtype(case.dtype) and out.shape == (*heads, case.q_len, case.value_dim), (
+        f"out: {out.dtype} {out.shape}\n  case: {case!r}")
+    arrays = [impl.asarray(x) for x in (case.q, case.k, case.v)]
+    extra = {name: None if x is None else impl.asarray(x) for name, x in (("mask", case.mask), ("bias", case.bias))}
+    bare = impl.attention(*arrays, **extra, **case.options())
+    assert not isinstance(bare, AttentionOutput), "with no flags, attention returns the output array"
+    only_weights = impl.attention(*arrays, **extra, **case.options(), return_weights=True)
+    only_lse = impl.attention(*arrays, **extra, **case.options(), return_lse=True)
+    assert isinstance(only_weights, AttentionOutput) and only_weights.lse is None and only_weights.weights is not None
+    assert isinstance(only_lse, AttentionOutput) and only_lse.weights is None and only_lse.lse is not None
+    for compute_dtype in dict.fromkeys((case.default_compute_dtype, "float64")):
+        result = full_results(impl, case, compute_dtype=compute_dtype)
+        assert result.out.dtype == numpy_dtype(case.dtype), f"out dtype {result.out.dtype}\n  case: {case!r}"
+        for name, x, shape in (("weights", result.weights, case.logits_shape), ("lse", result.lse, case.logits_shape[:-1])):
+            assert x.dtype == np.dtype(compute_dtype) and x.shape == shape, (
+                f"{name}: {x.dtype} {x.shape}, expected {compute_dtype} {shape}\n  case: {case!r}")
+        oracle = case.oracle()
+        bounds = case.bounds(compute_dtype=compute_dtype, oracle=oracle)
+        assert_within(f"weights with compute_dtype={compute_dtype}", result.weights, oracle.weights, bounds.weights,
+                      case, exact=~case.allowed())
+
+
+# ---- rule 11: weights and lse ---------------------------------------------------------------------------
+
+
+@attention_property("weights_and_lse_agree_with_output", (11,), attention_cases())
+def weights_and_lse_agree_with_output(impl: Any, case: AttentionCase) -> None:
+    """out = weights · v, and weights = exp(logits - lse) on attended keys."""
+    result = full_results(impl, case)
+    oracle = case.oracle()
+    bounds = case.bounds(oracle=oracle)
+    _, v = case.repeated_kv()
+    v64 = np.asarray(v, np.float64)
+    weights = np.asarray(result.weights, np.float64)
+    assert_within("out vs weights · v", result.out, np.matmul(weights, v64),
+                  bounds.out + np.matmul(bounds.weights, np.abs(v64)), case)
+    allowed = case.allowed()
+    lse = np.asarray(result.lse, np.float64)[..., None]
+    with np.errstate(invalid="ignore", over="ignore"):
+        from_lse = np.where(allowed, np.exp(case.logits() - np.where(np.isfinite(lse), lse, 0)), 0.0)
+    bound = bounds.weights + np.asarray(oracle.weights) * np.expm1(bounds.lse[..., None])
+    assert_within("weights vs exp(logits - lse)", weights, from_lse, bound, case, exact=~allowed)
+
+
+# ---- rule 12: errors -----------------------------------------------------------------------------------
+
+
+@attention_property("bad_inputs_raise_the_spec_errors", (6, 10, 12), None)
+def bad_inputs_raise_the_spec_errors(impl: Any) -> None:
+    """Every bad input of the catalogue raises the spec's error type with the same message as the front door."""
+    check_bad_inputs(impl)

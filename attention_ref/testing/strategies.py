@@ -1,0 +1,165 @@
+"""Hypothesis strategies that draw whole attention cases.
+
+Shapes, dtype and options are drawn by Hypothesis (and shrink); array values come from a NumPy
+generator seeded by Hypothesis, with a drawn distribution and magnitude, so that data are always
+varied (Hypothesis' own array fill repeats one value most of the time) and every example is
+reproducible from the printed case.
+
+Feature switches take ``None`` (drawn), ``True`` (always) or ``False`` (never).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from hypothesis import strategies as st
+
+from ..validation import ALIGNMENTS, FLOATING_DTYPES
+from .cases import AttentionCase
+
+#: Value distributions for q, k, v and bias: smooth, uniform, small integers (ties, exact
+#: arithmetic), heavy-tailed (outliers) and sparse (mostly zeros).
+DISTRIBUTIONS = ("normal", "uniform", "integers", "heavy_tailed", "sparse")
+#: Magnitudes of q and k entries: logits from tiny (~1e-6) to large (~1e3).
+QK_MAGNITUDES = (1e-3, 0.1, 1.0, 3.0, 10.0)
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a dtype name (bfloat16 through ml_dtypes)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def random_values(rng: np.random.Generator, shape: tuple[int, ...], distribution: str, magnitude: float) -> np.ndarray:
+    """float64 values of the given distribution, scaled to about ``magnitude``."""
+    if distribution == "normal":
+        values = rng.standard_normal(shape)
+    elif distribution == "uniform":
+        values = rng.uniform(-1.0, 1.0, shape)
+    elif distribution == "integers":
+        values = rng.integers(-3, 4, shape).astype(np.float64)
+    elif distribution == "heavy_tailed":
+        values = np.clip(rng.standard_t(2.0, shape), -20.0, 20.0)
+    elif distribution == "sparse":
+        values = rng.standard_normal(shape) * (rng.random(shape) < 0.3)
+    else:
+        raise ValueError(f"unknown distribution {distribution!r}")
+    return values * magnitude
+
+
+def _feature(draw: Any, switch: bool | None) -> bool:
+    return draw(st.booleans()) if switch is None else switch
+
+
+@st.composite
+def broadcast_shapes(draw: Any, target: tuple[int, ...]) -> tuple[int, ...]:
+    """A shape broadcastable (right-aligned) to ``target``: some leading dims dropped, some set to 1."""
+    kept = draw(st.integers(min_value=min(2, len(target)), max_value=len(target)))
+    shape = target[len(target) - kept:]
+    return tuple(draw(st.sampled_from((n, 1))) if n != 1 else 1 for n in shape)
+
+
+@st.composite
+def attention_cases(
+    draw: Any,
+    *,
+    dtypes: tuple[str, ...] = FLOATING_DTYPES,
+    rank2: bool | None = None,
+    min_batch_dims: int = 0,
+    max_batch_dims: int = 2,
+    max_batch_size: int = 3,
+    max_kv_heads: int = 3,
+    max_group_size: int = 3,
+    gqa: bool | None = None,
+    min_q_len: int = 0,
+    max_q_len: int = 9,
+    min_kv_len: int = 0,
+    max_kv_len: int = 9,
+    max_head_dim: int = 8,
+    min_value_dim: int = 1,
+    max_value_dim: int = 8,
+    mask: bool | None = None,
+    fully_masked_rows: bool | None = None,
+    bias: bool | None = None,
+    neg_inf_bias: bool | None = None,
+    scale: bool | None = None,
+    causal: bool | None = None,
+    softcap: bool | None = None,
+    qk_magnitudes: tuple[float, ...] = QK_MAGNITUDES,
+) -> AttentionCase:
+    """Draw an ``AttentionCase``.
+
+    Shapes reach rank 2, up to ``max_batch_dims`` batch dims, ``Hq = Hkv * group`` with Hkv > 1
+    and group > 1 (GQA; ``gqa=True`` forces group > 1, ``False`` group = 1), L and S from 0 and
+    either larger, E != Ev. ``mask``: a random boolean mask in a broadcast shape, with
+    ``fully_masked_rows`` forced in some examples; ``bias``: random values with ``-inf`` entries
+    (``neg_inf_bias``); ``scale``: an explicit scale (zero and negative included) instead of the
+    default; ``causal`` with a drawn alignment; ``softcap``.
+    """
+    dtype = draw(st.sampled_from(dtypes))
+    use_rank2 = draw(st.booleans()) if rank2 is None else rank2
+    if gqa is True or min_batch_dims > 0:
+        use_rank2 = False
+    if use_rank2:
+        lead, hkv, group = (), 1, 1
+    else:
+        lead = tuple(draw(st.lists(st.integers(1, max_batch_size), min_size=min_batch_dims, max_size=max_batch_dims)))
+        hkv = draw(st.integers(1, max_kv_heads))
+        group = 1 if gqa is False else draw(st.integers(2 if gqa else 1, max_group_size))
+    length = draw(st.integers(min_q_len, max_q_len))
+    keys = draw(st.integers(min_kv_len, max_kv_len))
+    head_dim = draw(st.integers(1, max_head_dim))
+    value_dim = draw(st.integers(min_value_dim, max_value_dim))
+
+    heads = () if use_rank2 else (hkv * group,)
+    kv_heads = () if use_rank2 else (hkv,)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    qk_distribution = draw(st.sampled_from(DISTRIBUTIONS))
+    qk_magnitude = draw(st.sampled_from(qk_magnitudes))
+    v_distribution = draw(st.sampled_from(DISTRIBUTIONS))
+    np_dtype = numpy_dtype(dtype)
+
+    def values(shape: tuple[int, ...], distribution: str, magnitude: float) -> np.ndarray:
+        return random_values(rng, shape, distribution, magnitude).astype(np_dtype)
+
+    q = values((*lead, *heads, length, head_dim), qk_distribution, qk_magnitude)
+    k = values((*lead, *kv_heads, keys, head_dim), qk_distribution, qk_magnitude)
+    v = values((*lead, *kv_heads, keys, value_dim), v_distribution, 1.0)
+    logits_shape = (*lead, *heads, length, keys)
+
+    mask_array = None
+    if _feature(draw, mask):
+        mask_shape = draw(broadcast_shapes(logits_shape))
+        keep = draw(st.sampled_from((0.2, 0.5, 0.8, 0.95)))
+        mask_array = rng.random(mask_shape) < keep
+        if _feature(draw, fully_masked_rows) and mask_array.ndim >= 2 and mask_array.shape[-2] > 0:
+            rows = rng.random(mask_array.shape[-2]) < 0.4
+            mask_array[..., rows, :] = False
+
+    bias_array = None
+    if _feature(draw, bias):
+        bias_shape = draw(broadcast_shapes(logits_shape))
+        bias_array = random_values(rng, bias_shape, draw(st.sampled_from(DISTRIBUTIONS)),
+                                   draw(st.sampled_from((0.1, 1.0, 10.0))))
+        if _feature(draw, neg_inf_bias):
+            bias_array[rng.random(bias_shape) < draw(st.sampled_from((0.1, 0.3, 1.0)))] = -np.inf
+        bias_array = bias_array.astype(np_dtype)
+
+    scale_value = None
+    if _feature(draw, scale):
+        scale_value = draw(st.one_of(
+            st.sampled_from((0.0, -1.0, 1e-3, 0.125, 2.0)),
+            st.floats(-3.0, 3.0, allow_nan=False, allow_infinity=False),
+        ))
+    use_causal = _feature(draw, causal)
+    alignment = draw(st.sampled_from(ALIGNMENTS))
+    softcap_value = None
+    if _feature(draw, softcap):
+        softcap_value = draw(st.one_of(st.sampled_from((0.5, 1.0, 5.0, 30.0)),
+                                       st.floats(0.05, 50.0, allow_nan=False)))
+    return AttentionCase(q, k, v, mask=mask_array, bias=bias_array, scale=scale_value,
+                         causal=use_causal, alignment=alignment, softcap=softcap_value)

@@ -1,0 +1,141 @@
+"""The tolerance rule (SPEC.md rule 10, "Accuracy"): how far a result may lie from the exact answer.
+
+This is the one place where tolerances are defined. Every comparison in the property tests asks
+``error_bounds`` for its bounds; none picks a number of its own.
+
+The bound is a first-order forward error analysis of the algorithm SPEC.md prescribes, evaluated
+per query row on the actual data. With ``u`` the unit roundoff of the compute dtype, ``T`` the
+accuracy of exp/tanh/log in units of ``u``, and per row r:
+
+* ``A_r = |scale| * max_j sum_e |q_re k_je|`` over the attended keys j (size of the dot products);
+* ``X_r = A_r`` (or the softcap c when capped) and ``B_r = max_j |bias_rj|`` over attended keys;
+* logit error ``delta_r = (E + 1) u A_r + 4 u (X_r + B_r) [+ u A_r + (T + 2) u c with softcap]
+  + extra_logit_error_r``: the dot product (E terms), the scale, the cap, the bias addition and the
+  max subtraction;
+* relative error of each exponential ``eta_r = expm1(delta_r + T u)``, and of each weight
+  ``rho_r = 2 eta_r + (S + 1) u`` (normalisation by an S-term sum and a division);
+* out: ``|d out_rc| <= (rho_r + S u (1 + rho_r)) V_rc + u_out |out_rc| + tiny_out`` with
+  ``V_rc = max_j |v_jc|`` over attended keys (the P·V sum of S terms, then the cast to the output
+  dtype, ``tiny_out`` its smallest normal number, since subnormals may be flushed to zero, plus
+  ``S tiny`` for flushed products in the compute dtype);
+* weights: ``|d p_rj| <= rho_r p_rj + tiny`` (``tiny``: smallest normal of the compute dtype);
+* lse: ``|d lse_r| <= delta_r + eta_r + (S - 1) u + (T + 1) u |lse_r|``.
+
+The reference answer is the float64 oracle on the *same rounded inputs*, so input rounding is not
+part of the bound; the oracle's own error (the same formula with the float64 ``u``) is added.
+The worst-case sums (``n u`` for n terms) make the rule conservative by about sqrt(n) in practice;
+they are never multiplied by a fudge factor. Two results of the same implementation that should be
+equal (a permuted or rescaled call) are compared with twice the bound, one bound for each.
+Positions that SPEC.md fixes exactly (excluded keys: weight 0; fully excluded rows: out 0, lse
+-inf) are compared exactly, not with a tolerance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Unit roundoff (half the machine epsilon) per dtype.
+UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53}
+#: Smallest positive normal number per dtype. Subnormal results may be flushed to zero (XLA on the
+#: CPU does, as do GPU kernels), so this is the absolute error floor of any value in that dtype.
+SMALLEST_NORMAL = {
+    "float16": 2.0**-14,
+    "bfloat16": 2.0**-126,
+    "float32": 2.0**-126,
+    "float64": 2.0**-1022,
+}
+#: exp, tanh and log are accurate to this many units of roundoff in NumPy, XLA and PyTorch.
+TRANSCENDENTAL_ULPS = 4
+
+
+@dataclass(frozen=True)
+class ErrorBounds:
+    """Per-element absolute bounds, broadcastable to out ``(..., L, Ev)``, weights ``(..., L, S)``
+    and lse ``(..., L)``."""
+
+    out: np.ndarray
+    weights: np.ndarray
+    lse: np.ndarray
+
+    def __mul__(self, factor: float) -> ErrorBounds:
+        return ErrorBounds(self.out * factor, self.weights * factor, self.lse * factor)
+
+    __rmul__ = __mul__
+
+
+def _row_error(
+    u: float,
+    *,
+    dot_size: np.ndarray,
+    bias_size: np.ndarray,
+    softcap: float | None,
+    head_dim: int,
+    keys: int,
+    extra_logit_error: np.ndarray | float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(delta, eta, rho)`` per row for unit roundoff u (see the module docstring)."""
+    t = TRANSCENDENTAL_ULPS
+    capped_size = dot_size if softcap is None else np.minimum(dot_size, softcap)
+    delta = (head_dim + 1) * u * dot_size + 4 * u * (capped_size + bias_size) + extra_logit_error
+    if softcap is not None:
+        delta = delta + u * dot_size + (t + 2) * u * softcap
+    eta = np.expm1(delta + t * u)
+    rho = 2 * eta + (keys + 1) * u
+    return delta, eta, rho
+
+
+def error_bounds(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    *,
+    allowed: np.ndarray,
+    bias: np.ndarray | None,
+    scale: float,
+    softcap: float | None,
+    expected_out: np.ndarray,
+    expected_weights: np.ndarray,
+    expected_lse: np.ndarray,
+    compute_dtype: str,
+    out_dtype: str,
+    extra_logit_error: np.ndarray | float = 0.0,
+) -> ErrorBounds:
+    """Bounds on ``|result - exact|`` for a result computed in ``compute_dtype`` and returned in
+    ``out_dtype``, plus the float64 oracle's own error.
+
+    q ``(..., Hq, L, E)``, k ``(..., Hq, S, E)`` and v ``(..., Hq, S, Ev)`` with kv heads already
+    repeated to Hq (or rank 2); ``allowed`` (bool) and bias broadcast to ``(..., Hq, L, S)``;
+    expected_* are the oracle's results. ``extra_logit_error`` (per row, ``(..., Hq, L)``) adds a
+    known perturbation of the logits, e.g. the rounding of a bias the caller changed.
+    """
+    q64, k64, v64 = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    allowed = np.asarray(allowed, dtype=bool)
+    # |scale| * sum_e |q_re k_je|, restricted to attended keys, max over keys.
+    products = abs(scale) * np.matmul(np.abs(q64), np.swapaxes(np.abs(k64), -1, -2))
+    dot_size = np.where(allowed, products, 0.0).max(axis=-1, initial=0.0)
+    if bias is None:
+        bias_size = np.zeros_like(dot_size)
+    else:
+        bias64 = np.broadcast_to(np.asarray(bias, dtype=np.float64), allowed.shape)
+        bias_size = np.where(allowed & np.isfinite(bias64), np.abs(bias64), 0.0).max(axis=-1, initial=0.0)
+    # max_j |v_jc| over attended keys j, per row r and channel c.
+    value_size = np.where(allowed[..., None], np.abs(v64)[..., None, :, :], 0.0).max(axis=-2, initial=0.0)
+
+    head_dim, keys = q64.shape[-1], k64.shape[-2]
+    row = dict(dot_size=dot_size, bias_size=bias_size, softcap=softcap, head_dim=head_dim, keys=keys,
+               extra_logit_error=extra_logit_error)
+    u_out, tiny_out = UNIT_ROUNDOFF[out_dtype], SMALLEST_NORMAL[out_dtype]
+    tiny_compute = SMALLEST_NORMAL[compute_dtype]
+
+    out_bound = u_out * np.abs(np.asarray(expected_out, np.float64)) + tiny_out + keys * tiny_compute
+    weights_bound = np.full(allowed.shape, tiny_compute)
+    lse_bound = np.zeros(dot_size.shape)
+    finite_lse = np.where(np.isfinite(expected_lse), np.abs(expected_lse), 0.0)
+    for u in (UNIT_ROUNDOFF[compute_dtype], UNIT_ROUNDOFF["float64"]):
+        delta, eta, rho = _row_error(u, **row)
+        out_bound = out_bound + (rho + keys * u * (1 + rho))[..., None] * value_size
+        weights_bound = weights_bound + rho[..., None] * np.asarray(expected_weights, np.float64)
+        lse_bound = lse_bound + delta + eta + max(keys - 1, 0) * u + (TRANSCENDENTAL_ULPS + 1) * u * finite_lse
+    return ErrorBounds(out=out_bound, weights=weights_bound, lse=lse_bound)
