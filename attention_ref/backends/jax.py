@@ -156,11 +156,11 @@ class JaxBackend(Backend):
         with self._precision_scope(plan):
             if self._uses_buckets(plan, (q, k, v, mask, bias)):
                 return self._bucketed(plan, q, k, v, mask, bias)
-            compute = jnp.dtype(plan.compute_dtype)
+            compute = np.dtype(plan.compute_dtype)
             static_plan = dataclasses.replace(plan, scale=0.0, softcap=None if plan.softcap is None else 0.0)
-            softcap = None if plan.softcap is None else jnp.asarray(plan.softcap, compute)
+            softcap = None if plan.softcap is None else np.asarray(plan.softcap, compute)
             return _direct_attention(
-                q, k, v, mask, bias, jnp.asarray(plan.scale, compute), softcap, plan=static_plan
+                q, k, v, mask, bias, np.asarray(plan.scale, compute), softcap, plan=static_plan
             )
 
     @staticmethod
@@ -222,10 +222,10 @@ class JaxBackend(Backend):
         device = next(iter(q.devices()))
         out, weights, lse = _grouped_attention_jit(
             *(jax.device_put(x[None, :, None], device) for x in (q3, k3, v3, mask3, bias3)),
-            jnp.asarray(plan.scale, compute),
-            None if plan.softcap is None else jnp.asarray(plan.softcap, compute),
-            jnp.asarray(offset, jnp.int32),
-            jnp.asarray(keys, jnp.int32),
+            np.asarray(plan.scale, compute),
+            None if plan.softcap is None else np.asarray(plan.softcap, compute),
+            np.asarray(offset, np.int32),
+            np.asarray(keys, np.int32),
             compute_dtype=plan.compute_dtype,
             out_dtype=plan.compute_dtype,
         )
@@ -242,8 +242,9 @@ class JaxBackend(Backend):
         )
 
     def asarray(self, x: np.ndarray) -> jax.Array:
+        # device_put, unlike jnp.asarray, compiles nothing for a new shape.
         with jax.enable_x64(True) if x.dtype == np.float64 else contextlib.nullcontext():
-            return jnp.asarray(x)
+            return jax.device_put(np.asarray(x))
 
     def to_numpy(self, x: jax.Array) -> np.ndarray:
         return np.asarray(x)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import hypothesis
 import numpy as np
 from hypothesis import assume, given
 from hypothesis import settings as Settings
@@ -66,8 +67,9 @@ def get_property(name: str) -> Property:
     raise KeyError(name)
 
 
-def run_property(prop: Property, impl: Any, settings: Settings | None = None) -> None:
-    """Run one property against ``impl`` with Hypothesis (current profile unless ``settings``)."""
+def run_property(prop: Property, impl: Any, settings: Settings | None = None, seed: int | None = None) -> None:
+    """Run one property against ``impl`` with Hypothesis (current profile unless ``settings``;
+    ``seed`` fixes Hypothesis' random choices)."""
     if prop.strategy is None:
         prop.check(impl)
         return
@@ -80,6 +82,8 @@ def run_property(prop: Property, impl: Any, settings: Settings | None = None) ->
     wrapped = given(prop.strategy)(test)
     if settings is not None:
         wrapped = settings(wrapped)
+    if seed is not None:
+        wrapped = hypothesis.seed(seed)(wrapped)
     wrapped()
 
 

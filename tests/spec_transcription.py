@@ -1,0 +1,63 @@
+"""SPEC.md transcribed literally, one query at a time, in Python floats (float64, math.fsum).
+
+Deliberately naive and independent of every backend: no broadcasting tricks, no vectorised softmax.
+It is the check on the NumPy oracle itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from attention_ref.testing import AttentionCase
+
+
+def transcribed_attention(case: AttentionCase) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(out, weights, lse) of SPEC.md for the case, in float64."""
+    q, k, v = (np.asarray(x, np.float64) for x in (case.q, case.k, case.v))
+    if q.ndim == 2:  # rule 1: a rank-2 input is one head
+        q, k, v = q[None], k[None], v[None]
+    heads_shape = q.shape[:-2]
+    n_q_heads, n_kv_heads = q.shape[-3], k.shape[-3]
+    length, keys, value_dim = q.shape[-2], k.shape[-2], v.shape[-1]
+    logits_shape = case.logits_shape
+    mask = np.ones(logits_shape, bool) if case.mask is None else np.broadcast_to(case.mask, logits_shape)
+    bias = None if case.bias is None else np.broadcast_to(np.asarray(case.bias, np.float64), logits_shape)
+    mask, bias = (None if x is None else x.reshape((*heads_shape, length, keys)) for x in (mask, bias))
+    scale = 1 / math.sqrt(q.shape[-1]) if case.scale is None else case.scale  # rule 3
+
+    out = np.zeros((*heads_shape, length, value_dim))
+    weights = np.zeros((*heads_shape, length, keys))
+    lse = np.full((*heads_shape, length), -math.inf)
+    for index in np.ndindex(*heads_shape):
+        *batch, head = index
+        kv_index = (*batch, head // (n_q_heads // n_kv_heads))  # rule 2
+        for i in range(length):
+            logits, attended = [], []
+            for j in range(keys):
+                logit = scale * math.fsum(a * b for a, b in zip(q[index][i], k[kv_index][j]))
+                if case.softcap is not None:  # rule 4
+                    logit = case.softcap * math.tanh(logit / case.softcap)
+                if bias is not None:  # rule 5
+                    logit += bias[index][i, j]
+                allowed = bool(mask[index][i, j])  # rule 6
+                if case.causal:  # rule 7
+                    offset = 0 if case.alignment == "top_left" else keys - length
+                    allowed = allowed and j <= i + offset
+                allowed = allowed and logit != -math.inf  # rule 8
+                logits.append(logit)
+                attended.append(allowed)
+            if not any(attended):
+                continue  # rule 8: out 0, weights 0, lse -inf
+            top = max(x for x, a in zip(logits, attended) if a)
+            exps = [math.exp(x - top) if a else 0.0 for x, a in zip(logits, attended)]
+            total = math.fsum(exps)
+            for j in range(keys):
+                weights[index][i, j] = exps[j] / total
+            for c in range(value_dim):
+                out[index][i, c] = math.fsum(weights[index][i, j] * v[kv_index][j, c] for j in range(keys))
+            lse[index][i] = top + math.log(total)
+    shape = case.logits_shape[:-2]
+    return (out.reshape((*shape, length, value_dim)), weights.reshape(case.logits_shape),
+            lse.reshape((*shape, length)))

@@ -1,0 +1,53 @@
+"""Rule 12: the same bad input raises the same error type and message on every backend."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import attention_ref as ar
+from attention_ref.testing import BAD_INPUTS
+from attention_ref.testing.bad_inputs import _raised
+
+from .conftest import TESTED_BACKEND_NAMES
+
+
+def _error(backend_name: str, bad: object) -> tuple[type, str]:
+    impl = ar.get_backend(backend_name)
+    convert = lambda x: impl.asarray(x) if isinstance(x, np.ndarray) else x  # noqa: E731
+    kwargs = {name: convert(value) for name, value in bad.kwargs.items()}
+    error = _raised(lambda: impl.attention(convert(bad.q), convert(bad.k), convert(bad.v), **kwargs))
+    assert error is not None, f"{bad.name}: {backend_name} raised nothing"
+    return type(error), str(error)
+
+
+@pytest.mark.parametrize("bad", BAD_INPUTS, ids=lambda b: b.name)
+def test_every_backend_raises_the_same_error(bad: object) -> None:
+    errors = {name: _error(name, bad) for name in TESTED_BACKEND_NAMES}
+    assert len(set(errors.values())) == 1, errors
+    error_type, message = next(iter(errors.values()))
+    assert error_type is bad.error
+    assert all(word in message for word in bad.mentions), message
+
+
+def test_mixed_frameworks_are_refused() -> None:
+    x = np.ones((3, 4), np.float32)
+    for first, second in itertools.permutations(TESTED_BACKEND_NAMES, 2):
+        a, b = ar.get_backend(first), ar.get_backend(second)
+        with pytest.raises(TypeError) as info:
+            a.attention(a.asarray(x), b.asarray(x), a.asarray(x))
+        assert str(info.value) == f"all arrays must come from one framework, got q is {first}, k is {second}, v is {first}"
+        with pytest.raises(TypeError, match=f"the {first} backend takes {first} arrays, got {second} arrays"):
+            a.attention(*(b.asarray(x) for _ in range(3)))
+        mask = b.asarray(np.ones((3, 3), bool))
+        with pytest.raises(TypeError, match=f"mask is {second}"):
+            a.attention(*(a.asarray(x) for _ in range(3)), mask=mask)
+
+
+def test_messages_name_the_shapes() -> None:
+    x = np.ones((2, 3, 8), np.float32)
+    with pytest.raises(ValueError, match=r"mask of shape \(4, 5\) is not broadcastable to the logits shape "
+                                         r"\(\.\.\., Hq, L, S\) = \(2, 3, 3\)"):
+        ar.attention(x, x, x, mask=np.ones((4, 5), bool))

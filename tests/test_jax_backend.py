@@ -1,0 +1,84 @@
+"""JAX specifics: jit reuse, shape buckets, calls under jax.jit, scoped x64 (rule 10)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax") if __import__("os").environ.get("ATTENTION_REF_REQUIRE_ALL_BACKENDS") != "1" else __import__("jax")
+import jax.numpy as jnp  # noqa: E402
+
+import attention_ref as ar  # noqa: E402
+from attention_ref.backends import jax as jax_backend  # noqa: E402
+from attention_ref.testing import AttentionCase, call, get_property, run_property  # noqa: E402
+from attention_ref.testing.properties import assert_same_results  # noqa: E402
+
+
+def _inputs(dtype: str = "float32", shape_q=(2, 4, 5, 8), shape_kv=(2, 2, 7, 8), seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape_q).astype(dtype), rng.standard_normal(shape_kv).astype(dtype),
+            rng.standard_normal(shape_kv).astype(dtype))
+
+
+def test_unbucketed_backend_matches_the_oracle() -> None:
+    run_property(get_property("matches_float64_oracle"), jax_backend.JaxBackend(bucket_shapes=False))
+
+
+def test_bucketed_and_unbucketed_agree() -> None:
+    q, k, v = _inputs()
+    case = AttentionCase(q, k, v, causal=True, alignment="bottom_right", softcap=3.0)
+    bucketed = call(jax_backend.JaxBackend(), case, return_weights=True, return_lse=True)
+    direct = call(jax_backend.JaxBackend(bucket_shapes=False), case, return_weights=True, return_lse=True)
+    assert_same_results(bucketed, direct, 2 * case.bounds(), case, "bucketed vs unbucketed")
+
+
+def test_one_compilation_serves_a_bucket_of_shapes() -> None:
+    backend = jax_backend.JaxBackend()
+    before = jax_backend._grouped_attention_jit._cache_size()
+    for length in range(1, 9):
+        q, k, v = _inputs(shape_q=(1, 2, length, 4), shape_kv=(1, 2, length + 2, 4), seed=length)
+        backend.attention(*map(backend.asarray, (q, k, v)), causal=True)
+    assert jax_backend._grouped_attention_jit._cache_size() - before <= 1
+
+
+def test_unbucketed_program_is_reused_for_a_shape() -> None:
+    backend = jax_backend.JaxBackend(bucket_shapes=False)
+    q, k, v = _inputs(shape_q=(3, 5, 6), shape_kv=(3, 9, 6))
+    backend.attention(*map(backend.asarray, (q, k, v)), scale=0.5)
+    size = jax_backend._direct_attention._cache_size()
+    q2, k2, v2 = _inputs(shape_q=(3, 5, 6), shape_kv=(3, 9, 6), seed=1)
+    backend.attention(*map(backend.asarray, (q2, k2, v2)), scale=0.25)  # a new scale is not a new program
+    assert jax_backend._direct_attention._cache_size() == size
+
+
+def test_runs_under_a_user_jit() -> None:
+    backend = ar.get_backend("jax")
+    q, k, v = map(backend.asarray, _inputs())
+
+    @jax.jit
+    def user_function(q, k, v):
+        return backend.attention(q, k, v, causal=True) * 2
+
+    expected = 2 * np.asarray(backend.attention(q, k, v, causal=True))
+    np.testing.assert_allclose(np.asarray(user_function(q, k, v)), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_float64_is_computed_in_float64_and_x64_stays_off() -> None:
+    assert not jax.config.jax_enable_x64
+    backend = ar.get_backend("jax")
+    q, k, v = _inputs("float64")
+    q_jax = backend.asarray(q)
+    assert q_jax.dtype == jnp.float64
+    result = backend.attention(q_jax, backend.asarray(k), backend.asarray(v), return_weights=True, return_lse=True)
+    assert result.out.dtype == jnp.float64 and result.weights.dtype == jnp.float64
+    oracle = ar.attention(q, k, v)
+    assert np.abs(np.asarray(result.out) - oracle).max() < 1e-13
+    assert not jax.config.jax_enable_x64
+
+
+def test_compute_dtype_float64_for_float32_inputs() -> None:
+    backend = ar.get_backend("jax")
+    q, k, v = _inputs("float32")
+    result = backend.attention(*map(backend.asarray, (q, k, v)), return_lse=True, compute_dtype="float64")
+    assert result.out.dtype == jnp.float32 and result.lse.dtype == jnp.float64
+    assert not jax.config.jax_enable_x64
