@@ -20,18 +20,22 @@ def test_results_stay_on_the_input_device_and_dtype() -> None:
     assert result.weights.dtype == torch.float32 and result.lse.dtype == torch.float32
 
 
-def test_tf32_is_off_during_a_cuda_call_and_restored_after(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tf32_is_off_during_a_cuda_call_and_restored_after() -> None:
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):
         setting, tf32, ieee = "fp32_precision", "tf32", "ieee"
     else:
         setting, tf32, ieee = "allow_tf32", True, False
-    monkeypatch.setattr(matmul, setting, tf32)  # a user who turned TF32 on
-    with ieee_float32_matmul(torch.device("cpu")):
-        assert getattr(matmul, setting) == tf32  # CPU calls leave the setting alone
-    with ieee_float32_matmul(torch.device("cuda")):
-        assert getattr(matmul, setting) == ieee
-    assert getattr(matmul, setting) == tf32
+    original = getattr(matmul, setting)
+    setattr(matmul, setting, tf32)  # a user who turned TF32 on
+    try:
+        with ieee_float32_matmul(torch.device("cpu")):
+            assert getattr(matmul, setting) == tf32  # CPU calls leave the setting alone
+        with ieee_float32_matmul(torch.device("cuda")):
+            assert getattr(matmul, setting) == ieee
+        assert getattr(matmul, setting) == tf32
+    finally:
+        setattr(matmul, setting, original)
 
 
 def test_gradients_flow_through_fully_masked_rows_without_nan() -> None:
