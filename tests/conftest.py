@@ -7,8 +7,10 @@ unless ``ATTENTION_REF_REQUIRE_ALL_BACKENDS=1`` (set by CI), where it fails.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+from types import ModuleType
 
 import pytest
 from hypothesis import settings
@@ -26,6 +28,11 @@ def _param(name: str) -> object:
     missing = importlib.util.find_spec(name) is None
     return pytest.param(name, id=name, marks=pytest.mark.skipif(
         missing and not REQUIRE_ALL, reason=f"{name} is not installed"))
+
+
+def import_or_skip(name: str) -> ModuleType:
+    """Import a framework; skip the module when it is missing, unless all backends are required."""
+    return importlib.import_module(name) if REQUIRE_ALL else pytest.importorskip(name)
 
 
 BACKENDS = [_param(name) for name in BACKEND_NAMES]

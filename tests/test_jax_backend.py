@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-jax = pytest.importorskip("jax") if __import__("os").environ.get("ATTENTION_REF_REQUIRE_ALL_BACKENDS") != "1" else __import__("jax")
+from .conftest import import_or_skip
+
+jax = import_or_skip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 import attention_ref as ar  # noqa: E402

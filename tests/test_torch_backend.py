@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
-import pytest
 
-torch = __import__("torch") if os.environ.get("ATTENTION_REF_REQUIRE_ALL_BACKENDS") == "1" else pytest.importorskip("torch")
+from .conftest import import_or_skip
+
+torch = import_or_skip("torch")
 
 import attention_ref as ar  # noqa: E402
 from attention_ref.backends.torch import ieee_float32_matmul  # noqa: E402

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, settings
 
-PROFILE_EXAMPLES = {"attention_ref.ci": 40, "attention_ref.dev": 100, "attention_ref.thorough": 1000}
+PROFILE_EXAMPLES = {"attention_ref.ci": 75, "attention_ref.dev": 150, "attention_ref.thorough": 1000}
 
 
 def register_profiles() -> None:
