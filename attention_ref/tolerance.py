@@ -14,7 +14,7 @@ accuracy of exp/tanh/log in units of ``u``, and per row r:
   max subtraction;
 * relative error of each exponential ``eta_r = expm1(delta_r + T u)``, and of each weight
   ``rho_r = 2 eta_r + (S + 1) u`` (normalisation by an S-term sum and a division);
-* out: ``|d out_rc| <= (rho_r + S u (1 + rho_r)) V_rc + u_out |out_rc| + tiny_out`` with
+* out: ``|d out_rc| <= (1 + u_out) (rho_r + S u (1 + rho_r)) V_rc + u_out |out_rc| + tiny_out`` with
   ``V_rc = max_j |v_jc|`` over attended keys (the P·V sum of S terms, then the cast to the output
   dtype, ``tiny_out`` its smallest normal number, since subnormals may be flushed to zero, plus
   ``S tiny`` for flushed products in the compute dtype);
@@ -129,13 +129,16 @@ def error_bounds(
     u_out, tiny_out = UNIT_ROUNDOFF[out_dtype], SMALLEST_NORMAL[out_dtype]
     tiny_compute = SMALLEST_NORMAL[compute_dtype]
 
-    out_bound = u_out * np.abs(np.asarray(expected_out, np.float64)) + tiny_out + keys * tiny_compute
+    compute_out_error = np.zeros(np.shape(expected_out))
     weights_bound = np.full(allowed.shape, tiny_compute)
     lse_bound = np.zeros(dot_size.shape)
     finite_lse = np.where(np.isfinite(expected_lse), np.abs(expected_lse), 0.0)
     for u in (UNIT_ROUNDOFF[compute_dtype], UNIT_ROUNDOFF["float64"]):
         delta, eta, rho = _row_error(u, **row)
-        out_bound = out_bound + (rho + keys * u * (1 + rho))[..., None] * value_size
+        compute_out_error = compute_out_error + (rho + keys * u * (1 + rho))[..., None] * value_size
         weights_bound = weights_bound + rho[..., None] * np.asarray(expected_weights, np.float64)
         lse_bound = lse_bound + delta + eta + max(keys - 1, 0) * u + (TRANSCENDENTAL_ULPS + 1) * u * finite_lse
+    # Rounding y (the compute-dtype result) to the output dtype: |rnd(y) - x| <= u_out |x| + (1 + u_out) |y - x|.
+    out_bound = (u_out * np.abs(np.asarray(expected_out, np.float64)) + (1 + u_out) * compute_out_error
+                 + tiny_out + keys * tiny_compute)
     return ErrorBounds(out=out_bound, weights=weights_bound, lse=lse_bound)
