@@ -49,3 +49,17 @@ def dtype_name(x: Any) -> str:
 def shape_of(x: Any) -> tuple[int, ...]:
     """The shape of an array as a plain tuple of ints (``torch.Size`` and jax shapes included)."""
     return tuple(int(n) for n in x.shape)
+
+
+def device_of(x: Any) -> str | None:
+    """Where an array lives, as text (``"cpu"``, ``"cuda:0"``...); None when unknown (a jax tracer)."""
+    framework = framework_of(x)
+    if framework == "numpy":
+        return "cpu"
+    if framework == "torch":
+        return str(x.device)
+    try:
+        devices = x.devices()
+    except Exception:  # noqa: BLE001 - tracers under jax transformations have no devices
+        return None
+    return ",".join(sorted(str(d) for d in devices))

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .frameworks import FRAMEWORKS, dtype_name, framework_of, shape_of
+from .frameworks import FRAMEWORKS, device_of, dtype_name, framework_of, shape_of
 
 FLOATING_DTYPES = ("float16", "bfloat16", "float32", "float64")
 COMPUTE_DTYPES = ("float32", "float64")
@@ -101,25 +101,57 @@ def _check_flag(name: str, value: Any) -> bool:
 def _check_real(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number or None, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
+    try:
+        as_float = float(value)
+    except OverflowError:
+        as_float = math.inf
+    if not math.isfinite(as_float):
         raise ValueError(f"{name} must be finite, got {value!r}")
-    return value
+    return as_float
+
+
+def _dtype_object_name(dtype: Any) -> str | None:
+    """The name of a NumPy, JAX or torch dtype object (or scalar type), else None."""
+    if type(dtype).__module__.split(".")[0] == "torch":
+        return str(dtype).removeprefix("torch.")
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return None
 
 
 def _check_compute_dtype(compute_dtype: Any, dtype: str) -> str:
     if compute_dtype is None:
         return "float64" if dtype == "float64" else "float32"
-    name = compute_dtype if isinstance(compute_dtype, str) else str(compute_dtype)
-    name = name.removeprefix("torch.")
+    name = compute_dtype if isinstance(compute_dtype, str) else _dtype_object_name(compute_dtype)
     if name not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be None, 'float32' or 'float64', got {compute_dtype!r}")
+        raise ValueError(
+            f"compute_dtype must be None, 'float32' or 'float64' (or that dtype), got {compute_dtype!r}"
+        )
     if dtype == "float64" and name == "float32":
         raise ValueError(
             "compute_dtype='float32' would compute float64 inputs in float32; "
             "use compute_dtype=None or 'float64', or cast the inputs yourself"
         )
     return name
+
+
+def _check_scalar_range(name: str, value: float, compute_dtype: str, minimum: float = 0.0) -> None:
+    """A scale or softcap must stay finite (and a softcap normal) once converted to the compute dtype."""
+    info = np.finfo(compute_dtype)
+    if abs(value) > float(info.max) or 0 < abs(value) < minimum:
+        raise ValueError(
+            f"{name}={value!r} is not representable in the compute dtype {compute_dtype} "
+            f"(allowed magnitudes: {minimum:g} to {float(info.max):g})"
+        )
+
+
+def _check_devices(arrays: dict[str, Any]) -> None:
+    devices = {name: device_of(x) for name, x in arrays.items() if x is not None}
+    known = {name: device for name, device in devices.items() if device is not None}
+    if len(set(known.values())) > 1:
+        listing = ", ".join(f"{name} on {device}" for name, device in known.items())
+        raise ValueError(f"all arrays must be on one device, got {listing}")
 
 
 def _check_frameworks(arrays: dict[str, Any], backend_framework: str | None) -> str:
@@ -219,9 +251,9 @@ def validate_attention_args(
                 "pass additive masks as bias"
             )
         if name == "bias" and x_dtype not in FLOATING_DTYPES:
+            hint = "; pass boolean masks as mask" if x_dtype == "bool" else ""
             raise TypeError(
-                f"bias must have a floating dtype ({', '.join(FLOATING_DTYPES)}), got {x_dtype}; "
-                "pass boolean masks as mask"
+                f"bias must have a floating dtype ({', '.join(FLOATING_DTYPES)}), got {x_dtype}{hint}"
             )
         if not _is_broadcastable(shape_of(x), logits_shape):
             raise ValueError(
@@ -229,13 +261,23 @@ def validate_attention_args(
                 f"(..., Hq, L, S) = {_fmt(logits_shape)}"
             )
 
+    compute_dtype = _check_compute_dtype(compute_dtype, dtype)
+    if bias is not None and dtype_name(bias) == "float64" and compute_dtype == "float32":
+        raise TypeError(
+            "bias is float64 but the compute dtype is float32, which would round it; "
+            "pass compute_dtype='float64' or a float32 (or narrower) bias"
+        )
+    _check_devices({"q": q, "k": k, "v": v, "mask": mask, "bias": bias})
+
     resolved_scale = (
         1.0 / math.sqrt(q_shape[-1]) if scale is None else _check_real("scale", scale)
     )
+    _check_scalar_range("scale", resolved_scale, compute_dtype)
     if softcap is not None:
         softcap = _check_real("softcap", softcap)
         if softcap <= 0:
             raise ValueError(f"softcap must be positive or None, got {softcap!r}")
+        _check_scalar_range("softcap", softcap, compute_dtype, minimum=float(np.finfo(compute_dtype).tiny))
     causal = _check_flag("causal", causal)
     if not isinstance(alignment, str) or alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
@@ -253,7 +295,7 @@ def validate_attention_args(
         head_dim=q_shape[-1],
         value_dim=v_shape[-1],
         dtype=dtype,
-        compute_dtype=_check_compute_dtype(compute_dtype, dtype),
+        compute_dtype=compute_dtype,
         scale=resolved_scale,
         softcap=softcap,
         causal=causal,

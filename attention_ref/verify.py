@@ -48,7 +48,7 @@ def _rules(rules: tuple[int, ...]) -> str:
 
 
 def _describe(error: BaseException) -> str:
-    while isinstance(error, BaseExceptionGroup):
+    while getattr(error, "exceptions", None):  # an ExceptionGroup of several failures
         error = error.exceptions[0]
     notes = getattr(error, "__notes__", [])
     return "\n".join([f"{type(error).__name__}: {error}", *notes])

@@ -11,7 +11,7 @@ import attention_ref as ar
 from attention_ref.testing import BAD_INPUTS
 from attention_ref.testing.bad_inputs import _raised
 
-from .conftest import TESTED_BACKEND_NAMES
+from .conftest import TESTED_BACKEND_NAMES, import_or_skip
 
 
 def _error(backend_name: str, bad: object) -> tuple[type, str]:
@@ -51,3 +51,19 @@ def test_messages_name_the_shapes() -> None:
     with pytest.raises(ValueError, match=r"mask of shape \(4, 5\) is not broadcastable to the logits shape "
                                          r"\(\.\.\., Hq, L, S\) = \(2, 3, 3\)"):
         ar.attention(x, x, x, mask=np.ones((4, 5), bool))
+
+
+def test_arrays_on_different_devices_are_refused() -> None:
+    torch = import_or_skip("torch")
+    q = torch.ones(3, 4)
+    with pytest.raises(ValueError, match="all arrays must be on one device, got q on cpu, k on meta, v on cpu"):
+        ar.attention(q, q.to("meta"), q)
+
+
+def test_dtype_objects_are_accepted_as_compute_dtype(backend: object) -> None:
+    float64 = {"numpy": lambda: np.float64, "jax": lambda: import_or_skip("jax.numpy").float64,
+               "torch": lambda: import_or_skip("torch").float64}[backend.name]()
+    x = backend.asarray(np.ones((3, 4), np.float32))
+    for compute_dtype in (np.float64, np.dtype("float64"), float64):
+        result = backend.attention(x, x, x, return_lse=True, compute_dtype=compute_dtype)
+        assert str(result.lse.dtype).endswith("float64")

@@ -12,7 +12,8 @@ import jax.numpy as jnp  # noqa: E402
 import attention_ref as ar  # noqa: E402
 from attention_ref.backends import jax as jax_backend  # noqa: E402
 from attention_ref.testing import AttentionCase, call, get_property, run_property  # noqa: E402
-from attention_ref.testing.properties import assert_same_results  # noqa: E402
+from attention_ref.result import AttentionOutput  # noqa: E402
+from attention_ref.testing.properties import assert_matches_oracle, assert_same_results  # noqa: E402
 
 
 def _inputs(dtype: str = "float32", shape_q=(2, 4, 5, 8), shape_kv=(2, 2, 7, 8), seed: int = 0):
@@ -54,26 +55,24 @@ def test_unbucketed_program_is_reused_for_a_shape() -> None:
 
 def test_runs_under_a_user_jit() -> None:
     backend = ar.get_backend("jax")
-    q, k, v = map(backend.asarray, _inputs())
+    case = AttentionCase(*_inputs(), causal=True, softcap=5.0)
 
     @jax.jit
     def user_function(q, k, v):
-        return backend.attention(q, k, v, causal=True) * 2
+        return backend.attention(q, k, v, causal=True, softcap=5.0, return_weights=True, return_lse=True)
 
-    expected = 2 * np.asarray(backend.attention(q, k, v, causal=True))
-    np.testing.assert_allclose(np.asarray(user_function(q, k, v)), expected, rtol=1e-6, atol=1e-7)
+    jitted = user_function(*map(backend.asarray, (case.q, case.k, case.v)))
+    assert_matches_oracle(backend, case, AttentionOutput(*map(np.asarray, jitted)))
 
 
 def test_float64_is_computed_in_float64_and_x64_stays_off() -> None:
     assert not jax.config.jax_enable_x64
     backend = ar.get_backend("jax")
-    q, k, v = _inputs("float64")
-    q_jax = backend.asarray(q)
-    assert q_jax.dtype == jnp.float64
-    result = backend.attention(q_jax, backend.asarray(k), backend.asarray(v), return_weights=True, return_lse=True)
-    assert result.out.dtype == jnp.float64 and result.weights.dtype == jnp.float64
-    oracle = ar.attention(q, k, v)
-    assert np.abs(np.asarray(result.out) - oracle).max() < 1e-13
+    case = AttentionCase(*_inputs("float64"))
+    assert backend.asarray(case.q).dtype == jnp.float64
+    result = call(backend, case, return_weights=True, return_lse=True)
+    assert result.out.dtype == np.float64 and result.weights.dtype == np.float64
+    assert_matches_oracle(backend, case, result)  # float64 bounds: float32 compute would fail
     assert not jax.config.jax_enable_x64
 
 

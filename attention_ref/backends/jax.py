@@ -203,7 +203,7 @@ class JaxBackend(Backend):
 
         def per_head(x: Any, last: int, repeat: int = 1) -> np.ndarray:  # (*B, H, n, last) -> (rows, n, last)
             x = np.asarray(x).astype(compute)
-            if repeat > 1:
+            if repeat != 1:
                 x = np.repeat(x, repeat, axis=-3)
             return x.reshape(rows, x.shape[-2], last)
 

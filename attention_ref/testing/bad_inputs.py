@@ -65,6 +65,19 @@ BAD_INPUTS: tuple[BadInput, ...] = (
              _array(3, 8, dtype="float64"), _array(5, 8, dtype="float64"), _array(5, 4, dtype="float64"),
              kwargs=dict(compute_dtype="float32")),
     BadInput("q not an array", TypeError, ("q", "list"), q=[[1.0] * 8] * 3),
+    BadInput("k not an array", TypeError, ("k", "list"), k=[[1.0] * 8] * 5),
+    BadInput("mask not an array", TypeError, ("mask", "list"), kwargs=dict(mask=[[True] * 5] * 3)),
+    BadInput("integer bias", TypeError, ("bias", "int32"), kwargs=dict(bias=np.ones((3, 5), dtype="int32"))),
+    BadInput("float64 bias with float32 compute", TypeError, ("bias is float64", "float32"),
+             kwargs=dict(bias=_array(3, 5, dtype="float64"))),
+    BadInput("string softcap", TypeError, ("softcap", "'1'"), kwargs=dict(softcap="1")),
+    BadInput("NaN scale", ValueError, ("scale", "nan"), kwargs=dict(scale=float("nan"))),
+    BadInput("huge integer scale", ValueError, ("scale", "must be finite"), kwargs=dict(scale=10**400)),
+    BadInput("scale overflowing float32", ValueError, ("scale=1e+300", "float32"), kwargs=dict(scale=1e300)),
+    BadInput("softcap underflowing float32", ValueError, ("softcap=1e-300", "float32"), kwargs=dict(softcap=1e-300)),
+    BadInput("non-bool return_lse", TypeError, ("return_lse", "1"), kwargs=dict(return_lse=1)),
+    BadInput("framework-prefixed compute dtype string", ValueError, ("compute_dtype", "'torch.float64'"),
+             kwargs=dict(compute_dtype="torch.float64")),
 )
 
 
