@@ -22,11 +22,12 @@ class NumpyBackend(Backend):
         length, keys = plan.q_len, plan.kv_len
         grouped = (*lead, hkv, group, length, keys)  # GQA: q head h = kv head h // group
 
-        q5 = q.astype(compute).reshape(*lead, hkv, group, length, plan.head_dim)
-        k5 = k.astype(compute).reshape(*lead, hkv, 1, keys, plan.head_dim)
-        v5 = v.astype(compute).reshape(*lead, hkv, 1, keys, plan.value_dim)
+        # The query heads of one kv head are stacked along the query axis: one matmul per kv head.
+        q4 = q.astype(compute).reshape(*lead, hkv, group * length, plan.head_dim)
+        k4 = k.astype(compute).reshape(*lead, hkv, keys, plan.head_dim)
+        v4 = v.astype(compute).reshape(*lead, hkv, keys, plan.value_dim)
 
-        logits = np.matmul(q5, np.swapaxes(k5, -1, -2)) * compute.type(plan.scale)
+        logits = np.matmul(q4, np.swapaxes(k4, -1, -2)).reshape(grouped) * compute.type(plan.scale)
         if plan.softcap is not None:
             cap = compute.type(plan.softcap)
             logits = cap * np.tanh(logits / cap)
@@ -49,7 +50,7 @@ class NumpyBackend(Backend):
         weights = unnormalized / safe_denominator
         lse = np.where(fully_excluded, -np.inf, row_max + np.log(safe_denominator))
 
-        out = np.matmul(weights, v5).astype(q.dtype)
+        out = np.matmul(weights.reshape(*lead, hkv, group * length, keys), v4).astype(q.dtype)
         return (
             out.reshape(plan.out_shape),
             weights.reshape(plan.logits_shape),

@@ -53,11 +53,13 @@ class TorchBackend(Backend):
         length, keys = plan.q_len, plan.kv_len
         grouped = (*lead, hkv, group, length, keys)  # GQA: q head h = kv head h // group
 
-        q5 = q.to(compute).reshape(*lead, hkv, group, length, plan.head_dim)
-        k5 = k.to(compute).reshape(*lead, hkv, 1, keys, plan.head_dim)
-        v5 = v.to(compute).reshape(*lead, hkv, 1, keys, plan.value_dim)
+        # The query heads of one kv head are stacked along the query axis: one matmul per kv head.
+        q4 = q.to(compute).reshape(*lead, hkv, group * length, plan.head_dim)
+        k4 = k.to(compute).reshape(*lead, hkv, keys, plan.head_dim)
+        v4 = v.to(compute).reshape(*lead, hkv, keys, plan.value_dim)
 
-        logits = torch.matmul(q5, k5.transpose(-1, -2)) * torch.tensor(plan.scale, dtype=compute, device=device)
+        scale = torch.tensor(plan.scale, dtype=compute, device=device)
+        logits = torch.matmul(q4, k4.transpose(-1, -2)).reshape(grouped) * scale
         if plan.softcap is not None:
             cap = torch.tensor(plan.softcap, dtype=compute, device=device)
             logits = cap * torch.tanh(logits / cap)
@@ -85,7 +87,7 @@ class TorchBackend(Backend):
         weights = unnormalized / safe_denominator
         lse = (row_max + torch.log(safe_denominator)).masked_fill(fully_excluded, -torch.inf)
 
-        out = torch.matmul(weights, v5).to(q.dtype)
+        out = torch.matmul(weights.reshape(*lead, hkv, group * length, keys), v4).to(q.dtype)
         return (
             out.reshape(plan.out_shape),
             weights.reshape(plan.logits_shape),
