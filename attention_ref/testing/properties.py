@@ -143,18 +143,23 @@ def full_results(impl: Any, case: AttentionCase, **kwargs: Any) -> AttentionOutp
     return call(impl, case, return_weights=True, return_lse=True, **kwargs)
 
 
+def assert_matches(result: AttentionOutput, expected: AttentionOutput, bounds: Any, case: AttentionCase) -> None:
+    """out, weights and lse within ``bounds`` (an ErrorBounds) of ``expected``; exact where rule 8
+    fixes the value (excluded keys, fully excluded rows)."""
+    __tracebackhide__ = True
+    allowed = case.allowed()
+    fully_excluded = ~allowed.any(axis=-1)
+    assert_within("out", result.out, expected.out, bounds.out, case, exact=fully_excluded[..., None])
+    assert_within("weights", result.weights, expected.weights, bounds.weights, case, exact=~allowed)
+    assert_within("lse", result.lse, expected.lse, bounds.lse, case, exact=fully_excluded)
+
+
 def assert_matches_oracle(impl: Any, case: AttentionCase, result: AttentionOutput | None = None) -> None:
-    """out, weights and lse within the tolerance rule of the float64 oracle; exact where rule 8
-    fixes the value."""
+    """The results of ``impl`` (or ``result``) match the float64 oracle within the tolerance rule."""
     __tracebackhide__ = True
     result = full_results(impl, case) if result is None else result
     oracle = case.oracle()
-    bounds = case.bounds(oracle=oracle)
-    allowed = case.allowed()
-    fully_excluded = ~allowed.any(axis=-1)
-    assert_within("out", result.out, oracle.out, bounds.out, case, exact=fully_excluded[..., None])
-    assert_within("weights", result.weights, oracle.weights, bounds.weights, case, exact=~allowed)
-    assert_within("lse", result.lse, oracle.lse, bounds.lse, case, exact=fully_excluded)
+    assert_matches(result, oracle, case.bounds(oracle=oracle), case)
 
 
 def assert_same_results(
