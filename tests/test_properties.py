@@ -10,7 +10,7 @@ from attention_ref.testing import PROPERTIES, run_property
 from .conftest import BACKENDS
 
 
-@pytest.mark.parametrize("prop", PROPERTIES, ids=lambda p: p.name)
+@pytest.mark.parametrize("prop", PROPERTIES, ids=lambda p: f"{p.name}-rules_{'_'.join(map(str, p.rules))}")
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_property(backend_name: str, prop: object) -> None:
     run_property(prop, ar.get_backend(backend_name))
