@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 #: Framework names, in the order used in messages and tables.
 FRAMEWORKS = ("numpy", "jax", "torch")
 
@@ -29,16 +31,10 @@ def framework_of(x: Any) -> str | None:
     for cls in type(x).__mro__:
         framework = _TOP_LEVEL_MODULE_TO_FRAMEWORK.get(cls.__module__.split(".")[0])
         if framework is not None:
-            if framework == "numpy" and not _is_numpy_ndarray(x):
+            if framework == "numpy" and not isinstance(x, np.ndarray):
                 return None
             return framework
     return None
-
-
-def _is_numpy_ndarray(x: Any) -> bool:
-    import numpy as np  # numpy is the one hard dependency
-
-    return isinstance(x, np.ndarray)
 
 
 def dtype_name(x: Any) -> str:

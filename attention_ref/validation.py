@@ -147,8 +147,7 @@ def _check_scalar_range(name: str, value: float, compute_dtype: str, minimum: fl
 
 
 def _check_devices(arrays: dict[str, Any]) -> None:
-    devices = {name: device_of(x) for name, x in arrays.items() if x is not None}
-    known = {name: device for name, device in devices.items() if device is not None}
+    known = {name: device for name, x in arrays.items() if x is not None and (device := device_of(x)) is not None}
     if len(set(known.values())) > 1:
         listing = ", ".join(f"{name} on {device}" for name, device in known.items())
         raise ValueError(f"all arrays must be on one device, got {listing}")

@@ -535,13 +535,13 @@ def result_types_and_dtypes(impl: Any, case: AttentionCase) -> None:
     only_lse = impl.attention(*arrays, **extra, **case.options(), return_lse=True)
     assert isinstance(only_weights, AttentionOutput) and only_weights.lse is None and only_weights.weights is not None
     assert isinstance(only_lse, AttentionOutput) and only_lse.weights is None and only_lse.lse is not None
+    oracle = case.oracle()
     for compute_dtype in dict.fromkeys((case.default_compute_dtype, "float64")):
         result = full_results(impl, case, compute_dtype=compute_dtype)
         assert result.out.dtype == numpy_dtype(case.dtype), f"out dtype {result.out.dtype}\n  case: {case!r}"
         for name, x, shape in (("weights", result.weights, case.logits_shape), ("lse", result.lse, case.logits_shape[:-1])):
             assert x.dtype == np.dtype(compute_dtype) and x.shape == shape, (
                 f"{name}: {x.dtype} {x.shape}, expected {compute_dtype} {shape}\n  case: {case!r}")
-        oracle = case.oracle()
         bounds = case.bounds(compute_dtype=compute_dtype, oracle=oracle)
         assert_within(f"weights with compute_dtype={compute_dtype}", result.weights, oracle.weights, bounds.weights,
                       case, exact=~case.allowed())
