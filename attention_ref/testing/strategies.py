@@ -10,6 +10,7 @@ Feature switches take ``None`` (drawn), ``True`` (always) or ``False`` (never).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,51 @@ from .cases import AttentionCase
 DISTRIBUTIONS = ("normal", "uniform", "integers", "heavy_tailed", "sparse")
 #: Magnitudes of q and k entries: logits from tiny (~1e-6) to large (~1e3).
 QK_MAGNITUDES = (1e-3, 0.1, 1.0, 3.0, 10.0)
+
+
+#: Features a kernel may support (the ``supports`` of ``attention_ref.testing.check``).
+KERNEL_FEATURES = ("mask", "bias", "scale", "causal", "bottom_right", "gqa", "softcap", "lse", "weights")
+#: Further features of a full implementation of SPEC.md (our backends): inputs of any rank,
+#: ``compute_dtype``, and the spec's error messages.
+SPEC_FEATURES = (*KERNEL_FEATURES, "any_rank", "compute_dtype", "spec_errors")
+
+
+@dataclass(frozen=True)
+class Features:
+    """What an implementation supports: strategies draw only cases within it, and properties that
+    need an unsupported feature do not apply. Without ``any_rank``, cases are ``(B, H, L, E)``."""
+
+    supports: frozenset[str] = field(default_factory=lambda: frozenset(SPEC_FEATURES))
+    dtypes: tuple[str, ...] = FLOATING_DTYPES
+
+    def __post_init__(self) -> None:
+        unknown = set(self.supports) - set(SPEC_FEATURES)
+        if unknown:
+            raise ValueError(f"unknown features {sorted(unknown)}; known: {', '.join(SPEC_FEATURES)}")
+
+    def __contains__(self, feature: str) -> bool:
+        return feature in self.supports
+
+
+#: Everything SPEC.md defines.
+ALL_FEATURES = Features()
+
+_SWITCHES = ("mask", "bias", "scale", "causal", "softcap", "gqa")
+
+
+def feature_cases(features: Features, **switches: Any) -> st.SearchStrategy[AttentionCase] | None:
+    """``attention_cases`` restricted to ``features``; None when a switch set to True asks for an
+    unsupported feature. Other keyword arguments go to ``attention_cases`` unchanged."""
+    for name in _SWITCHES:
+        wanted = switches.get(name)
+        if name not in features:
+            if wanted is True:
+                return None
+            switches[name] = False
+    if "any_rank" not in features:
+        switches.update(rank2=False, min_batch_dims=1, max_batch_dims=1)
+    alignments = ALIGNMENTS if "bottom_right" in features else ("top_left",)
+    return attention_cases(dtypes=features.dtypes, alignments=alignments, **switches)
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -89,6 +135,7 @@ def attention_cases(
     neg_inf_bias: bool | None = None,
     scale: bool | None = None,
     causal: bool | None = None,
+    alignments: tuple[str, ...] = ALIGNMENTS,
     softcap: bool | None = None,
     qk_magnitudes: tuple[float, ...] = QK_MAGNITUDES,
 ) -> AttentionCase:
@@ -160,7 +207,7 @@ def attention_cases(
             st.floats(-3.0, 3.0, allow_nan=False, allow_infinity=False),
         ))
     use_causal = _feature(draw, causal)
-    alignment = draw(st.sampled_from(ALIGNMENTS))
+    alignment = draw(st.sampled_from(alignments))
     softcap_value = None
     if _feature(draw, softcap):
         softcap_value = draw(st.one_of(st.sampled_from((0.5, 1.0, 5.0, 30.0)),
