@@ -18,7 +18,32 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--max-examples", type=int, default=50, metavar="N",
                         help="Hypothesis examples per property and backend (default 50)")
     verify.add_argument("--seed", type=int, default=None, help="fix Hypothesis' random choices")
+
+    check = commands.add_parser("check", help="check an attention kernel against SPEC.md")
+    check.add_argument("target", metavar="MODULE:FUNCTION", help="the kernel, e.g. mypkg.kernels:my_attention")
+    check.add_argument("--framework", required=True, choices=("numpy", "jax", "torch"))
+    check.add_argument("--supports", default="", metavar="FEATURES",
+                       help="comma-separated: mask,bias,scale,causal,bottom_right,gqa,softcap,lse,weights")
+    check.add_argument("--dtype", action="append", dest="dtypes", metavar="DTYPE",
+                       help="float16, bfloat16, float32 or float64 (repeatable; default float32)")
+    check.add_argument("--layout", default="bhld", choices=("bhld", "blhd"))
+    check.add_argument("--fully-masked", default="zero", choices=("zero", "nan", "mean_v", "skip"),
+                       help="what the kernel returns for a fully masked row (default: zero, the spec)")
+    check.add_argument("--max-examples", type=int, default=100, metavar="N")
+    check.add_argument("--seed", type=int, default=None)
     return parser
+
+
+def _load(target: str) -> object:
+    import importlib
+
+    module_name, _, attribute = target.partition(":")
+    if not attribute:
+        raise SystemExit(f"attention-ref check: expected MODULE:FUNCTION, got {target!r}")
+    value: object = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,6 +54,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = verify(args.backends, max_examples=args.max_examples, seed=args.seed)
         print(report.render())
         return 1 if report.failed else 0
+    if args.command == "check":
+        from .testing.check import check
+
+        supports = tuple(s for s in args.supports.split(",") if s)
+        result = check(_load(args.target), framework=args.framework, supports=supports,
+                       layout=args.layout, dtypes=tuple(args.dtypes or ("float32",)),
+                       fully_masked=args.fully_masked, max_examples=args.max_examples, seed=args.seed,
+                       name=args.target)
+        print(result)
+        return 0 if result.passed else 1
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

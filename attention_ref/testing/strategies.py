@@ -65,8 +65,8 @@ def feature_cases(features: Features, **switches: Any) -> st.SearchStrategy[Atte
             if wanted is True:
                 return None
             switches[name] = False
-    if "any_rank" not in features:
-        switches.update(rank2=False, min_batch_dims=1, max_batch_dims=1)
+    if "any_rank" not in features:  # kernels: (B, H, L, E), masks and biases of rank >= 2
+        switches.update(rank2=False, min_batch_dims=1, max_batch_dims=1, min_mask_rank=2)
     alignments = ALIGNMENTS if "bottom_right" in features else ("top_left",)
     return attention_cases(dtypes=features.dtypes, alignments=alignments, **switches)
 
@@ -102,10 +102,10 @@ def _feature(draw: Any, switch: bool | None) -> bool:
 
 
 @st.composite
-def broadcast_shapes(draw: Any, target: tuple[int, ...]) -> tuple[int, ...]:
+def broadcast_shapes(draw: Any, target: tuple[int, ...], min_rank: int = 0) -> tuple[int, ...]:
     """A shape broadcastable (right-aligned) to ``target``: some leading dims dropped (down to a
     scalar or a key-padding ``(S,)`` shape), some set to 1."""
-    kept = draw(st.integers(min_value=0, max_value=len(target)))
+    kept = draw(st.integers(min_value=min(min_rank, len(target)), max_value=len(target)))
     shape = target[len(target) - kept:]
     return tuple(draw(st.sampled_from((n, 1))) if n != 1 else 1 for n in shape)
 
@@ -130,6 +130,7 @@ def attention_cases(
     min_value_dim: int = 1,
     max_value_dim: int = 8,
     mask: bool | None = None,
+    min_mask_rank: int = 0,
     fully_masked_rows: bool | None = None,
     bias: bool | None = None,
     neg_inf_bias: bool | None = None,
@@ -144,7 +145,8 @@ def attention_cases(
     Shapes reach rank 2, up to ``max_batch_dims`` batch dims, ``Hq = Hkv * group`` with Hkv > 1
     and group > 1 (GQA; ``gqa=True`` forces group > 1, ``False`` group = 1), L and S from 0 and
     either larger, E != Ev. ``mask``: a random boolean mask in a broadcast shape, with
-    ``fully_masked_rows`` forced in some examples; ``bias``: random values with ``-inf`` entries
+    ``fully_masked_rows`` forced in some examples (mask and bias of rank at least
+    ``min_mask_rank``); ``bias``: random values with ``-inf`` entries
     (``neg_inf_bias``); ``scale``: an explicit scale (zero and negative included) instead of the
     default; ``causal`` with a drawn alignment; ``softcap``.
     """
@@ -182,7 +184,7 @@ def attention_cases(
 
     mask_array = None
     if _feature(draw, mask):
-        mask_shape = draw(broadcast_shapes(logits_shape))
+        mask_shape = draw(broadcast_shapes(logits_shape, min_mask_rank))
         keep = draw(st.sampled_from((0.2, 0.5, 0.8, 0.95)))
         mask_array = np.asarray(rng.random(mask_shape) < keep)
         if _feature(draw, fully_masked_rows) and mask_array.ndim >= 2 and mask_array.shape[-2] > 0:
@@ -191,7 +193,7 @@ def attention_cases(
 
     bias_array = None
     if _feature(draw, bias):
-        bias_shape = draw(broadcast_shapes(logits_shape))
+        bias_shape = draw(broadcast_shapes(logits_shape, min_mask_rank))
         bias_array = random_values(rng, bias_shape, draw(st.sampled_from(DISTRIBUTIONS)),
                                    draw(st.sampled_from((0.1, 1.0, 10.0))))
         if _feature(draw, neg_inf_bias):

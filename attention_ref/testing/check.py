@@ -1,0 +1,217 @@
+"""Check someone else's attention kernel against SPEC.md with the conformance properties.
+
+``check(fn, framework=..., supports=...)`` wraps ``fn`` in a :class:`KernelImplementation` (the
+interface the properties use), runs every property that applies to the features ``fn`` supports,
+and returns a :class:`CheckReport`.
+
+The kernel's calling convention: ``fn(q, k, v, **keywords)`` with framework-native arrays, q
+``(B, Hq, L, E)``, k ``(B, Hkv, S, E)``, v ``(B, Hkv, S, Ev)`` (``layout="blhd"``: ``(B, L, H, E)``
+and an output ``(B, L, Hq, Ev)``), called only with the SPEC.md keywords its ``supports`` names:
+``mask``, ``bias``, ``scale``, ``causal`` (and ``alignment`` with ``bottom_right``), ``softcap``,
+``return_weights`` (``weights``) and ``return_lse`` (``lse``). It returns ``out``, or
+``(out, weights, lse)`` when a return flag is passed (weights ``(B, Hq, L, S)``; lse ``(B, Hq, L)``,
+``(B, L, Hq)`` with ``layout="blhd"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from hypothesis import HealthCheck
+from hypothesis import settings as Settings
+
+from ..registry import get_backend
+from ..result import AttentionOutput
+from ..tolerance import UNIT_ROUNDOFF
+from .cases import AttentionCase
+from .properties import PROPERTIES, run_property
+from .strategies import KERNEL_FEATURES, Features
+
+LAYOUTS = ("bhld", "blhd")
+#: What a kernel returns for a fully excluded row: SPEC.md's zeros, NaN, the mean of all v rows
+#: (jax.nn's finite fill), or "skip" to leave those rows out of every comparison.
+FULLY_MASKED_CONVENTIONS = ("zero", "nan", "mean_v", "skip")
+
+
+class UnsupportedFeature(Exception):
+    """A property asked a kernel for a feature outside its ``supports`` (a checker bug)."""
+
+
+class KernelImplementation:
+    """A user kernel seen through the implementation interface of the properties.
+
+    ``attention`` takes the spec's arguments, passes the supported ones to the kernel in its layout,
+    verifies the kernel's declared fully-masked convention, and returns NumPy results in the spec's
+    convention (fully excluded rows: out 0, weights 0, lse -inf) so that every property applies.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, framework: str, features: Features, layout: str = "bhld",
+                 fully_masked: str = "zero", name: str | None = None) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if fully_masked not in FULLY_MASKED_CONVENTIONS:
+            raise ValueError(f"fully_masked must be one of {FULLY_MASKED_CONVENTIONS}, got {fully_masked!r}")
+        self.fn, self.features, self.layout, self.fully_masked = fn, features, layout, fully_masked
+        self.backend = get_backend(framework)
+        self.name = name or getattr(fn, "__name__", repr(fn))
+
+    def asarray(self, x: np.ndarray) -> Any:
+        return self.backend.asarray(x)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return x if isinstance(x, np.ndarray) else self.backend.to_numpy(x)
+
+    def _keywords(self, mask: Any, bias: Any, scale: Any, causal: bool, alignment: str, softcap: Any,
+                  return_weights: bool, return_lse: bool) -> dict[str, Any]:
+        keywords: dict[str, Any] = {}
+        for feature, value, used in (("mask", mask, mask is not None), ("bias", bias, bias is not None),
+                                     ("scale", scale, scale is not None), ("causal", causal, causal),
+                                     ("softcap", softcap, softcap is not None)):
+            if used:
+                if feature not in self.features:
+                    raise UnsupportedFeature(f"{self.name} does not support {feature}")
+                keywords[feature] = value
+        if causal and alignment == "bottom_right" and "bottom_right" not in self.features:
+            raise UnsupportedFeature(f"{self.name} does not support bottom_right")
+        if causal and "bottom_right" in self.features:
+            keywords["alignment"] = alignment
+        if return_weights and "weights" in self.features:
+            keywords["return_weights"] = True
+        if return_lse and "lse" in self.features:
+            keywords["return_lse"] = True
+        return keywords
+
+    def attention(self, q: Any, k: Any, v: Any, *, mask: Any = None, bias: Any = None, scale: Any = None,
+                  causal: bool = False, alignment: str = "top_left", softcap: Any = None,
+                  return_weights: bool = False, return_lse: bool = False) -> AttentionOutput:
+        keywords = self._keywords(mask, bias, scale, causal, alignment, softcap, return_weights, return_lse)
+        if self.layout == "blhd":
+            q, k, v = (x.swapaxes(1, 2) for x in (q, k, v))
+        result = self.fn(q, k, v, **keywords)
+        out, weights, lse = result if isinstance(result, tuple) else (result, None, None)
+        out, weights, lse = (None if x is None else self.to_numpy(x) for x in (out, weights, lse))
+        if self.layout == "blhd":
+            out = out.swapaxes(1, 2)
+            lse = None if lse is None else lse.swapaxes(1, 2)
+        case = AttentionCase(self.to_numpy(q if self.layout == "bhld" else q.swapaxes(1, 2)),
+                             self.to_numpy(k if self.layout == "bhld" else k.swapaxes(1, 2)),
+                             self.to_numpy(v if self.layout == "bhld" else v.swapaxes(1, 2)),
+                             mask=None if mask is None else self.to_numpy(mask),
+                             bias=None if bias is None else self.to_numpy(bias),
+                             scale=scale, causal=causal, alignment=alignment, softcap=softcap)
+        return self._normalise_fully_masked(case, AttentionOutput(out, weights, lse))
+
+    def _normalise_fully_masked(self, case: AttentionCase, result: AttentionOutput) -> AttentionOutput:
+        """Check the declared convention on fully excluded rows, then put the spec's values there."""
+        rows = ~case.allowed().any(axis=-1)
+        if self.fully_masked == "zero" or not rows.any():
+            return result
+        out = np.array(result.out)
+        if self.fully_masked in ("nan", "mean_v"):
+            got = out[rows].astype(np.float64)
+            if self.fully_masked == "nan":
+                ok = np.isnan(got).all()
+                expected = "NaN"
+            else:
+                _, v = case.repeated_kv()
+                v64 = np.asarray(v, np.float64)
+                mean = np.broadcast_to(v64.mean(axis=-2, keepdims=True), out.shape)[rows]
+                # A mean of S values in the compute dtype, rounded to the output dtype.
+                size = np.abs(v64).max(initial=0.0)
+                bound = (UNIT_ROUNDOFF[case.dtype] + case.kv_len * UNIT_ROUNDOFF["float32"]) * size
+                ok = bool(np.all(np.abs(got - mean) <= bound))
+                expected = "the mean of all v rows"
+            if not ok:
+                raise AssertionError(f"fully excluded rows: the declared convention is {expected}, "
+                                     f"got {got.ravel()[:4].tolist()}\n  case: {case!r}")
+        out[rows] = 0
+        weights, lse = result.weights, result.lse
+        if weights is not None:
+            weights = np.array(weights)
+            weights[rows] = 0
+        if lse is not None:
+            lse = np.array(lse)
+            lse[rows] = -np.inf
+        return AttentionOutput(out, weights, lse)
+
+
+@dataclass
+class PropertyOutcome:
+    name: str
+    rules: tuple[int, ...]
+    status: str  # "pass", "FAIL", "n/a" or "convention differs"
+    detail: str = ""
+
+
+@dataclass
+class CheckReport:
+    """The outcome of ``check``: per property its status and, on failure, the shrunk failing case."""
+
+    target: str
+    outcomes: list[PropertyOutcome] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not any(o.status == "FAIL" for o in self.outcomes)
+
+    def __str__(self) -> str:
+        width = max(len("property"), *(len(o.name) for o in self.outcomes))
+        lines = [f"{self.target}", f"{'property'.ljust(width)}  rules             status"]
+        lines += [f"{o.name.ljust(width)}  {','.join(map(str, o.rules)).ljust(16)}  {o.status}" for o in self.outcomes]
+        for o in self.outcomes:
+            if o.detail:
+                lines += ["", f"{o.status} {o.name}:", o.detail]
+        counted = [o for o in self.outcomes if o.status != "n/a"]
+        failed = sum(o.status == "FAIL" for o in counted)
+        lines += ["", f"{len(counted) - failed} passed, {failed} failed"]
+        return "\n".join(lines)
+
+
+def describe_failure(error: BaseException) -> str:
+    """The first failure of a (possibly grouped) Hypothesis error, with its falsifying example."""
+    while getattr(error, "exceptions", None):
+        error = error.exceptions[0]
+    return "\n".join([f"{type(error).__name__}: {error}", *getattr(error, "__notes__", [])])
+
+
+def check(
+    fn: Callable[..., Any],
+    *,
+    framework: str,
+    supports: Sequence[str] = (),
+    layout: str = "bhld",
+    dtypes: Sequence[str] = ("float32",),
+    fully_masked: str = "zero",
+    max_examples: int = 100,
+    seed: int | None = None,
+    name: str | None = None,
+) -> CheckReport:
+    """Run every applicable property of SPEC.md against the kernel ``fn`` (see the module docstring
+    for its calling convention) and report per property."""
+    unknown = set(supports) - set(KERNEL_FEATURES)
+    if unknown:
+        raise ValueError(f"unknown supports {sorted(unknown)}; choose from {', '.join(KERNEL_FEATURES)}")
+    features = Features(frozenset(supports), tuple(dtypes))
+    impl = KernelImplementation(fn, framework=framework, features=features, layout=layout,
+                                fully_masked=fully_masked, name=name)
+    run_settings = Settings(max_examples=max_examples, deadline=None, database=None, print_blob=True,
+                            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    report = CheckReport(f"{impl.name} ({framework}, {layout}, supports: {', '.join(supports) or 'none'}, "
+                         f"dtypes: {', '.join(dtypes)}, fully masked rows: {fully_masked})")
+    for prop in PROPERTIES:
+        if not prop.applies_to(features):
+            report.outcomes.append(PropertyOutcome(prop.name, prop.rules, "n/a"))
+            continue
+        try:
+            run_property(prop, impl, run_settings, seed=seed, features=features)
+        except Exception as error:  # noqa: BLE001 - every failure goes in the report
+            report.outcomes.append(PropertyOutcome(prop.name, prop.rules, "FAIL", describe_failure(error)))
+        else:
+            status = "pass"
+            if prop.name == "fully_excluded_rows_are_zero" and fully_masked != "zero":
+                status = "convention differs"
+            report.outcomes.append(PropertyOutcome(prop.name, prop.rules, status))
+    return report

@@ -1,0 +1,83 @@
+"""``attention_ref.testing.check``: correct kernels pass, a declared convention is honoured, bugs fail."""
+
+from __future__ import annotations
+
+import pytest
+
+import attention_ref as ar
+from attention_ref.cli import main
+from attention_ref.testing.check import check
+from attention_ref.testing.strategies import KERNEL_FEATURES
+
+from .conftest import import_or_skip
+
+torch = import_or_skip("torch")
+ALL_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def torch_kernel(q, k, v, **keywords):
+    """A correct kernel: our torch backend, (B, H, L, E)."""
+    return ar.get_backend("torch").attention(q, k, v, **keywords)
+
+
+def torch_kernel_blhd(q, k, v, **keywords):
+    """The same kernel in the (B, L, H, E) layout of jax and FlashAttention."""
+    result = torch_kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **keywords)
+    if isinstance(result, tuple):
+        return result.out.transpose(1, 2), result.weights, None if result.lse is None else result.lse.transpose(1, 2)
+    return result.transpose(1, 2)
+
+
+def nan_on_fully_masked_rows(q, k, v, **keywords):
+    """Correct except that fully masked rows are NaN (the naive-softmax convention)."""
+    result = torch_kernel(q, k, v, return_weights=True, **keywords)
+    return result.out.masked_fill((result.weights.sum(-1) == 0)[..., None], float("nan"))
+
+
+def inverted_mask(q, k, v, *, mask=None, **keywords):
+    """A bug: True is taken to mean 'masked out'."""
+    return torch_kernel(q, k, v, mask=None if mask is None else ~mask, **keywords)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("kernel, layout", [(torch_kernel, "bhld"), (torch_kernel_blhd, "blhd")])
+def test_correct_kernel_passes(kernel, layout: str, seed: int) -> None:
+    report = check(kernel, framework="torch", supports=KERNEL_FEATURES, layout=layout, dtypes=ALL_DTYPES,
+                   max_examples=25, seed=seed)
+    assert report.passed, str(report)
+    statuses = {o.name: o.status for o in report.outcomes}
+    assert statuses["matches_float64_oracle"] == "pass" and statuses["bad_inputs_raise_the_spec_errors"] == "n/a"
+
+
+def test_declared_fully_masked_convention() -> None:
+    supports = ("mask", "causal", "bottom_right")
+    declared = check(nan_on_fully_masked_rows, framework="torch", supports=supports, fully_masked="nan",
+                     max_examples=25, seed=0)
+    assert declared.passed, str(declared)
+    assert {o.name: o.status for o in declared.outcomes}["fully_excluded_rows_are_zero"] == "convention differs"
+    undeclared = check(nan_on_fully_masked_rows, framework="torch", supports=supports, max_examples=25, seed=0)
+    assert not undeclared.passed
+    assert {o.name: o.status for o in undeclared.outcomes}["fully_excluded_rows_are_zero"] == "FAIL"
+
+
+def test_bug_is_reported_with_a_shrunk_case() -> None:
+    report = check(inverted_mask, framework="torch", supports=("mask",), max_examples=25, seed=0)
+    assert not report.passed
+    failure = next(o for o in report.outcomes if o.name == "matches_float64_oracle")
+    assert failure.status == "FAIL" and "AttentionCase(" in failure.detail
+    assert str(report).splitlines()[-1].endswith("failed") and "FAIL matches_float64_oracle:" in str(report)
+
+
+def test_unknown_feature_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown supports"):
+        check(torch_kernel, framework="torch", supports=("dropout",))
+
+
+def test_cli_check(capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["check", "tests.test_check:torch_kernel", "--framework", "torch", "--supports", "mask,causal",
+                   "--dtype", "float32", "--dtype", "bfloat16", "--max-examples", "10", "--seed", "0"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert out.splitlines()[-1].endswith("passed, 0 failed")
+    assert main(["check", "tests.test_check:inverted_mask", "--framework", "torch", "--supports", "mask",
+                 "--max-examples", "10", "--seed", "0"]) == 1
