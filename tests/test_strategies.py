@@ -50,3 +50,13 @@ def test_values_are_varied() -> None:
     collect()
     assert len(distinct_fractions) >= 50
     assert np.mean(np.array(distinct_fractions) > 0.5) > 0.5
+
+
+def test_kernel_cases_reach_several_tiles() -> None:
+    from attention_ref.testing.strategies import KERNEL_FEATURES, Features, feature_cases
+
+    kernel_cases = feature_cases(Features(frozenset(KERNEL_FEATURES)))
+    settings_ = settings(max_examples=2000, database=None, suppress_health_check=list(HealthCheck))
+    find(kernel_cases, lambda c: c.kv_len > 128 and c.q.ndim == 4, settings=settings_)
+    find(kernel_cases, lambda c: c.mask is not None and c.mask.ndim >= 3 and c.q_len > 0 and c.kv_len > 0
+         and (~c.mask.any(axis=(-1, -2))).any(), settings=settings_)

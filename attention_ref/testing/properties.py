@@ -289,7 +289,7 @@ def _fully_excluded_examples(features: Features) -> st.SearchStrategy[Any]:
     mechanisms = [m for m, needs in (("mask_row", ("mask",)), ("bias_row", ("bias",)),
                                      ("bottom_right_causal", ("causal", "bottom_right")), ("no_keys", ()))
                   if all(n in features for n in needs)]
-    long_queries = feature_cases(features, min_q_len=4, max_kv_len=3)
+    long_queries = feature_cases(features, min_q_len=4, max_kv_len=3, long_kv_len=None)  # L > S
     return st.tuples(st.sampled_from(mechanisms), feature_cases(features, min_q_len=1), long_queries, _seeds)
 
 

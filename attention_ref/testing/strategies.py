@@ -65,8 +65,9 @@ def feature_cases(features: Features, **switches: Any) -> st.SearchStrategy[Atte
             if wanted is True:
                 return None
             switches[name] = False
-    if "any_rank" not in features:  # kernels: (B, H, L, E), masks and biases of rank >= 2
+    if "any_rank" not in features:  # kernels: (B, H, L, E), masks and biases of rank >= 2, S > 128 at times
         switches.update(rank2=False, min_batch_dims=1, max_batch_dims=1, min_mask_rank=2)
+        switches.setdefault("long_kv_len", 160)
     alignments = ALIGNMENTS if "bottom_right" in features else ("top_left",)
     return attention_cases(dtypes=features.dtypes, alignments=alignments, **switches)
 
@@ -126,6 +127,7 @@ def attention_cases(
     max_q_len: int = 9,
     min_kv_len: int = 0,
     max_kv_len: int = 9,
+    long_kv_len: int | None = None,
     max_head_dim: int = 8,
     min_value_dim: int = 1,
     max_value_dim: int = 8,
@@ -148,7 +150,8 @@ def attention_cases(
     ``fully_masked_rows`` forced in some examples (mask and bias of rank at least
     ``min_mask_rank``); ``bias``: random values with ``-inf`` entries
     (``neg_inf_bias``); ``scale``: an explicit scale (zero and negative included) instead of the
-    default; ``causal`` with a drawn alignment; ``softcap``.
+    default; ``causal`` with a drawn alignment; ``softcap``. With ``long_kv_len``, S is drawn from
+    129 to ``long_kv_len`` in about one example in eight (several tiles of a tiled kernel).
     """
     dtype = draw(st.sampled_from(dtypes))
     # Rank 2 in about one example in six: it cannot reach GQA or batch dims.
@@ -163,6 +166,8 @@ def attention_cases(
         group = 1 if gqa is False else draw(st.integers(2 if gqa else 1, max_group_size))
     length = draw(st.integers(min_q_len, max_q_len))
     keys = draw(st.integers(min_kv_len, max_kv_len))
+    if long_kv_len is not None and draw(st.integers(0, 7)) == 0:  # several kernel tiles of 64 or 128 keys
+        keys = draw(st.integers(129, long_kv_len))
     head_dim = draw(st.integers(1, max_head_dim))
     value_dim = draw(st.integers(min_value_dim, max_value_dim))
 
@@ -190,6 +195,8 @@ def attention_cases(
         if _feature(draw, fully_masked_rows) and mask_array.ndim >= 2 and mask_array.shape[-2] > 0:
             rows = rng.random(mask_array.shape[-2]) < 0.4
             mask_array[..., rows, :] = False
+            if mask_array.ndim >= 3 and mask_array.shape[-3] > 1:  # a whole head masked
+                mask_array[..., int(rng.integers(mask_array.shape[-3])), :, :] = False
 
     bias_array = None
     if _feature(draw, bias):
