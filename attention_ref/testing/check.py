@@ -142,7 +142,7 @@ class KernelImplementation:
 class PropertyOutcome:
     name: str
     rules: tuple[int, ...]
-    status: str  # "pass", "FAIL", "n/a" or "convention differs"
+    status: str  # "pass", "FAIL", "convention differs", "n/a" or "not run"
     detail: str = ""
 
 
@@ -164,7 +164,7 @@ class CheckReport:
         for o in self.outcomes:
             if o.detail:
                 lines += ["", f"{o.status} {o.name}:", o.detail]
-        counted = [o for o in self.outcomes if o.status != "n/a"]
+        counted = [o for o in self.outcomes if o.status not in ("n/a", "not run")]
         failed = sum(o.status == "FAIL" for o in counted)
         lines += ["", f"{len(counted) - failed} passed, {failed} failed"]
         return "\n".join(lines)
@@ -188,9 +188,11 @@ def check(
     max_examples: int = 100,
     seed: int | None = None,
     name: str | None = None,
+    fail_fast: bool = False,
 ) -> CheckReport:
     """Run every applicable property of SPEC.md against the kernel ``fn`` (see the module docstring
-    for its calling convention) and report per property."""
+    for its calling convention) and report per property. ``fail_fast`` stops at the first failing
+    property (the rest are reported "not run")."""
     unknown = set(supports) - set(KERNEL_FEATURES)
     if unknown:
         raise ValueError(f"unknown supports {sorted(unknown)}; choose from {', '.join(KERNEL_FEATURES)}")
@@ -202,6 +204,9 @@ def check(
     report = CheckReport(f"{impl.name} ({framework}, {layout}, supports: {', '.join(supports) or 'none'}, "
                          f"dtypes: {', '.join(dtypes)}, fully masked rows: {fully_masked})")
     for prop in PROPERTIES:
+        if fail_fast and not report.passed:
+            report.outcomes.append(PropertyOutcome(prop.name, prop.rules, "not run"))
+            continue
         if not prop.applies_to(features):
             report.outcomes.append(PropertyOutcome(prop.name, prop.rules, "n/a"))
             continue
