@@ -39,7 +39,7 @@ def inverted_mask(q, k, v, *, mask=None, **keywords):
     return torch_kernel(q, k, v, mask=None if mask is None else ~mask, **keywords)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("kernel, layout", [(torch_kernel, "bhld"), (torch_kernel_blhd, "blhd")])
 def test_correct_kernel_passes(kernel, layout: str, seed: int) -> None:
     report = check(kernel, framework="torch", supports=KERNEL_FEATURES, layout=layout, dtypes=ALL_DTYPES,
