@@ -47,13 +47,6 @@ def _rules(rules: tuple[int, ...]) -> str:
     return ",".join(str(r) for r in rules)
 
 
-def _describe(error: BaseException) -> str:
-    while getattr(error, "exceptions", None):  # an ExceptionGroup of several failures
-        error = error.exceptions[0]
-    notes = getattr(error, "__notes__", [])
-    return "\n".join([f"{type(error).__name__}: {error}", *notes])
-
-
 def verify(
     backends: Sequence[str] | None = None, *, max_examples: int = 50, seed: int | None = None
 ) -> VerifyReport:
@@ -62,6 +55,7 @@ def verify(
     from hypothesis import HealthCheck, settings
 
     from .testing import PROPERTIES, run_property
+    from .testing.check import describe_failure
 
     names = list(backends) if backends else available_backends()
     run_settings = settings(max_examples=max_examples, deadline=None, database=None, print_blob=True,
@@ -74,7 +68,7 @@ def verify(
             try:
                 run_property(prop, impl, run_settings, seed=seed)
             except Exception as error:  # noqa: BLE001 - every failure goes in the report
-                report.failures[(prop.name, backend_name)] = _describe(error)
+                report.failures[(prop.name, backend_name)] = describe_failure(error)
             else:
                 report.failures[(prop.name, backend_name)] = None
     report.seconds = time.perf_counter() - start

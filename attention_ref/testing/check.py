@@ -88,6 +88,10 @@ class KernelImplementation:
                   causal: bool = False, alignment: str = "top_left", softcap: Any = None,
                   return_weights: bool = False, return_lse: bool = False) -> AttentionOutput:
         keywords = self._keywords(mask, bias, scale, causal, alignment, softcap, return_weights, return_lse)
+        case = AttentionCase(*(self.to_numpy(x) for x in (q, k, v)),
+                             mask=None if mask is None else self.to_numpy(mask),
+                             bias=None if bias is None else self.to_numpy(bias),
+                             scale=scale, causal=causal, alignment=alignment, softcap=softcap)
         if self.layout == "blhd":
             q, k, v = (x.swapaxes(1, 2) for x in (q, k, v))
         result = self.fn(q, k, v, **keywords)
@@ -96,12 +100,6 @@ class KernelImplementation:
         if self.layout == "blhd":
             out = out.swapaxes(1, 2)
             lse = None if lse is None else lse.swapaxes(1, 2)
-        case = AttentionCase(self.to_numpy(q if self.layout == "bhld" else q.swapaxes(1, 2)),
-                             self.to_numpy(k if self.layout == "bhld" else k.swapaxes(1, 2)),
-                             self.to_numpy(v if self.layout == "bhld" else v.swapaxes(1, 2)),
-                             mask=None if mask is None else self.to_numpy(mask),
-                             bias=None if bias is None else self.to_numpy(bias),
-                             scale=scale, causal=causal, alignment=alignment, softcap=softcap)
         return self._normalise_fully_masked(case, AttentionOutput(out, weights, lse))
 
     def _normalise_fully_masked(self, case: AttentionCase, result: AttentionOutput) -> AttentionOutput:
