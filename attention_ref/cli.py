@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("target", metavar="MODULE:FUNCTION", help="the kernel, e.g. mypkg.kernels:my_attention")
     check.add_argument("--framework", required=True, choices=("numpy", "jax", "torch"))
     check.add_argument("--supports", default="", metavar="FEATURES",
-                       help="comma-separated: mask,bias,scale,causal,bottom_right,gqa,softcap,lse,weights")
+                       help="comma-separated: mask,bias,scale,causal,bottom_right,gqa,value_dim,softcap,lse,weights")
     check.add_argument("--dtype", action="append", dest="dtypes", metavar="DTYPE",
                        help="float16, bfloat16, float32 or float64 (repeatable; default float32)")
     check.add_argument("--layout", default="bhld", choices=("bhld", "blhd"))

@@ -59,3 +59,12 @@ def device_of(x: Any) -> str | None:
     except Exception:  # noqa: BLE001 - tracers under jax transformations have no devices
         return None
     return ",".join(sorted(str(d) for d in devices))
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a floating dtype name (bfloat16 through ml_dtypes, imported on demand)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)

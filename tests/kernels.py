@@ -40,7 +40,7 @@ import torch
 Kernel = Callable[..., Any]
 
 #: Every feature a kernel may support.
-ALL_FEATURES = ("mask", "bias", "scale", "causal", "bottom_right", "gqa", "softcap", "lse", "weights")
+ALL_FEATURES = ("mask", "bias", "scale", "causal", "bottom_right", "gqa", "value_dim", "softcap", "lse", "weights")
 
 NEG_INF = -math.inf
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..result import AttentionOutput
-from ..tolerance import ErrorBounds, error_bounds
+from ..tolerance import ErrorBounds, calibrated_error_bounds, error_bounds
 
 #: Largest case (elements of q, k, v) whose arrays are printed in full in ``repr``.
 _REPR_FULL_LIMIT = 256
@@ -155,17 +155,20 @@ class AttentionCase:
         out_dtype: str | None = None,
         oracle: AttentionOutput | None = None,
         extra_logit_error: np.ndarray | float = 0.0,
+        calibrated: bool = False,
     ) -> ErrorBounds:
         """``attention_ref.tolerance.error_bounds`` for this case (default: the spec's compute dtype
-        and the input dtype)."""
+        and the input dtype); with ``calibrated``, the calibrated rule for other people's kernels
+        (``attention_ref.tolerance.calibrated_error_bounds``)."""
         oracle = self.oracle() if oracle is None else oracle
         k, v = self.repeated_kv()
-        return error_bounds(
-            self.q, k, v, allowed=self.allowed(), bias=self.bias, scale=self.resolved_scale,
-            softcap=self.softcap, expected_out=oracle.out, expected_weights=oracle.weights,
-            expected_lse=oracle.lse, compute_dtype=compute_dtype or self.default_compute_dtype,
-            out_dtype=out_dtype or self.dtype, extra_logit_error=extra_logit_error,
-        )
+        data = dict(allowed=self.allowed(), bias=self.bias, scale=self.resolved_scale, softcap=self.softcap,
+                    expected_out=oracle.out, expected_weights=oracle.weights, expected_lse=oracle.lse)
+        derived = error_bounds(self.q, k, v, **data, compute_dtype=compute_dtype or self.default_compute_dtype,
+                               out_dtype=out_dtype or self.dtype, extra_logit_error=extra_logit_error)
+        if not calibrated:
+            return derived
+        return calibrated_error_bounds(derived, self.q, k, v, **data, dtype=self.dtype)
 
     def __repr__(self) -> str:
         def show(x: np.ndarray | None) -> str:

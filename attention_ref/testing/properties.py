@@ -5,9 +5,10 @@ names, ``asarray(numpy_array)`` and ``to_numpy(array)``: our backends, or an ada
 else's kernel. Each :class:`Property` names the SPEC.md rules it proves, a Hypothesis strategy of
 cases, and a check that raises AssertionError on a violation. ``run_property`` runs one.
 
-Every tolerance comes from ``AttentionCase.bounds`` (``attention_ref.tolerance``); positions the
-spec fixes exactly (excluded keys, fully excluded rows, values that must not change) are compared
-exactly.
+Every tolerance comes from ``bounds_for(impl, case)`` (``attention_ref.tolerance``): the derived
+bound for implementations of SPEC.md, the calibrated rule for implementations that set
+``calibrated_tolerance = True`` (other people's kernels, through ``check``). Positions the spec
+fixes exactly (excluded keys, fully excluded rows, values that must not change) are compared exactly.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from hypothesis import settings as Settings
 from hypothesis import strategies as st
 
 from ..result import AttentionOutput
-from ..tolerance import UNIT_ROUNDOFF
+from ..tolerance import UNIT_ROUNDOFF, ErrorBounds
 from .bad_inputs import check_bad_inputs
 from .cases import AttentionCase, call
 from .strategies import ALL_FEATURES, Features, feature_cases, numpy_dtype, random_values
@@ -125,6 +126,12 @@ def run_property(
 # ---- comparisons -------------------------------------------------------------------------------
 
 
+def bounds_for(impl: Any, case: AttentionCase, **kwargs: Any) -> ErrorBounds:
+    """The tolerance ``impl`` is held to on ``case``: ``case.bounds(**kwargs)``, calibrated when
+    ``impl.calibrated_tolerance`` is true."""
+    return case.bounds(calibrated=bool(getattr(impl, "calibrated_tolerance", False)), **kwargs)
+
+
 def assert_within(
     what: str,
     actual: np.ndarray,
@@ -133,9 +140,11 @@ def assert_within(
     case: AttentionCase,
     *,
     exact: np.ndarray | None = None,
+    derivation: str = "",
 ) -> None:
     """``|actual - expected| <= bound`` elementwise; equality where ``exact`` (and wherever
-    ``expected`` is infinite); NaN never passes. The message shows the worst element."""
+    ``expected`` is infinite); NaN never passes. The message shows the worst element, its error and
+    bound, and ``derivation`` (how the bound was obtained)."""
     __tracebackhide__ = True
     actual = np.asarray(actual)
     assert actual.shape == expected.shape, (
@@ -157,7 +166,8 @@ def assert_within(
     raise AssertionError(
         f"{what}: {int(bad.sum())} of {bad.size} elements wrong; worst at {tuple(int(i) for i in worst)}: "
         f"got {a64[worst]!r}, expected {e64[worst]!r} {rule} (|error| {error[worst]:.3g})\n"
-        f"  case: {case!r}"
+        + (f"  bound: {derivation}\n" if derivation and not must_equal[worst] else "")
+        + f"  case: {case!r}"
     )
 
 
@@ -184,19 +194,38 @@ def assert_matches(result: AttentionOutput, expected: AttentionOutput, bounds: A
     __tracebackhide__ = True
     allowed = case.allowed()
     fully_excluded = ~allowed.any(axis=-1)
-    assert_within("out", result.out, expected.out, bounds.out, case, exact=fully_excluded[..., None])
+    how = bounds.derivation
+    assert_within("out", result.out, expected.out, bounds.out, case, exact=fully_excluded[..., None], derivation=how)
     if result.weights is not None:
-        assert_within("weights", result.weights, expected.weights, bounds.weights, case, exact=~allowed)
+        assert_within("weights", result.weights, expected.weights, bounds.weights, case, exact=~allowed,
+                      derivation=how)
     if result.lse is not None:
-        assert_within("lse", result.lse, expected.lse, bounds.lse, case, exact=fully_excluded)
+        assert_within("lse", result.lse, expected.lse, bounds.lse, case, exact=fully_excluded, derivation=how)
+
+
+def assert_attention_close(actual: AttentionOutput | np.ndarray, case: AttentionCase, *,
+                           calibrated: bool = True) -> None:
+    """The tolerance rule: ``actual`` (an ``AttentionOutput`` of NumPy arrays, or the bare out array)
+    matches the float64 oracle of ``case``.
+
+    Elementwise within the bound of ``attention_ref.tolerance``: the calibrated rule for other
+    people's kernels (default) or, with ``calibrated=False``, the derived bound SPEC.md holds its own
+    backends to; exactly where SPEC.md fixes the value (excluded keys: weight 0; fully excluded rows:
+    out 0, weights 0, lse -inf). NaN never passes. Raises AssertionError showing the worst element,
+    its error, the bound and its derivation, and the case.
+    """
+    __tracebackhide__ = True
+    if not isinstance(actual, AttentionOutput):
+        actual = AttentionOutput(np.asarray(actual))
+    oracle = case.oracle()
+    assert_matches(actual, oracle, case.bounds(oracle=oracle, calibrated=calibrated), case)
 
 
 def assert_matches_oracle(impl: Any, case: AttentionCase, result: AttentionOutput | None = None) -> None:
-    """The results of ``impl`` (or ``result``) match the float64 oracle within the tolerance rule."""
+    """The results of ``impl`` (or ``result``) match the float64 oracle within ``impl``'s tolerance."""
     __tracebackhide__ = True
     result = full_results(impl, case) if result is None else result
-    oracle = case.oracle()
-    assert_matches(result, oracle, case.bounds(oracle=oracle), case)
+    assert_attention_close(result, case, calibrated=bool(getattr(impl, "calibrated_tolerance", False)))
 
 
 def assert_same_results(
@@ -210,7 +239,8 @@ def assert_same_results(
         if a is None or b is None:
             continue
         assert_within(f"{what}: {name}", a, b, 0.0 if bound is None else getattr(bound, name), case,
-                      exact=None if bound is not None else np.ones(b.shape, bool))
+                      exact=None if bound is not None else np.ones(b.shape, bool),
+                      derivation="" if bound is None else bound.derivation)
 
 
 def _broadcast_full(x: np.ndarray | None, shape: tuple[int, ...], fill: Any, dtype: Any) -> np.ndarray:
@@ -243,7 +273,7 @@ def matches_float64_oracle(impl: Any, case: AttentionCase) -> None:
 def weights_rows_sum_to_one(impl: Any, case: AttentionCase) -> None:
     """Each row of weights sums to 1, or is all 0 when the row is fully excluded."""
     result = full_results(impl, case)
-    bounds = case.bounds()
+    bounds = bounds_for(impl, case)
     attended = case.allowed().any(axis=-1)
     sums = np.asarray(result.weights, np.float64).sum(axis=-1)
     bound = bounds.weights.sum(axis=-1) + case.kv_len * UNIT_ROUNDOFF["float64"]
@@ -272,7 +302,7 @@ def excluded_keys_get_zero_weight(impl: Any, example: tuple[AttentionCase, int])
 def output_within_attended_values(impl: Any, case: AttentionCase) -> None:
     """Each output lies within the range of the attended v rows (per channel); fully excluded rows are 0."""
     result = full_results(impl, case)
-    bounds = case.bounds()
+    bounds = bounds_for(impl, case)
     allowed = case.allowed()[..., None]
     _, v = case.repeated_kv()
     v64 = np.asarray(v, np.float64)[..., None, :, :]
@@ -330,7 +360,7 @@ def neg_inf_bias_equals_mask(impl: Any, case: AttentionCase) -> None:
     bias64 = np.broadcast_to(np.asarray(case.bias, np.float64), case.logits_shape)
     mask = _broadcast_full(case.mask, case.logits_shape, True, bool) & (bias64 != -np.inf)
     masked = case.replace(mask=mask, bias=np.where(bias64 == -np.inf, 0.0, bias64).astype(case.bias.dtype))
-    bound = 2 * case.bounds()
+    bound = 2 * bounds_for(impl, case)
     assert_same_results(full_results(impl, case), full_results(impl, masked), bound, case, "-inf bias vs mask")
 
 
@@ -338,13 +368,16 @@ def neg_inf_bias_equals_mask(impl: Any, case: AttentionCase) -> None:
 
 
 def _distinct_head_dims(features: Features) -> st.SearchStrategy[Any] | None:
+    """Cases with E != Ev where the implementation allows them (else E = Ev)."""
     cases = feature_cases(features, scale=False, rank2=False, min_value_dim=1)
-    return None if cases is None else cases.filter(lambda c: c.head_dim != c.value_dim)
+    if cases is None or "value_dim" not in features:
+        return cases
+    return cases.filter(lambda c: c.head_dim != c.value_dim)
 
 
 @attention_property("default_scale_is_inverse_sqrt_head_dim", (3,), strategy=_distinct_head_dims)
 def default_scale_is_inverse_sqrt_head_dim(impl: Any, case: AttentionCase) -> None:
-    """scale=None gives the oracle's result for an explicit scale of 1/sqrt(E) (E != Ev)."""
+    """scale=None gives the oracle's result for an explicit scale of 1/sqrt(E) (E != Ev where allowed)."""
     explicit = case.replace(scale=1.0 / math.sqrt(case.head_dim))
     assert_matches_oracle(impl, explicit, full_results(impl, case))
 
@@ -358,7 +391,7 @@ def zero_scale_averages_attended_values(impl: Any, case: AttentionCase) -> None:
     _, v = case.repeated_kv()
     counts = allowed.sum(axis=-1, keepdims=True)
     mean = np.matmul(allowed / np.maximum(counts, 1), np.asarray(v, np.float64))
-    assert_within("out", result.out, mean, case.bounds().out, case, exact=(counts == 0))
+    assert_within("out", result.out, mean, bounds_for(impl, case).out, case, exact=(counts == 0))
 
 
 @attention_property("scale_is_homogeneous", (3,), cases={}, extra=(st.sampled_from((2.0, 4.0, -1.0, -2.0)),),
@@ -372,7 +405,7 @@ def scale_is_homogeneous(impl: Any, example: tuple[AttentionCase, float]) -> Non
     scale = case.resolved_scale
     first = case.replace(q=rounded_q, scale=scale)
     second = case.replace(scale=factor * scale)
-    assert_same_results(full_results(impl, first), full_results(impl, second), 2 * second.bounds(), second,
+    assert_same_results(full_results(impl, first), full_results(impl, second), 2 * bounds_for(impl, second), second,
                         f"q scaled by {factor}")
 
 
@@ -409,7 +442,7 @@ def large_scale_selects_extreme_key(impl: Any, example: tuple[AttentionCase, boo
     chosen = np.take_along_axis(np.asarray(v, np.float64),
                                 np.argmax(np.where(allowed, dots, -np.inf), axis=-1)[..., None], axis=-2)
     value_size = np.abs(np.asarray(v, np.float64)).max(axis=-2, keepdims=True, initial=0.0)
-    bound = case.bounds().out + 2 * case.kv_len * math.exp(-margin / 2) * value_size
+    bound = bounds_for(impl, case).out + 2 * case.kv_len * math.exp(-margin / 2) * value_size
     assert_within("out vs the extreme key's v", np.where(checked[..., None], result.out, 0),
                   np.where(checked[..., None], chosen, 0), bound, case)
 
@@ -440,7 +473,7 @@ def key_permutation_invariance(impl: Any, example: tuple[AttentionCase, int]) ->
     first, second = full_results(impl, case), full_results(impl, permuted)
     if second.weights is not None:
         second = second._replace(weights=np.take(second.weights, np.argsort(perm), axis=-1))
-    assert_same_results(first, second, 2 * case.bounds(), case, "keys permuted")
+    assert_same_results(first, second, 2 * bounds_for(impl, case), case, "keys permuted")
 
 
 @attention_property("query_permutation_equivariance", (1,), strategy=_causal_only_with_mask)
@@ -455,14 +488,14 @@ def query_permutation_equivariance(impl: Any, example: tuple[AttentionCase, int]
     inverse = np.argsort(perm)
     second = AttentionOutput(*(None if x is None else np.take(x, inverse, axis=axis)
                                for x, axis in zip(second, (-2, -2, -1))))
-    assert_same_results(first, second, 2 * case.bounds(), case, "queries permuted")
+    assert_same_results(first, second, 2 * bounds_for(impl, case), case, "queries permuted")
 
 
 @attention_property("batch_dims_equal_a_loop", (1,), cases=dict(min_batch_dims=1))
 def batch_dims_equal_a_loop(impl: Any, case: AttentionCase) -> None:
     """Extra leading batch dims give the same results as a loop over them."""
     full = full_results(impl, case)
-    bounds = 2 * case.bounds()
+    bounds = 2 * bounds_for(impl, case)
     mask = None if case.mask is None else np.broadcast_to(case.mask, case.logits_shape)
     bias = None if case.bias is None else np.broadcast_to(case.bias, case.logits_shape)
     for index in np.ndindex(*case.batch_shape):
@@ -484,7 +517,7 @@ def gqa_equals_repeated_kv_heads(impl: Any, case: AttentionCase) -> None:
     """Hq > Hkv equals repeating each kv head Hq/Hkv times (repeat_interleave order)."""
     k, v = case.repeated_kv()
     repeated = case.replace(k=k, v=v)
-    assert_same_results(full_results(impl, case), full_results(impl, repeated), 2 * case.bounds(), case,
+    assert_same_results(full_results(impl, case), full_results(impl, repeated), 2 * bounds_for(impl, case), case,
                         "GQA vs repeated kv heads")
 
 
@@ -503,7 +536,7 @@ def softcap_bounds_weight_ratios(impl: Any, example: tuple[AttentionCase, float]
     counts = allowed.sum(axis=-1, keepdims=True)
     floor = np.where(allowed, math.exp(-2 * cap) / np.maximum(counts, 1), 0.0)
     weights = np.asarray(result.weights, np.float64)
-    assert_within("attended weights vs exp(-2c)/n", np.minimum(weights, floor), floor, case.bounds().weights, case)
+    assert_within("attended weights vs exp(-2c)/n", np.minimum(weights, floor), floor, bounds_for(impl, case).weights, case)
 
 
 # ---- rule 5: bias ----------------------------------------------------------------------------------
@@ -521,7 +554,7 @@ def bias_row_constant_changes_nothing(impl: Any, example: tuple[AttentionCase, i
     rounding = UNIT_ROUNDOFF[case.bias.dtype.name] * np.where(
         allowed & np.isfinite(shifted_bias.astype(np.float64)), np.abs(shifted_bias.astype(np.float64)), 0
     ).max(axis=-1, initial=0.0)
-    bound_first, bound_second = case.bounds(), shifted.bounds(extra_logit_error=rounding)
+    bound_first, bound_second = bounds_for(impl, case), bounds_for(impl, shifted, extra_logit_error=rounding)
     first, second = full_results(impl, case), full_results(impl, shifted)
     for name in ("out", "weights"):
         if getattr(first, name) is not None:
@@ -536,7 +569,7 @@ def bias_row_constant_changes_nothing(impl: Any, example: tuple[AttentionCase, i
 def causal_equals_explicit_mask(impl: Any, case: AttentionCase) -> None:
     """causal=True (either alignment) equals the explicit mask j <= i (+ S - L for bottom_right)."""
     assert_same_results(full_results(impl, case), full_results(impl, case.with_causal_as_mask()),
-                        2 * case.bounds(), case, f"causal {case.alignment} vs explicit mask")
+                        2 * bounds_for(impl, case), case, f"causal {case.alignment} vs explicit mask")
 
 
 @attention_property("causal_ignores_future_keys", (7,), cases=dict(causal=True), extra=(_seeds,))
@@ -602,7 +635,7 @@ def result_types_and_dtypes(impl: Any, case: AttentionCase) -> None:
         for name, x, shape in (("weights", result.weights, case.logits_shape), ("lse", result.lse, case.logits_shape[:-1])):
             assert x.dtype == np.dtype(compute_dtype) and x.shape == shape, (
                 f"{name}: {x.dtype} {x.shape}, expected {compute_dtype} {shape}\n  case: {case!r}")
-        bounds = case.bounds(compute_dtype=compute_dtype, oracle=oracle)
+        bounds = bounds_for(impl, case, compute_dtype=compute_dtype, oracle=oracle)
         assert_within(f"weights with compute_dtype={compute_dtype}", result.weights, oracle.weights, bounds.weights,
                       case, exact=~case.allowed())
 
@@ -615,7 +648,7 @@ def weights_and_lse_agree_with_output(impl: Any, case: AttentionCase) -> None:
     """out = weights · v, and weights = exp(logits - lse) on attended keys."""
     result = full_results(impl, case)
     oracle = case.oracle()
-    bounds = case.bounds(oracle=oracle)
+    bounds = bounds_for(impl, case, oracle=oracle)
     _, v = case.repeated_kv()
     v64 = np.asarray(v, np.float64)
     weights = np.asarray(result.weights, np.float64)

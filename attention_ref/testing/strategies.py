@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
+from ..frameworks import numpy_dtype
 from ..validation import ALIGNMENTS, FLOATING_DTYPES
 from .cases import AttentionCase
 
@@ -26,8 +27,10 @@ DISTRIBUTIONS = ("normal", "uniform", "integers", "heavy_tailed", "sparse")
 QK_MAGNITUDES = (1e-3, 0.1, 1.0, 3.0, 10.0)
 
 
-#: Features a kernel may support (the ``supports`` of ``attention_ref.testing.check``).
-KERNEL_FEATURES = ("mask", "bias", "scale", "causal", "bottom_right", "gqa", "softcap", "lse", "weights")
+#: Features a kernel may support (the ``supports`` of ``attention_ref.testing.check``): keywords it
+#: takes, results it returns, and two shape features: ``gqa`` (Hq > Hkv) and ``value_dim`` (v's head
+#: dim Ev may differ from q's and k's E; without it cases have Ev = E).
+KERNEL_FEATURES = ("mask", "bias", "scale", "causal", "bottom_right", "gqa", "value_dim", "softcap", "lse", "weights")
 #: Further features of a full implementation of SPEC.md (our backends): inputs of any rank,
 #: ``compute_dtype``, and the spec's error messages.
 SPEC_FEATURES = (*KERNEL_FEATURES, "any_rank", "compute_dtype", "spec_errors")
@@ -68,17 +71,10 @@ def feature_cases(features: Features, **switches: Any) -> st.SearchStrategy[Atte
     if "any_rank" not in features:  # kernels: (B, H, L, E), masks and biases of rank >= 2, S > 128 at times
         switches.update(rank2=False, min_batch_dims=1, max_batch_dims=1, min_mask_rank=2)
         switches.setdefault("long_kv_len", 160)
+    if "value_dim" not in features:
+        switches["value_dim_equals_head_dim"] = True
     alignments = ALIGNMENTS if "bottom_right" in features else ("top_left",)
     return attention_cases(dtypes=features.dtypes, alignments=alignments, **switches)
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    """The NumPy dtype of a dtype name (bfloat16 through ml_dtypes)."""
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def random_values(rng: np.random.Generator, shape: tuple[int, ...], distribution: str, magnitude: float) -> np.ndarray:
@@ -131,6 +127,7 @@ def attention_cases(
     max_head_dim: int = 8,
     min_value_dim: int = 1,
     max_value_dim: int = 8,
+    value_dim_equals_head_dim: bool = False,
     mask: bool | None = None,
     min_mask_rank: int = 0,
     fully_masked_rows: bool | None = None,
@@ -146,7 +143,7 @@ def attention_cases(
 
     Shapes reach rank 2, up to ``max_batch_dims`` batch dims, ``Hq = Hkv * group`` with Hkv > 1
     and group > 1 (GQA; ``gqa=True`` forces group > 1, ``False`` group = 1), L and S from 0 and
-    either larger, E != Ev. ``mask``: a random boolean mask in a broadcast shape, with
+    either larger, E != Ev (unless ``value_dim_equals_head_dim``). ``mask``: a random boolean mask in a broadcast shape, with
     ``fully_masked_rows`` forced in some examples (mask and bias of rank at least
     ``min_mask_rank``); ``bias``: random values with ``-inf`` entries
     (``neg_inf_bias``); ``scale``: an explicit scale (zero and negative included) instead of the
@@ -169,7 +166,7 @@ def attention_cases(
     if long_kv_len is not None and draw(st.integers(0, 7)) == 0:  # several kernel tiles of 64 or 128 keys
         keys = draw(st.integers(129, long_kv_len))
     head_dim = draw(st.integers(1, max_head_dim))
-    value_dim = draw(st.integers(min_value_dim, max_value_dim))
+    value_dim = head_dim if value_dim_equals_head_dim else draw(st.integers(min_value_dim, max_value_dim))
 
     heads = () if use_rank2 else (hkv * group,)
     kv_heads = () if use_rank2 else (hkv,)
