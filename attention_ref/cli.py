@@ -31,6 +31,18 @@ def _parser() -> argparse.ArgumentParser:
                        help="what the kernel returns for a fully masked row (default: zero, the spec)")
     check.add_argument("--max-examples", type=int, default=100, metavar="N")
     check.add_argument("--seed", type=int, default=None)
+
+    cross = commands.add_parser(
+        "crosscheck", help="check every installed framework kernel (torch SDPA, jax.nn, flax nnx) against SPEC.md")
+    cross.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    cross.add_argument("--dtype", action="append", dest="dtypes", metavar="DTYPE",
+                       help="repeatable; default float32 on the CPU, float16 and bfloat16 and float32 on CUDA")
+    cross.add_argument("--target", action="append", dest="only", metavar="NAME",
+                       help="only targets whose name contains NAME (repeatable)")
+    cross.add_argument("--max-examples", type=int, default=10, metavar="N",
+                       help="Hypothesis examples per property and target (default 10)")
+    cross.add_argument("--seed", type=int, default=0, help="fix Hypothesis' random choices (default 0)")
+    cross.add_argument("--strict", action="store_true", help="exit 1 when any target fails a property")
     return parser
 
 
@@ -64,6 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                        name=args.target)
         print(result)
         return 0 if result.passed else 1
+    if args.command == "crosscheck":
+        from .testing.crosscheck import DEFAULT_DTYPES, crosscheck
+
+        report = crosscheck(device=args.device, dtypes=tuple(args.dtypes or DEFAULT_DTYPES[args.device]),
+                            max_examples=args.max_examples, seed=args.seed, only=tuple(args.only or ()),
+                            progress=lambda line: print(line, file=sys.stderr, flush=True))
+        print(report.render())
+        return 1 if args.strict and report.failed else 0
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

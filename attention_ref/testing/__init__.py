@@ -1,10 +1,11 @@
-"""Testing tools: attention cases, Hypothesis strategies, the conformance properties of SPEC.md and
-the catalogue of bad inputs. Needs the ``verify`` (or ``test``) extra: hypothesis and ml_dtypes."""
+"""Testing tools: attention cases, Hypothesis strategies, the conformance properties of SPEC.md, the
+tolerance rule (``assert_attention_close``), the catalogue of bad inputs, the kernel checker
+(``attention_ref.testing.check``) and the framework crosscheck (``attention_ref.testing.crosscheck``). Needs the ``verify`` (or ``test``) extra: hypothesis and ml_dtypes."""
 
 from .bad_inputs import BAD_INPUTS, BadInput, check_bad_inputs
 from .cases import AttentionCase, call
 from .profiles import register_profiles
-from .properties import PROPERTIES, Property, get_property, run_property
+from .properties import PROPERTIES, Property, assert_attention_close, get_property, run_property
 from .strategies import attention_cases
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "AttentionCase",
     "BadInput",
     "Property",
+    "assert_attention_close",
     "attention_cases",
     "call",
     "check_bad_inputs",

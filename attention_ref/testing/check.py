@@ -112,7 +112,10 @@ class KernelImplementation:
                              scale=scale, causal=causal, alignment=alignment, softcap=softcap)
         if self.layout == "blhd":
             q, k, v = (x.swapaxes(1, 2) for x in (q, k, v))
-        result = self.fn(q, k, v, **keywords)
+        try:
+            result = self.fn(q, k, v, **keywords)
+        except Exception as error:  # a kernel that refuses an input within its declared features fails
+            raise AssertionError(f"{self.name} raised {type(error).__name__}: {error}\n  case: {case!r}") from error
         out, weights, lse = result if isinstance(result, tuple) else (result, None, None)
         out, weights, lse = (None if x is None else self.to_numpy(x) for x in (out, weights, lse))
         if self.layout == "blhd":
@@ -196,6 +199,7 @@ class CheckReport:
 
     target: str
     outcomes: list[PropertyOutcome] = field(default_factory=list)
+    dtypes: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -215,10 +219,11 @@ class CheckReport:
 
 
 def describe_failure(error: BaseException) -> str:
-    """The first failure of a (possibly grouped) Hypothesis error, with its falsifying example."""
+    """The first failure of a (possibly grouped) Hypothesis error: its message, which shows the shrunk
+    case (in full when small; Hypothesis' own reprint of the example is left out)."""
     while getattr(error, "exceptions", None):
         error = error.exceptions[0]
-    return "\n".join([f"{type(error).__name__}: {error}", *getattr(error, "__notes__", [])])
+    return f"{type(error).__name__}: {error}"
 
 
 def check(
@@ -234,6 +239,7 @@ def check(
     name: str | None = None,
     fail_fast: bool = False,
     device: str | None = None,
+    few_shapes: bool = False,
 ) -> CheckReport:
     """Run every applicable property of SPEC.md against the kernel ``fn`` (see the module docstring
     for its calling convention) and report per property.
@@ -242,17 +248,19 @@ def check(
     declares its convention for fully excluded rows, which is verified wherever such rows occur, and
     a property that passed only given it reports "convention differs" with the evidence.
     ``device`` ("cuda", "gpu"...) places the inputs (default: the framework's default device).
+    ``few_shapes`` draws sizes from a small menu (``strategies.FEW_SHAPES``), for kernels that
+    compile once per shape.
     ``fail_fast`` stops at the first failing property (the rest are reported "not run")."""
     unknown = set(supports) - set(KERNEL_FEATURES)
     if unknown:
         raise ValueError(f"unknown supports {sorted(unknown)}; choose from {', '.join(KERNEL_FEATURES)}")
-    features = Features(frozenset(supports), tuple(dtypes))
+    features = Features(frozenset(supports), tuple(dtypes), few_shapes=few_shapes)
     impl = KernelImplementation(fn, framework=framework, features=features, layout=layout,
                                 fully_masked=fully_masked, name=name, device=device)
     run_settings = Settings(max_examples=max_examples, deadline=None, database=None, print_blob=True,
                             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
     report = CheckReport(f"{impl.name} ({framework}, {layout}, supports: {', '.join(supports) or 'none'}, "
-                         f"dtypes: {', '.join(dtypes)}, fully masked rows: {fully_masked})")
+                         f"dtypes: {', '.join(dtypes)}, fully masked rows: {fully_masked})", dtypes=tuple(dtypes))
     for prop in PROPERTIES:
         if fail_fast and not report.passed:
             report.outcomes.append(PropertyOutcome(prop.name, prop.rules, "not run"))

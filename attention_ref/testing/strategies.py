@@ -27,6 +27,10 @@ DISTRIBUTIONS = ("normal", "uniform", "integers", "heavy_tailed", "sparse")
 QK_MAGNITUDES = (1e-3, 0.1, 1.0, 3.0, 10.0)
 
 
+#: The sizes ``attention_cases(few_shapes=True)`` draws from: the corners (L = 1, L > S, L < S,
+#: several tiles, GQA, E != Ev) with few distinct shapes, for kernels compiled once per shape.
+FEW_SHAPES = {"batch": (1, 2), "heads": (1, 2), "length": (1, 5), "long": (130,), "head_dim": (3, 4)}
+
 #: Features a kernel may support (the ``supports`` of ``attention_ref.testing.check``): keywords it
 #: takes, results it returns, and two shape features: ``gqa`` (Hq > Hkv) and ``value_dim`` (v's head
 #: dim Ev may differ from q's and k's E; without it cases have Ev = E).
@@ -43,6 +47,8 @@ class Features:
 
     supports: frozenset[str] = field(default_factory=lambda: frozenset(SPEC_FEATURES))
     dtypes: tuple[str, ...] = FLOATING_DTYPES
+    #: Draw sizes from ``FEW_SHAPES`` (kernels that compile once per shape).
+    few_shapes: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.supports) - set(SPEC_FEATURES)
@@ -74,7 +80,7 @@ def feature_cases(features: Features, **switches: Any) -> st.SearchStrategy[Atte
     if "value_dim" not in features:
         switches["value_dim_equals_head_dim"] = True
     alignments = ALIGNMENTS if "bottom_right" in features else ("top_left",)
-    return attention_cases(dtypes=features.dtypes, alignments=alignments, **switches)
+    return attention_cases(dtypes=features.dtypes, alignments=alignments, few_shapes=features.few_shapes, **switches)
 
 
 def random_values(rng: np.random.Generator, shape: tuple[int, ...], distribution: str, magnitude: float) -> np.ndarray:
@@ -138,6 +144,7 @@ def attention_cases(
     alignments: tuple[str, ...] = ALIGNMENTS,
     softcap: bool | None = None,
     qk_magnitudes: tuple[float, ...] = QK_MAGNITUDES,
+    few_shapes: bool = False,
 ) -> AttentionCase:
     """Draw an ``AttentionCase``.
 
@@ -149,7 +156,15 @@ def attention_cases(
     (``neg_inf_bias``); ``scale``: an explicit scale (zero and negative included) instead of the
     default; ``causal`` with a drawn alignment; ``softcap``. With ``long_kv_len``, S is drawn from
     129 to ``long_kv_len`` in about one example in eight (several tiles of a tiled kernel).
+    ``few_shapes`` draws every size from the small menu ``FEW_SHAPES`` (within the bounds), for
+    kernels that compile once per shape.
     """
+
+    def size(low: int, high: int, kind: str) -> st.SearchStrategy[int]:
+        if not few_shapes:
+            return st.integers(low, high)
+        return st.sampled_from([n for n in FEW_SHAPES[kind] if low <= n <= high] or [low])
+
     dtype = draw(st.sampled_from(dtypes))
     # Rank 2 in about one example in six: it cannot reach GQA or batch dims.
     use_rank2 = draw(st.integers(0, 5)) == 0 if rank2 is None else rank2
@@ -158,15 +173,15 @@ def attention_cases(
     if use_rank2:
         lead, hkv, group = (), 1, 1
     else:
-        lead = tuple(draw(st.lists(st.integers(1, max_batch_size), min_size=min_batch_dims, max_size=max_batch_dims)))
-        hkv = draw(st.integers(1, max_kv_heads))
-        group = 1 if gqa is False else draw(st.integers(2 if gqa else 1, max_group_size))
-    length = draw(st.integers(min_q_len, max_q_len))
-    keys = draw(st.integers(min_kv_len, max_kv_len))
+        lead = tuple(draw(st.lists(size(1, max_batch_size, "batch"), min_size=min_batch_dims, max_size=max_batch_dims)))
+        hkv = draw(size(1, max_kv_heads, "heads"))
+        group = 1 if gqa is False else draw(size(2 if gqa else 1, max_group_size, "heads"))
+    length = draw(size(min_q_len, max_q_len, "length"))
+    keys = draw(size(min_kv_len, max_kv_len, "length"))
     if long_kv_len is not None and draw(st.integers(0, 7)) == 0:  # several kernel tiles of 64 or 128 keys
-        keys = draw(st.integers(129, long_kv_len))
-    head_dim = draw(st.integers(1, max_head_dim))
-    value_dim = head_dim if value_dim_equals_head_dim else draw(st.integers(min_value_dim, max_value_dim))
+        keys = draw(size(129, long_kv_len, "long"))
+    head_dim = draw(size(1, max_head_dim, "head_dim"))
+    value_dim = head_dim if value_dim_equals_head_dim else draw(size(min_value_dim, max_value_dim, "head_dim"))
 
     heads = () if use_rank2 else (hkv * group,)
     kv_heads = () if use_rank2 else (hkv,)

@@ -1,0 +1,108 @@
+"""``attention-ref crosscheck``: every installed framework kernel against SPEC.md, as one matrix.
+
+Each built-in target of ``attention_ref.testing.adapters`` is run through ``check`` with its
+declared features and conventions. The matrix has one row per property and one column per target;
+a cell is ``pass``, ``FAIL``, ``differs [n]`` (passed given the declared convention [n], which was
+exercised and verified) or ``n/a`` (the target lacks a feature the property needs). Under the
+matrix: each target's declared conventions, the evidence for every "differs" and the shrunk
+failing case of every FAIL.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .adapters import Target, available_targets
+from .check import CheckReport, check
+from .properties import PROPERTIES
+
+#: The dtypes checked by default: float32 on the CPU (under two minutes), half precision too on CUDA.
+DEFAULT_DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16", "float32")}
+
+_CELLS = {"pass": "pass", "FAIL": "FAIL", "n/a": "n/a", "not run": "-"}
+
+
+@dataclass
+class CrosscheckReport:
+    """Per target, its ``CheckReport`` and the seconds it took."""
+
+    device: str
+    results: list[tuple[Target, CheckReport, float]] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return sum(o.status == "FAIL" for _, report, _ in self.results for o in report.outcomes)
+
+    def render(self) -> str:
+        if not self.results:
+            return f"crosscheck on {self.device}: no framework kernel is installed (pip install torch, jax or flax)"
+        footnotes: list[str] = []
+        columns: list[dict[str, str]] = []
+        for _, report, _ in self.results:
+            cells = {}
+            for outcome in report.outcomes:
+                if outcome.status == "convention differs":
+                    convention = re.sub(r" \(verified on \d+ rows\)", "", outcome.detail)
+                    if convention not in footnotes:
+                        footnotes.append(convention)
+                    cells[outcome.name] = f"differs [{footnotes.index(convention) + 1}]"
+                else:
+                    cells[outcome.name] = _CELLS[outcome.status]
+            columns.append(cells)
+        names = [target.name for target, _, _ in self.results]
+        widths = [max(len(name), 12) for name in names]
+        first = max(len(p.name) for p in PROPERTIES)
+        lines = [f"crosscheck on {self.device}: {len(names)} framework kernels against SPEC.md", "",
+                 "  ".join(["property".ljust(first), *(n.ljust(w) for n, w in zip(names, widths))])]
+        for prop in PROPERTIES:
+            row = [cells.get(prop.name, "n/a").ljust(w) for cells, w in zip(columns, widths)]
+            lines.append("  ".join([prop.name.ljust(first), *row]).rstrip())
+        lines += ["", "Declared conventions (verified where exercised):"]
+        lines += [f"  [{i}] {text}" for i, text in enumerate(footnotes, 1)]
+        for target, report, seconds in self.results:
+            counted = [o for o in report.outcomes if o.status not in ("n/a", "not run")]
+            failed = sum(o.status == "FAIL" for o in counted)
+            lines += ["", f"{target.name} ({target.framework}, {target.layout}, dtypes {', '.join(report.dtypes)}; "
+                          f"{len(counted) - failed} passed, {failed} failed, {seconds:.1f} s)",
+                      f"  supports: {', '.join(target.supports)}"]
+            lines += [f"  note: {note}" for note in target.notes]
+            for outcome in report.outcomes:
+                if outcome.status == "FAIL":
+                    detail = "\n".join("    " + line for line in outcome.detail.splitlines())
+                    lines += [f"  FAIL {outcome.name}:", detail]
+        cells = [o.status for _, report, _ in self.results for o in report.outcomes]
+        lines += ["", f"{cells.count('pass')} passed, {cells.count('convention differs')} convention differs, "
+                      f"{cells.count('FAIL')} failed"]
+        return "\n".join(lines)
+
+
+def crosscheck(
+    *,
+    device: str = "cpu",
+    dtypes: Sequence[str] | None = None,
+    max_examples: int = 10,
+    seed: int | None = 0,
+    only: Sequence[str] = (),
+    progress: Callable[[str], None] | None = None,
+) -> CrosscheckReport:
+    """Check every built-in target available on ``device`` ("cpu" or "cuda"), in each of ``dtypes``
+    it supports (default: all it supports), ``max_examples`` per property. ``only`` keeps the
+    targets whose name contains one of its strings; ``progress`` receives a line per target."""
+    report = CrosscheckReport(device)
+    for target in available_targets(device):
+        if only and not any(part in target.name for part in only):
+            continue
+        chosen = tuple(d for d in target.dtypes if dtypes is None or d in dtypes)
+        if not chosen:
+            continue
+        if progress is not None:
+            progress(f"checking {target.name} ({', '.join(chosen)}) ...")
+        start = time.perf_counter()
+        result = check(target.kernel, framework=target.framework, supports=target.supports, layout=target.layout,
+                       dtypes=chosen, fully_masked=target.fully_masked, max_examples=max_examples, seed=seed,
+                       name=target.name, device=target.device, few_shapes=target.few_shapes)
+        report.results.append((target, result, time.perf_counter() - start))
+    return report

@@ -1,0 +1,95 @@
+"""The framework kernels through the checker: torch SDPA and jax.nn pass (with their declared
+conventions), a declared convention is verified rather than assumed, torch's CPU flash kernel is
+flagged for its one bug, and ``attention-ref crosscheck`` prints the matrix."""
+
+from __future__ import annotations
+
+import pytest
+
+from attention_ref.cli import main
+from attention_ref.testing.adapters import available_targets, flax_nnx, jax_nn, torch_sdpa
+from attention_ref.testing.check import check
+
+from .conftest import import_or_skip
+
+HALF_AND_SINGLE = ("float32", "float16", "bfloat16")
+SDPA_FEATURES = ("mask", "bias", "scale", "causal", "gqa", "value_dim")
+JAX_FEATURES = ("mask", "bias", "scale", "causal", "gqa", "lse")
+
+
+def statuses(report) -> dict[str, str]:
+    return {o.name: o.status for o in report.outcomes}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_torch_sdpa_math_passes_in_every_cpu_dtype(seed: int) -> None:
+    import_or_skip("torch")
+    report = check(torch_sdpa("MATH"), framework="torch", supports=SDPA_FEATURES, dtypes=HALF_AND_SINGLE,
+                   seed=seed, max_examples=50)
+    assert report.passed, str(report)
+    assert "convention differs" not in statuses(report).values()
+
+
+def test_torch_cpu_flash_passes_without_scale() -> None:
+    import_or_skip("torch")
+    features = tuple(f for f in SDPA_FEATURES if f not in ("scale", "value_dim"))
+    report = check(torch_sdpa("FLASH_ATTENTION"), framework="torch", supports=features, dtypes=HALF_AND_SINGLE,
+                   seed=0, max_examples=50)
+    assert report.passed, str(report)
+
+
+def test_torch_cpu_flash_nan_with_causal_and_nonpositive_scale_is_flagged() -> None:
+    """torch 2.13's CPU flash kernel: with is_causal and scale <= 0, rows with a causally excluded
+    key are NaN (the math backend is right). The shrunk case must show exactly that."""
+    import_or_skip("torch")
+    features = tuple(f for f in SDPA_FEATURES if f != "value_dim")
+    report = check(torch_sdpa("FLASH_ATTENTION"), framework="torch", supports=features, seed=0, max_examples=25)
+    failure = next(o for o in report.outcomes if o.name == "matches_float64_oracle")
+    assert failure.status == "FAIL" and "nan" in failure.detail and "causal=True" in failure.detail
+    scale = float(failure.detail.split("scale=")[1].split(",")[0].removeprefix("np.float64(").rstrip(")"))
+    assert scale <= 0, failure.detail
+
+
+def test_jax_nn_passes_with_its_declared_convention() -> None:
+    import_or_skip("jax")
+    report = check(jax_nn("xla"), framework="jax", supports=JAX_FEATURES, layout="blhd", fully_masked="mean_v",
+                   seed=0, max_examples=8, few_shapes=True)
+    assert report.passed, str(report)
+    fully_masked = next(o for o in report.outcomes if o.name == "fully_excluded_rows_are_zero")
+    assert fully_masked.status == "convention differs" and "mean(v)" in fully_masked.detail
+
+
+def test_jax_nn_fails_when_declared_as_the_spec() -> None:
+    """The convention is verified, not assumed: declared "zero", jax.nn's mean(v) rows fail."""
+    import_or_skip("jax")
+    report = check(jax_nn("xla"), framework="jax", supports=("mask",), layout="blhd", seed=0, max_examples=15,
+                   few_shapes=True, fail_fast=True)
+    failure = next(o for o in report.outcomes if o.status == "FAIL")
+    assert "expected np.float64(0.0) exactly" in failure.detail, failure.detail
+
+
+def test_flax_nnx_passes_with_its_declared_convention() -> None:
+    import_or_skip("flax")
+    report = check(flax_nnx, framework="jax", supports=("mask", "bias", "causal", "gqa"), layout="blhd",
+                   fully_masked="mean_v", seed=0, max_examples=5, few_shapes=True)
+    assert report.passed, str(report)
+
+
+def test_targets_are_listed_per_installed_framework() -> None:
+    import_or_skip("torch")
+    names = [t.name for t in available_targets("cpu")]
+    assert "torch.sdpa[MATH]" in names and "torch.sdpa[FLASH_ATTENTION]" in names
+    with pytest.raises(ValueError, match="device"):
+        available_targets("tpu")
+
+
+def test_cli_crosscheck_prints_the_matrix(capsys: pytest.CaptureFixture[str]) -> None:
+    import_or_skip("torch")
+    status = main(["crosscheck", "--target", "torch.sdpa[", "--max-examples", "5"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    header = next(line for line in out.splitlines() if line.startswith("property"))
+    assert "torch.sdpa[MATH]" in header and "torch.sdpa[FLASH_ATTENTION]" in header
+    assert out.splitlines()[-1].endswith("failed")
+    strict = main(["crosscheck", "--target", "torch.sdpa[FLASH", "--max-examples", "25", "--strict"])
+    assert strict == 1  # the CPU flash kernel's NaN bug
