@@ -49,6 +49,19 @@ def test_correct_kernel_passes(kernel, layout: str, seed: int) -> None:
     assert statuses["matches_float64_oracle"] == "pass" and statuses["bad_inputs_raise_the_spec_errors"] == "n/a"
 
 
+@pytest.mark.parametrize("backend", ["numpy", "jax", "torch"])
+def test_our_backends_pass_as_kernels(backend: str) -> None:
+    """Each of our backends, seen as someone else's kernel, passes (calibrated rule, every dtype)."""
+    import_or_skip(backend)
+    implementation = ar.get_backend(backend)
+
+    def kernel(q, k, v, **keywords):
+        return implementation.attention(q, k, v, **keywords)
+
+    report = check(kernel, framework=backend, supports=KERNEL_FEATURES, dtypes=ALL_DTYPES, max_examples=15, seed=0)
+    assert report.passed, str(report)
+
+
 def test_declared_fully_masked_convention() -> None:
     supports = ("mask", "causal", "bottom_right")
     declared = check(nan_on_fully_masked_rows, framework="torch", supports=supports, fully_masked="nan",

@@ -21,11 +21,11 @@ def statuses(report) -> dict[str, str]:
     return {o.name: o.status for o in report.outcomes}
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_torch_sdpa_math_passes_in_every_cpu_dtype(seed: int) -> None:
     import_or_skip("torch")
     report = check(torch_sdpa("MATH"), framework="torch", supports=SDPA_FEATURES, dtypes=HALF_AND_SINGLE,
-                   seed=seed, max_examples=50)
+                   seed=seed, max_examples=40)
     assert report.passed, str(report)
     assert "convention differs" not in statuses(report).values()
 
@@ -53,7 +53,7 @@ def test_torch_cpu_flash_nan_with_causal_and_nonpositive_scale_is_flagged() -> N
 def test_jax_nn_passes_with_its_declared_convention() -> None:
     import_or_skip("jax")
     report = check(jax_nn("xla"), framework="jax", supports=JAX_FEATURES, layout="blhd", fully_masked="mean_v",
-                   seed=0, max_examples=8, few_shapes=True)
+                   seed=0, max_examples=6, few_shapes=True)
     assert report.passed, str(report)
     fully_masked = next(o for o in report.outcomes if o.name == "fully_excluded_rows_are_zero")
     assert fully_masked.status == "convention differs" and "mean(v)" in fully_masked.detail
@@ -85,11 +85,11 @@ def test_targets_are_listed_per_installed_framework() -> None:
 
 def test_cli_crosscheck_prints_the_matrix(capsys: pytest.CaptureFixture[str]) -> None:
     import_or_skip("torch")
-    status = main(["crosscheck", "--target", "torch.sdpa[", "--max-examples", "5"])
+    status = main(["crosscheck", "--target", "torch.sdpa[", "--max-examples", "3"])
     out = capsys.readouterr().out
     assert status == 0, out
     header = next(line for line in out.splitlines() if line.startswith("property"))
     assert "torch.sdpa[MATH]" in header and "torch.sdpa[FLASH_ATTENTION]" in header
     assert out.splitlines()[-1].endswith("failed")
-    strict = main(["crosscheck", "--target", "torch.sdpa[FLASH", "--max-examples", "25", "--strict"])
+    strict = main(["crosscheck", "--target", "torch.sdpa[FLASH", "--max-examples", "10", "--strict"])
     assert strict == 1  # the CPU flash kernel's NaN bug
