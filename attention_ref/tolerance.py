@@ -32,7 +32,7 @@ Positions that SPEC.md fixes exactly (excluded keys: weight 0; fully excluded ro
 **The calibrated rule, for other people's kernels** (``calibrated_error_bounds``). The derived bound
 holds for any implementation that computes as SPEC.md says (float32 for half-precision inputs). Real
 kernels may keep some intermediates in the input dtype (jax.nn rounds the probabilities to it
-before P·V and returns lse in it; flax softmaxes in it). For them the bound is self-calibrating, as
+before P·V and returns lse in it; flax linen softmaxes in it). For them the bound is self-calibrating, as
 FlashAttention's and PyTorch's own tests are: per element, the larger of the derived bound and
 
     ``factor * (e_baseline + u_in * size)``
@@ -40,11 +40,16 @@ FlashAttention's and PyTorch's own tests are: per element, the larger of the der
 where ``e_baseline`` is the largest error, against the same float64 oracle, of the *same-dtype
 baseline*: the textbook algorithm with every stored intermediate (logits, capped logits, biased
 logits, shifted logits, exponentials, their sum, weights, out, lse) rounded to the input dtype and
-every dot product and sum accumulated exactly (FlashAttention's ``upcast=False`` reference, with
-the float32 accumulation of a GPU matmul); a baseline that overflows the input dtype calibrates
-nothing (its error counts as 0). ``u_in * size`` is the floor: one rounding to the input
-dtype of the quantity that feeds the element (``max |v|`` of the row's attended keys for out,
-``p`` for weights, ``|lse|`` for lse), the size of FlashAttention-3's ``fwd_atol``. ``factor`` is
+every dot product and sum accumulated exactly (in the spirit of FlashAttention's ``upcast=False``
+reference, whose matmuls accumulate in float32; here the softmax steps are rounded too). Rows where
+the baseline overflows the input dtype calibrate nothing. For out and lse ``e_baseline`` is the
+largest absolute error; for weights it is the largest *relative* error over weights of normal size
+in the input dtype, times the weight, plus that dtype's smallest normal number (attended keys
+only), so that a row's
+weight bounds sum to a small multiple of its weights (row sums and ``out = weights · v`` stay
+tight). ``u_in * size`` is the floor: one rounding to the input dtype of the quantity that feeds
+the element (``max |v|`` of the row's attended keys for out, ``p`` for weights, ``|lse|`` for
+lse), the size of FlashAttention-3's ``fwd_atol``. ``factor`` is
 2, FlashAttention's forward rule ("at most twice the numerical error of a PyTorch implementation"),
 and 3 with a softcap, FlashAttention's softcap rule (a tanh adds one more rounding of the logits
 per key). The baseline's error is a maximum over the whole result, as in FlashAttention's and
@@ -184,6 +189,11 @@ def _value_size(v64: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     return np.where(allowed[..., None], np.abs(v64)[..., None, :, :], 0.0).max(axis=-2, initial=0.0)
 
 
+def _largest(errors: np.ndarray, where: np.ndarray) -> float:
+    """The largest of ``errors`` where ``where`` holds (0 if nowhere)."""
+    return float(np.where(where, errors, 0.0).max(initial=0.0))
+
+
 def same_dtype_baseline(
     q: np.ndarray,
     k: np.ndarray,
@@ -245,21 +255,24 @@ def calibrated_error_bounds(
     dtype). Arguments as for ``error_bounds``."""
     allowed = np.asarray(allowed, dtype=bool)
     baseline = same_dtype_baseline(q, k, v, allowed=allowed, bias=bias, scale=scale, softcap=softcap, dtype=dtype)
-    expected = tuple(np.asarray(x, np.float64) for x in (expected_out, expected_weights, expected_lse))
-    errors = []
-    for got, want in zip(baseline, expected):
-        with np.errstate(invalid="ignore"):
-            error = np.where(np.isfinite(want), np.abs(got - want), 0.0)  # infinities are compared exactly
-        largest = float(error.max(initial=0.0))
-        # A baseline that overflows the input dtype (NaN or inf) calibrates nothing.
-        errors.append(largest if math.isfinite(largest) else 0.0)
+    out_base, weights_base, lse_base = baseline
+    want_out, want_weights, want_lse = (np.asarray(x, np.float64) for x in (expected_out, expected_weights,
+                                                                            expected_lse))
+    u_in, tiny_in = UNIT_ROUNDOFF[dtype], SMALLEST_NORMAL[dtype]
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        # Rows where the baseline overflowed (NaN or inf) calibrate nothing; infinities are compared exactly.
+        out_error = _largest(np.abs(out_base - want_out), np.isfinite(want_out) & np.isfinite(out_base))
+        lse_error = _largest(np.abs(lse_base - want_lse), np.isfinite(want_lse) & np.isfinite(lse_base))
+        # Weights: a relative error (per weight of normal size in the input dtype), so that sums of
+        # weight bounds over a row stay proportional to the row's weights.
+        normal = allowed & (want_weights >= tiny_in) & np.isfinite(weights_base)
+        weights_error = _largest(np.abs(weights_base - want_weights) / want_weights, normal)
     factor = BASELINE_FACTOR if softcap is None else BASELINE_FACTOR_SOFTCAP
-    u_in = UNIT_ROUNDOFF[dtype]
-    sizes = (_value_size(np.asarray(v, np.float64), allowed), np.abs(expected[1]),
-             np.where(np.isfinite(expected[2]), np.abs(expected[2]), 0.0))
-    out, weights, lse = (np.maximum(bound, factor * (error + u_in * size))
-                         for bound, error, size in zip((derived.out, derived.weights, derived.lse), errors, sizes))
+    value_size = _value_size(np.asarray(v, np.float64), allowed)
+    out = np.maximum(derived.out, factor * (out_error + u_in * value_size))
+    weights = np.maximum(derived.weights, np.where(allowed, factor * ((weights_error + u_in) * want_weights + tiny_in), 0))
+    lse = np.maximum(derived.lse, factor * (lse_error + u_in * np.where(np.isfinite(want_lse), np.abs(want_lse), 0.0)))
     derivation = (f"max of [{derived.derivation}] and {factor} × (largest error of the same-dtype {dtype} "
-                  f"baseline: out {errors[0]:.3g}, weights {errors[1]:.3g}, lse {errors[2]:.3g}; "
+                  f"baseline: out {out_error:.3g}, weights {weights_error:.3g} relative, lse {lse_error:.3g}; "
                   f"+ u_{dtype} × size)")
     return ErrorBounds(out, weights, lse, derivation)

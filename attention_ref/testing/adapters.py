@@ -12,7 +12,7 @@ Targets (``available_targets(device)``), each only when its framework is install
   backend with ``torch.nn.attention.sdpa_kernel``: on the CPU ``MATH`` and ``FLASH_ATTENTION`` (the
   CPU flash kernel); on CUDA also ``EFFICIENT_ATTENTION`` and ``CUDNN_ATTENTION``.
 * ``torch.sdpa causal_lower_right``: causal through ``torch.nn.attention.bias.causal_lower_right``
-  (bottom_right) and ``causal_upper_left`` (top_left), the math backend.
+  (bottom_right) and ``causal_upper_left`` (top_left), with torch's own backend dispatch.
 * ``jax.nn.dot_product_attention[xla]`` (and ``[cudnn]`` on a GPU): layout (B, L, H, E); a fully
   masked row gives mean(v) (a finite mask fill).
 * ``flax.nnx.dot_product_attention``: the same conventions, no scale keyword.

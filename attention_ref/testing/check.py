@@ -10,7 +10,8 @@ and an output ``(B, L, Hq, Ev)``), called only with the SPEC.md keywords its ``s
 ``mask``, ``bias``, ``scale``, ``causal`` (and ``alignment`` with ``bottom_right``), ``softcap``,
 ``return_weights`` (``weights``) and ``return_lse`` (``lse``). It returns ``out``, or
 ``(out, weights, lse)`` when a return flag is passed (weights ``(B, Hq, L, S)``; lse ``(B, Hq, L)``,
-``(B, L, Hq)`` with ``layout="blhd"``).
+``(B, L, Hq)`` with ``layout="blhd"``). A declared ``fully_masked`` convention other than "zero"
+is checked on out; see ``FULLY_MASKED_EVIDENCE``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .properties import PROPERTIES, run_property
 from .strategies import KERNEL_FEATURES, Features
 
 LAYOUTS = ("bhld", "blhd")
-#: What a kernel returns for a fully excluded row: SPEC.md's zeros, NaN, the mean of all v rows
+#: What a kernel returns for a fully excluded row: SPEC.md's zeros, NaN, the mean of the row's masked v rows
 #: (jax.nn's finite fill), or "skip" to leave those rows out of every comparison.
 FULLY_MASKED_CONVENTIONS = ("zero", "nan", "mean_v", "skip")
 
@@ -141,7 +142,7 @@ class KernelImplementation:
                     f"fully excluded rows: the declared convention is {FULLY_MASKED_EVIDENCE[self.fully_masked]}; "
                     f"got {got[tuple(worst)]!r}, expected {expected[tuple(worst)]!r} within {bound[tuple(worst)]:.3g}"
                     f"\n  case: {case!r}")
-        self.observed[FULLY_MASKED_EVIDENCE[self.fully_masked]] += int(rows.sum())
+        self.observed[FULLY_MASKED_EVIDENCE[self.fully_masked]] += int(rows.sum())  # out verified (or skipped)
         out[rows] = 0
         weights, lse = result.weights, result.lse
         if weights is not None:
@@ -176,12 +177,13 @@ def _fully_masked_expectation(case: AttentionCase, convention: str, rows: np.nda
     return mean[rows], bound[rows]
 
 
-#: The evidence line of each fully-masked convention, as reports print it.
+#: The evidence line of each fully-masked convention, as reports print it (with the number of rows).
+#: Only out is verified; the weights and lse of those rows are set to SPEC.md's values unchecked.
 FULLY_MASKED_EVIDENCE = {
-    "nan": "fully excluded rows give NaN",
-    "mean_v": "fully excluded rows give mean(v) over their masked keys (a finite mask fill; NaN when a -inf "
-              "bias alone excludes the row)",
-    "skip": "fully excluded rows are not compared (declared)",
+    "nan": "fully excluded rows: out is NaN (out verified; weights and lse of those rows not compared)",
+    "mean_v": "fully excluded rows: out is mean(v) over the row's masked keys, a finite mask fill (NaN when a "
+              "-inf bias alone excludes the row; out verified; weights and lse of those rows not compared)",
+    "skip": "fully excluded rows: not compared at all (declared skip, NOT verified)",
 }
 
 
@@ -220,10 +222,13 @@ class CheckReport:
 
 def describe_failure(error: BaseException) -> str:
     """The first failure of a (possibly grouped) Hypothesis error: its message, which shows the shrunk
-    case (in full when small; Hypothesis' own reprint of the example is left out)."""
+    case (in full when small), the other values drawn with it, and Hypothesis' reproduction line;
+    Hypothesis' long reprint of the example is left out."""
     while getattr(error, "exceptions", None):
         error = error.exceptions[0]
-    return f"{type(error).__name__}: {error}"
+    notes = [note for note in getattr(error, "__notes__", [])
+             if note.startswith("drawn with the case") or "reproduce_failure" in note]
+    return "\n".join([f"{type(error).__name__}: {error}", *notes])
 
 
 def check(
@@ -275,7 +280,7 @@ def check(
             report.outcomes.append(PropertyOutcome(prop.name, prop.rules, "FAIL", describe_failure(error)))
         else:
             if impl.observed:  # passed given a declared convention, which was exercised and verified
-                evidence = "\n".join(f"{what} (verified on {count} rows)" for what, count in impl.observed.items())
+                evidence = "\n".join(f"{what} [{count} rows]" for what, count in impl.observed.items())
                 report.outcomes.append(PropertyOutcome(prop.name, prop.rules, "convention differs", evidence))
             else:
                 report.outcomes.append(PropertyOutcome(prop.name, prop.rules, "pass"))

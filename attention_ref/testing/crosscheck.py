@@ -45,7 +45,7 @@ class CrosscheckReport:
             cells = {}
             for outcome in report.outcomes:
                 if outcome.status == "convention differs":
-                    convention = re.sub(r" \(verified on \d+ rows\)", "", outcome.detail)
+                    convention = re.sub(r" \[\d+ rows\]", "", outcome.detail)
                     if convention not in footnotes:
                         footnotes.append(convention)
                     cells[outcome.name] = f"differs [{footnotes.index(convention) + 1}]"
@@ -60,7 +60,7 @@ class CrosscheckReport:
         for prop in PROPERTIES:
             row = [cells.get(prop.name, "n/a").ljust(w) for cells, w in zip(columns, widths)]
             lines.append("  ".join([prop.name.ljust(first), *row]).rstrip())
-        lines += ["", "Declared conventions (verified where exercised):"]
+        lines += ["", "Declared conventions (exercised by the property):"]
         lines += [f"  [{i}] {text}" for i, text in enumerate(footnotes, 1)]
         for target, report, seconds in self.results:
             counted = [o for o in report.outcomes if o.status not in ("n/a", "not run")]

@@ -111,7 +111,12 @@ def run_property(
         return
 
     def test(example: Any) -> None:
-        prop.check(impl, example)
+        try:
+            prop.check(impl, example)
+        except AssertionError as error:
+            if isinstance(example, tuple) and len(example) > 1:  # the case's messages show the case only
+                error.add_note(f"drawn with the case: {example[1:]!r}")
+            raise
 
     # Distinct Hypothesis database keys per property and implementation.
     test._hypothesis_internal_add_digest = f"{prop.name}:{getattr(impl, 'name', impl)}".encode()  # type: ignore[attr-defined]
