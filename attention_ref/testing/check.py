@@ -222,12 +222,11 @@ class CheckReport:
 
 def describe_failure(error: BaseException) -> str:
     """The first failure of a (possibly grouped) Hypothesis error: its message, which shows the shrunk
-    case (in full when small), the other values drawn with it, and Hypothesis' reproduction line;
-    Hypothesis' long reprint of the example is left out."""
+    case (in full when small) and the other values drawn with it; Hypothesis' long reprint of the
+    example is left out (``check`` with the same seed reproduces the run)."""
     while getattr(error, "exceptions", None):
         error = error.exceptions[0]
-    notes = [note for note in getattr(error, "__notes__", [])
-             if note.startswith("drawn with the case") or "reproduce_failure" in note]
+    notes = [note for note in getattr(error, "__notes__", []) if note.startswith("drawn with the case")]
     return "\n".join([f"{type(error).__name__}: {error}", *notes])
 
 
@@ -265,7 +264,8 @@ def check(
     run_settings = Settings(max_examples=max_examples, deadline=None, database=None, print_blob=True,
                             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
     report = CheckReport(f"{impl.name} ({framework}, {layout}, supports: {', '.join(supports) or 'none'}, "
-                         f"dtypes: {', '.join(dtypes)}, fully masked rows: {fully_masked})", dtypes=tuple(dtypes))
+                         f"dtypes: {', '.join(dtypes)}, fully masked rows: {fully_masked}, "
+                         f"{max_examples} examples, seed {seed})", dtypes=tuple(dtypes))
     for prop in PROPERTIES:
         if fail_fast and not report.passed:
             report.outcomes.append(PropertyOutcome(prop.name, prop.rules, "not run"))
