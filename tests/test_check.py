@@ -39,7 +39,7 @@ def inverted_mask(q, k, v, *, mask=None, **keywords):
     return torch_kernel(q, k, v, mask=None if mask is None else ~mask, **keywords)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])
 @pytest.mark.parametrize("kernel, layout", [(torch_kernel, "bhld"), (torch_kernel_blhd, "blhd")])
 def test_correct_kernel_passes(kernel, layout: str, seed: int) -> None:
     report = check(kernel, framework="torch", supports=KERNEL_FEATURES, layout=layout, dtypes=ALL_DTYPES,
@@ -74,7 +74,7 @@ def test_declared_fully_masked_convention() -> None:
 
 
 def test_bug_is_reported_with_a_shrunk_case() -> None:
-    report = check(inverted_mask, framework="torch", supports=("mask",), max_examples=25, seed=0)
+    report = check(inverted_mask, framework="torch", supports=("mask",), max_examples=10, seed=0)
     assert not report.passed
     failure = next(o for o in report.outcomes if o.name == "matches_float64_oracle")
     assert failure.status == "FAIL" and "AttentionCase(" in failure.detail

@@ -23,11 +23,10 @@ def statuses(report) -> dict[str, str]:
     return {o.name: o.status for o in report.outcomes}
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_torch_sdpa_math_passes_in_every_cpu_dtype(seed: int) -> None:
+def test_torch_sdpa_math_passes_in_every_cpu_dtype() -> None:
     import_or_skip("torch")
     report = check(torch_sdpa("MATH"), framework="torch", supports=SDPA_FEATURES, dtypes=HALF_AND_SINGLE,
-                   seed=seed, max_examples=40)
+                   seed=0, max_examples=50)
     assert report.passed, str(report)
     assert "convention differs" not in statuses(report).values()
 
@@ -87,11 +86,12 @@ def test_targets_are_listed_per_installed_framework() -> None:
 
 def test_cli_crosscheck_prints_the_matrix(capsys: pytest.CaptureFixture[str]) -> None:
     import_or_skip("torch")
-    status = main(["crosscheck", "--target", "torch.sdpa[", "--max-examples", "3"])
+    import_or_skip("jax")
+    status = main(["crosscheck", "--target", "torch.sdpa[MATH]", "--target", "jax.nn", "--max-examples", "2"])
     out = capsys.readouterr().out
     assert status == 0, out
     header = next(line for line in out.splitlines() if line.startswith("property"))
-    assert "torch.sdpa[MATH]" in header and "torch.sdpa[FLASH_ATTENTION]" in header
+    assert "torch.sdpa[MATH]" in header and "jax.nn.dot_product_attention[xla]" in header
     assert re.fullmatch(r"\d+ passed, \d+ convention differs, \d+ failed", out.splitlines()[-1])
     strict = main(["crosscheck", "--target", "torch.sdpa[FLASH", "--max-examples", "10", "--strict"])
     assert strict == 1  # the CPU flash kernel's NaN bug
