@@ -159,7 +159,7 @@ def error_bounds(
     else:
         bias64 = np.broadcast_to(np.asarray(bias, dtype=np.float64), allowed.shape)
         bias_size = np.where(allowed & np.isfinite(bias64), np.abs(bias64), 0.0).max(axis=-1, initial=0.0)
-    value_size = _value_size(v64, allowed)
+    values = value_size(v64, allowed)
 
     head_dim, keys = q64.shape[-1], k64.shape[-2]
     row = dict(dot_size=dot_size, bias_size=bias_size, softcap=softcap, head_dim=head_dim, keys=keys,
@@ -173,7 +173,7 @@ def error_bounds(
     finite_lse = np.where(np.isfinite(expected_lse), np.abs(expected_lse), 0.0)
     for u in (UNIT_ROUNDOFF[compute_dtype], UNIT_ROUNDOFF["float64"]):
         delta, eta, rho = _row_error(u, **row)
-        compute_out_error = compute_out_error + (rho + keys * u * (1 + rho))[..., None] * value_size
+        compute_out_error = compute_out_error + (rho + keys * u * (1 + rho))[..., None] * values
         weights_bound = weights_bound + rho[..., None] * np.asarray(expected_weights, np.float64)
         lse_bound = lse_bound + delta + eta + max(keys - 1, 0) * u + (TRANSCENDENTAL_ERROR + 1) * u * finite_lse
     # Rounding y (the compute-dtype result) to the output dtype: |rnd(y) - x| <= u_out |x| + (1 + u_out) |y - x|.
@@ -184,7 +184,7 @@ def error_bounds(
                                   "(attention_ref/tolerance.py)")
 
 
-def _value_size(v64: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+def value_size(v64: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """``max_j |v_jc|`` over the attended keys j, per row r and channel c: ``(..., L, Ev)``."""
     return np.where(allowed[..., None], np.abs(v64)[..., None, :, :], 0.0).max(axis=-2, initial=0.0)
 
@@ -268,8 +268,8 @@ def calibrated_error_bounds(
         normal = allowed & (want_weights >= tiny_in) & np.isfinite(weights_base)
         weights_error = _largest(np.abs(weights_base - want_weights) / want_weights, normal)
     factor = BASELINE_FACTOR if softcap is None else BASELINE_FACTOR_SOFTCAP
-    value_size = _value_size(np.asarray(v, np.float64), allowed)
-    out = np.maximum(derived.out, factor * (out_error + u_in * value_size))
+    values = value_size(np.asarray(v, np.float64), allowed)
+    out = np.maximum(derived.out, factor * (out_error + u_in * values))
     weights = np.maximum(derived.weights, np.where(allowed, factor * ((weights_error + u_in) * want_weights + tiny_in), 0))
     lse = np.maximum(derived.lse, factor * (lse_error + u_in * np.where(np.isfinite(want_lse), np.abs(want_lse), 0.0)))
     derivation = (f"max of [{derived.derivation}] and {factor} × (largest error of the same-dtype {dtype} "

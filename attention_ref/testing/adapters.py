@@ -120,6 +120,8 @@ def torch_sdpa_causal_variants(q: Any, k: Any, v: Any, *, scale: Any = None, cau
 def _torch_targets(device: str) -> list[Target]:
     import torch
 
+    if device != "cpu" and not torch.cuda.is_available():
+        return []
     full = ("mask", "bias", "scale", "causal", "gqa", "value_dim")
     notes_zero = ("fully masked rows: 0 (torch's _safe_softmax), as SPEC.md",
                   "adapter: bias and mask passed as one float attn_mask (-inf where masked); causal folded into "
@@ -149,8 +151,6 @@ def _torch_targets(device: str) -> list[Target]:
         ("scale", "causal", "bottom_right", "gqa", "value_dim"), device=device,
         notes=("causal as torch.nn.attention.bias.causal_lower_right (bottom_right) / causal_upper_left "
                "(top_left); no other mask, since a CausalBias cannot be combined with one",)))
-    if device != "cpu" and not torch.cuda.is_available():
-        return []
     return targets
 
 

@@ -27,7 +27,7 @@ from hypothesis import settings as Settings
 
 from ..registry import get_backend
 from ..result import AttentionOutput
-from ..tolerance import UNIT_ROUNDOFF
+from ..tolerance import UNIT_ROUNDOFF, value_size
 from .cases import AttentionCase
 from .properties import PROPERTIES, run_property
 from .strategies import KERNEL_FEATURES, Features
@@ -172,7 +172,7 @@ def _fully_masked_expectation(case: AttentionCase, convention: str, rows: np.nda
     counts = filled.sum(axis=-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(counts > 0, np.matmul(filled / np.maximum(counts, 1), v64), np.nan if case.kv_len else 0.0)
-    size = np.where(filled[..., None], np.abs(v64)[..., None, :, :], 0.0).max(axis=-2, initial=0.0)
+    size = value_size(v64, filled)
     bound = (2 * UNIT_ROUNDOFF[case.dtype] + case.kv_len * UNIT_ROUNDOFF["float32"]) * size
     return mean[rows], bound[rows]
 
