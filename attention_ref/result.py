@@ -1,4 +1,5 @@
-"""The result type of ``attention`` when weights or lse are requested (SPEC.md rule 11)."""
+"""The result types: ``attention`` with weights or lse requested (SPEC.md rule 11), and
+``attention_vjp`` (rule 14)."""
 
 from __future__ import annotations
 
@@ -12,3 +13,13 @@ class AttentionOutput(NamedTuple):
     out: Any
     weights: Any = None
     lse: Any = None
+
+
+class Gradients(NamedTuple):
+    """``dq``, ``dk``, ``dv`` in the shapes and dtype of q, k, v; ``dbias`` in bias's shape and dtype,
+    or None when the call had no bias."""
+
+    dq: Any
+    dk: Any
+    dv: Any
+    dbias: Any = None

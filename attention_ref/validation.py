@@ -52,6 +52,12 @@ class AttentionPlan:
     has_bias: bool
     return_weights: bool
     return_lse: bool
+    #: ``window=(left, right)``; None for an unbounded side (rule 7).
+    window_left: int | None = None
+    window_right: int | None = None
+    #: Dropout probability and whether a keep-mask was given (rule 13).
+    dropout_p: float = 0.0
+    has_dropout_mask: bool = False
 
     @property
     def group_size(self) -> int:
@@ -62,6 +68,21 @@ class AttentionPlan:
     def causal_offset(self) -> int:
         """Query i may attend key j iff ``j <= i + causal_offset`` under causal (rule 7)."""
         return 0 if self.alignment == "top_left" else self.kv_len - self.q_len
+
+    @property
+    def key_range(self) -> tuple[int | None, int | None]:
+        """``(low, high)``: query i may attend key j only if ``i + low <= j <= i + high`` (rule 7,
+        causal and window combined; None for an unbounded side)."""
+        offset = self.causal_offset
+        low = None if self.window_left is None else offset - self.window_left
+        rights = [r for r in (self.window_right, 0 if self.causal else None) if r is not None]
+        high = offset + min(rights) if rights else None
+        return low, high
+
+    @property
+    def dropout_scale(self) -> float:
+        """``1 / (1 - dropout_p)``, the factor kept probabilities are multiplied by (rule 13)."""
+        return 1.0 / (1.0 - self.dropout_p)
 
     @property
     def heads_shape(self) -> tuple[int, ...]:
@@ -176,6 +197,39 @@ def _check_frameworks(arrays: dict[str, Any], backend_framework: str | None) -> 
     return framework
 
 
+def _check_window(window: Any) -> tuple[int | None, int | None]:
+    if window is None:
+        return None, None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be None or a pair (left, right) of ints >= 0 or None, got {window!r}")
+    sides = []
+    for side, value in zip(("left", "right"), window):
+        if value is None:
+            sides.append(None)
+            continue
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"window {side} must be an int >= 0 or None, got {value!r}")
+        if value < 0:
+            raise ValueError(
+                f"window {side} must be >= 0 or None (unbounded), got {value!r}; "
+                "FlashAttention's -1 is None here"
+            )
+        sides.append(int(value))
+    return sides[0], sides[1]
+
+
+def _check_dropout(dropout_p: Any, dropout_mask: Any) -> float:
+    p = _check_real("dropout_p", dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if p > 0 and dropout_mask is None:
+        raise ValueError(
+            f"dropout_p={dropout_p!r} needs an explicit boolean dropout_mask (True = keep); "
+            "make one with attention_ref.dropout_mask(shape, p, seed)"
+        )
+    return p
+
+
 def validate_attention_args(
     q: Any,
     k: Any,
@@ -187,6 +241,9 @@ def validate_attention_args(
     causal: Any = False,
     alignment: Any = "top_left",
     softcap: Any = None,
+    window: Any = None,
+    dropout_p: Any = 0.0,
+    dropout_mask: Any = None,
     return_weights: Any = False,
     return_lse: Any = False,
     compute_dtype: Any = None,
@@ -199,7 +256,7 @@ def validate_attention_args(
     message names the argument and, for shapes, the shapes involved.
     """
     framework = _check_frameworks(
-        {"q": q, "k": k, "v": v, "mask": mask, "bias": bias}, backend_framework
+        {"q": q, "k": k, "v": v, "mask": mask, "bias": bias, "dropout_mask": dropout_mask}, backend_framework
     )
 
     dtypes = {name: dtype_name(x) for name, x in (("q", q), ("k", k), ("v", v))}
@@ -240,7 +297,7 @@ def validate_attention_args(
         raise ValueError(f"the head dim E must be at least 1, got {shapes}")
 
     logits_shape = (*q_shape[:-2], q_shape[-2], k_shape[-2])
-    for name, x, wanted in (("mask", mask, "bool"), ("bias", bias, "floating")):
+    for name, x in (("mask", mask), ("bias", bias), ("dropout_mask", dropout_mask)):
         if x is None:
             continue
         x_dtype = dtype_name(x)
@@ -249,6 +306,8 @@ def validate_attention_args(
                 f"mask must be boolean (True = may attend), got {x_dtype}; "
                 "pass additive masks as bias"
             )
+        if name == "dropout_mask" and x_dtype != "bool":
+            raise TypeError(f"dropout_mask must be boolean (True = keep), got {x_dtype}")
         if name == "bias" and x_dtype not in FLOATING_DTYPES:
             hint = "; pass boolean masks as mask" if x_dtype == "bool" else ""
             raise TypeError(
@@ -266,7 +325,7 @@ def validate_attention_args(
             "bias is float64 but the compute dtype is float32, which would round it; "
             "pass compute_dtype='float64' or a float32 (or narrower) bias"
         )
-    _check_devices({"q": q, "k": k, "v": v, "mask": mask, "bias": bias})
+    _check_devices({"q": q, "k": k, "v": v, "mask": mask, "bias": bias, "dropout_mask": dropout_mask})
 
     resolved_scale = (
         1.0 / math.sqrt(q_shape[-1]) if scale is None else _check_real("scale", scale)
@@ -280,6 +339,8 @@ def validate_attention_args(
     causal = _check_flag("causal", causal)
     if not isinstance(alignment, str) or alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
+    window_left, window_right = _check_window(window)
+    resolved_dropout_p = _check_dropout(dropout_p, dropout_mask)
     return_weights = _check_flag("return_weights", return_weights)
     return_lse = _check_flag("return_lse", return_lse)
 
@@ -303,4 +364,29 @@ def validate_attention_args(
         has_bias=bias is not None,
         return_weights=return_weights,
         return_lse=return_lse,
+        window_left=window_left,
+        window_right=window_right,
+        dropout_p=resolved_dropout_p,
+        has_dropout_mask=dropout_mask is not None,
     )
+
+
+def validate_vjp_args(q: Any, k: Any, v: Any, d_out: Any, **kwargs: Any) -> AttentionPlan:
+    """``validate_attention_args`` for ``attention_vjp`` (no return flags), then ``d_out``: an array
+    of the same framework, dtype and device as q, of the output's shape ``(..., Hq, L, Ev)``."""
+    for flag in ("return_weights", "return_lse"):
+        if flag in kwargs:
+            raise TypeError(f"attention_vjp takes no {flag}: it returns the gradients")
+    plan = validate_attention_args(q, k, v, **kwargs)
+    if framework_of(d_out) != plan.framework:
+        got = framework_of(d_out) or type(d_out).__name__
+        raise TypeError(f"d_out must be a {plan.framework} array like q, got {got}")
+    if dtype_name(d_out) != plan.dtype:
+        raise TypeError(f"d_out must have the dtype of q ({plan.dtype}), got {dtype_name(d_out)}")
+    if shape_of(d_out) != plan.out_shape:
+        raise ValueError(
+            f"d_out must have the output's shape (..., Hq, L, Ev) = {_fmt(plan.out_shape)}, "
+            f"got {_fmt(shape_of(d_out))}"
+        )
+    _check_devices({"q": q, "d_out": d_out})
+    return plan

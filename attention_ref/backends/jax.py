@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..validation import AttentionPlan
-from .base import Backend
+from .base import Backend, reduce_to_shape
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -47,19 +47,25 @@ def _grouped_attention(
     v5: jax.Array,
     mask5: jax.Array | None,
     bias5: jax.Array | None,
+    keep5: jax.Array | None,
     scale: jax.Array,
     softcap: jax.Array | None,
-    causal_offset: jax.Array | None,
+    dropout_scale: jax.Array | None,
+    key_low: jax.Array | int | None,
+    key_high: jax.Array | int | None,
     kv_valid: jax.Array | None,
     *,
     compute_dtype: str,
     out_dtype: str,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """SPEC.md on grouped arrays: q5 ``(B, Hkv, G, L, E)``, k5 ``(B, Hkv, 1, S, E)``,
-    v5 ``(B, Hkv, 1, S, Ev)``; mask5/bias5 broadcastable to ``(B, Hkv, G, L, S)``.
+    v5 ``(B, Hkv, 1, S, Ev)``; mask5, bias5 and keep5 (dropout keep-mask) broadcastable to
+    ``(B, Hkv, G, L, S)``.
 
-    ``causal_offset`` None means not causal; ``kv_valid`` None means every key is real, else keys
-    ``j >= kv_valid`` are padding and excluded.
+    Query i may attend key j only if ``key_low <= j - i <= key_high`` (None: unbounded; causal and
+    window combined, ``AttentionPlan.key_range``); ``kv_valid`` None means every key is real, else
+    keys ``j >= kv_valid`` are padding and excluded. Differentiable: the row max is a constant for
+    autodiff (the softmax does not depend on it), so excluded keys get exactly zero gradient.
     """
     compute = jnp.dtype(compute_dtype)
     length, keys = q5.shape[-2], k5.shape[-2]
@@ -76,13 +82,16 @@ def _grouped_attention(
     if mask5 is not None:
         allowed = allowed & mask5
     key_index = jnp.arange(keys)
-    if causal_offset is not None:
-        allowed = allowed & (key_index <= jnp.arange(length)[:, None] + causal_offset)
+    key_minus_query = key_index - jnp.arange(length)[:, None]
+    if key_low is not None:
+        allowed = allowed & (key_minus_query >= key_low)
+    if key_high is not None:
+        allowed = allowed & (key_minus_query <= key_high)
     if kv_valid is not None:
         allowed = allowed & (key_index < kv_valid)
 
     masked = jnp.where(allowed, logits, -jnp.inf)
-    row_max = jnp.max(masked, axis=-1, keepdims=True, initial=-jnp.inf)
+    row_max = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True, initial=-jnp.inf))
     row_max = jnp.where(row_max == -jnp.inf, 0, row_max)
     unnormalized = jnp.exp(masked - row_max)
     denominator = unnormalized.sum(axis=-1, keepdims=True)
@@ -91,43 +100,79 @@ def _grouped_attention(
     weights = unnormalized / safe_denominator
     lse = jnp.where(fully_excluded, -jnp.inf, row_max + jnp.log(safe_denominator))[..., 0]
 
-    out = jnp.matmul(weights, v5, precision=_HIGHEST).astype(out_dtype)
+    dropped = weights
+    if keep5 is not None:
+        dropped = weights * jnp.where(keep5, dropout_scale.astype(compute), jnp.zeros((), compute))
+    out = jnp.matmul(dropped, v5, precision=_HIGHEST).astype(out_dtype)
     return out, weights, lse
 
 
 _grouped_attention_jit = jax.jit(_grouped_attention, static_argnames=("compute_dtype", "out_dtype"))
 
 
-@partial(jax.jit, static_argnames=("plan",))
-def _direct_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    mask: jax.Array | None,
-    bias: jax.Array | None,
-    scale: jax.Array,
-    softcap: jax.Array | None,
-    *,
+@partial(jax.jit, static_argnames=("compute_dtype", "out_dtype"))
+def _grouped_attention_vjp(
+    q5: jax.Array, k5: jax.Array, v5: jax.Array, mask5: jax.Array, bias5: jax.Array, keep5: jax.Array,
+    scale: jax.Array, softcap: jax.Array | None, dropout_scale: jax.Array, key_low: jax.Array,
+    key_high: jax.Array, kv_valid: jax.Array, d_out: jax.Array, *, compute_dtype: str, out_dtype: str,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(dq5, dk5, dv5, dbias5)`` of ``_grouped_attention`` for the cotangent d_out (padded layout)."""
+
+    def forward(q5: jax.Array, k5: jax.Array, v5: jax.Array, bias5: jax.Array) -> jax.Array:
+        return _grouped_attention(q5, k5, v5, mask5, bias5, keep5, scale, softcap, dropout_scale, key_low,
+                                  key_high, kv_valid, compute_dtype=compute_dtype, out_dtype=out_dtype)[0]
+
+    _, pullback = jax.vjp(forward, q5, k5, v5, bias5)
+    return pullback(d_out)
+
+
+def _direct_forward(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, bias: jax.Array | None,
+    dropout_mask: jax.Array | None, scale: jax.Array, softcap: jax.Array | None, dropout_scale: jax.Array,
     plan: AttentionPlan,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The unpadded program for one plan (its scale and softcap values are traced, not static)."""
+    """The unpadded computation for one plan (its scale, softcap and dropout scale come traced)."""
     lead, hkv, group = plan.batch_shape, plan.num_kv_heads, plan.group_size
     grouped = (*lead, hkv, group, plan.q_len, plan.kv_len)
     q5 = q.reshape(*lead, hkv, group, plan.q_len, plan.head_dim)
     k5 = k.reshape(*lead, hkv, 1, plan.kv_len, plan.head_dim)
     v5 = v.reshape(*lead, hkv, 1, plan.kv_len, plan.value_dim)
-    mask5 = None if mask is None else jnp.broadcast_to(mask, plan.logits_shape).reshape(grouped)
-    bias5 = None if bias is None else jnp.broadcast_to(bias, plan.logits_shape).reshape(grouped)
-    offset = plan.causal_offset if plan.causal else None
+
+    def grouped_view(x: jax.Array | None) -> jax.Array | None:
+        return None if x is None else jnp.broadcast_to(x, plan.logits_shape).reshape(grouped)
+
+    low, high = plan.key_range
     out, weights, lse = _grouped_attention(
-        q5, k5, v5, mask5, bias5, scale, softcap, offset, None,
-        compute_dtype=plan.compute_dtype, out_dtype=plan.dtype,
+        q5, k5, v5, grouped_view(mask), grouped_view(bias), grouped_view(dropout_mask), scale, softcap,
+        dropout_scale, low, high, None, compute_dtype=plan.compute_dtype, out_dtype=plan.dtype,
     )
-    return (
-        out.reshape(plan.out_shape),
-        weights.reshape(plan.logits_shape) if plan.return_weights else None,
-        lse.reshape(plan.lse_shape) if plan.return_lse else None,
-    )
+    return out.reshape(plan.out_shape), weights.reshape(plan.logits_shape), lse.reshape(plan.lse_shape)
+
+
+@partial(jax.jit, static_argnames=("plan",))
+def _direct_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, bias: jax.Array | None,
+    dropout_mask: jax.Array | None, scale: jax.Array, softcap: jax.Array | None, dropout_scale: jax.Array, *,
+    plan: AttentionPlan,
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """The unpadded program for one plan."""
+    out, weights, lse = _direct_forward(q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale, plan)
+    return out, weights if plan.return_weights else None, lse if plan.return_lse else None
+
+
+@partial(jax.jit, static_argnames=("plan",))
+def _direct_attention_vjp(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, bias: jax.Array | None,
+    dropout_mask: jax.Array | None, scale: jax.Array, softcap: jax.Array | None, dropout_scale: jax.Array,
+    d_out: jax.Array, *, plan: AttentionPlan,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """jax.vjp of the unpadded program: ``(dq, dk, dv, dbias)``."""
+
+    def forward(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None) -> jax.Array:
+        return _direct_forward(q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale, plan)[0]
+
+    _, pullback = jax.vjp(forward, q, k, v, bias)
+    return pullback(d_out)
 
 
 def _bucket(n: int, minimum: int = 1) -> int:
@@ -151,17 +196,34 @@ class JaxBackend(Backend):
         self.bucket_shapes = bucket_shapes
 
     def _attention(
-        self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any
+        self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any
     ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
         with self._precision_scope(plan):
-            if self._uses_buckets(plan, (q, k, v, mask, bias)):
-                return self._bucketed(plan, q, k, v, mask, bias)
-            compute = np.dtype(plan.compute_dtype)
-            static_plan = dataclasses.replace(plan, scale=0.0, softcap=None if plan.softcap is None else 0.0)
-            softcap = None if plan.softcap is None else np.asarray(plan.softcap, compute)
-            return _direct_attention(
-                q, k, v, mask, bias, np.asarray(plan.scale, compute), softcap, plan=static_plan
-            )
+            if self._uses_buckets(plan, (q, k, v, mask, bias, dropout_mask)):
+                return self._bucketed(plan, q, k, v, mask, bias, dropout_mask)
+            return _direct_attention(q, k, v, mask, bias, dropout_mask, *self._traced_scalars(plan),
+                                     plan=self._static_plan(plan))
+
+    def _attention_vjp(
+        self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any, d_out: Any
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+        with self._precision_scope(plan):
+            if self._uses_buckets(plan, (q, k, v, mask, bias, dropout_mask, d_out)):
+                return self._bucketed(plan, q, k, v, mask, bias, dropout_mask, d_out=d_out)
+            return _direct_attention_vjp(q, k, v, mask, bias, dropout_mask, *self._traced_scalars(plan), d_out,
+                                         plan=self._static_plan(plan))
+
+    @staticmethod
+    def _traced_scalars(plan: AttentionPlan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """scale, softcap and dropout scale as compute-dtype arrays: traced, not compiled in."""
+        compute = np.dtype(plan.compute_dtype)
+        softcap = None if plan.softcap is None else np.asarray(plan.softcap, compute)
+        return np.asarray(plan.scale, compute), softcap, np.asarray(plan.dropout_scale, compute)
+
+    @staticmethod
+    def _static_plan(plan: AttentionPlan) -> AttentionPlan:
+        """The plan with its traced values zeroed, so that one program serves them all."""
+        return dataclasses.replace(plan, scale=0.0, softcap=None if plan.softcap is None else 0.0, dropout_p=0.0)
 
     @staticmethod
     def _precision_scope(plan: AttentionPlan) -> contextlib.AbstractContextManager[Any]:
@@ -190,10 +252,17 @@ class JaxBackend(Backend):
         )
 
     def _bucketed(
-        self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any,
+        d_out: Any = None,
+    ) -> tuple[jax.Array, ...]:
         """Pad on the host to ``(rows, L, S)`` buckets, one head per row (kv heads repeated), inputs
-        widened to the compute dtype; run the bucket's program; cut and round the results."""
+        widened to the compute dtype; run the bucket's program; cut and round the results.
+
+        With ``d_out``, run the bucket's vjp instead and return ``(dq, dk, dv, dbias)``: padded
+        rows, queries and channels get zero cotangents, padded keys zero weight, so the padding adds
+        exact zeros; the gradients of repeated kv heads are summed over their query heads on the
+        host in the compute dtype.
+        """
         compute = np.dtype(plan.compute_dtype)
         rows = math.prod(plan.batch_shape) * plan.num_q_heads
         length, keys, group = plan.q_len, plan.kv_len, plan.group_size
@@ -212,33 +281,59 @@ class JaxBackend(Backend):
         v3 = _pad_to(per_head(v, plan.value_dim, group), (rows_b, keys_b, ev_b))
         per_row = (rows, length, keys)
         padded_logits = (rows_b, length_b, keys_b)
-        mask3 = np.ones((), bool) if mask is None else np.asarray(mask)
-        mask3 = _pad_to(np.broadcast_to(mask3, plan.logits_shape).reshape(per_row), padded_logits, False)
-        bias3 = np.zeros((), compute) if bias is None else np.asarray(bias).astype(compute)
-        bias3 = _pad_to(np.broadcast_to(bias3, plan.logits_shape).reshape(per_row), padded_logits)
 
-        # Not causal: an offset of keys_b never excludes a key.
-        offset = plan.causal_offset if plan.causal else keys_b
+        def per_row_padded(x: Any, default: Any, fill: Any) -> np.ndarray:
+            x = np.asarray(default) if x is None else np.asarray(x)
+            return _pad_to(np.broadcast_to(x, plan.logits_shape).reshape(per_row), padded_logits, fill)
+
+        mask3 = per_row_padded(mask, np.ones((), bool), False)
+        bias3 = per_row_padded(None if bias is None else np.asarray(bias).astype(compute), np.zeros((), compute), 0)
+        keep3 = per_row_padded(dropout_mask, np.ones((), bool), False)
+
+        # Bounds that exclude nothing stand in for an unbounded side: -L_b <= j - i <= S_b always holds.
+        low, high = plan.key_range
+        scale, softcap, dropout_scale = self._traced_scalars(plan)
         device = next(iter(q.devices()))
-        out, weights, lse = _grouped_attention_jit(
-            *(jax.device_put(x[None, :, None], device) for x in (q3, k3, v3, mask3, bias3)),
-            np.asarray(plan.scale, compute),
-            None if plan.softcap is None else np.asarray(plan.softcap, compute),
-            np.asarray(offset, np.int32),
+        arguments = (
+            *(jax.device_put(x[None, :, None], device) for x in (q3, k3, v3, mask3, bias3, keep3)),
+            scale, softcap, dropout_scale,
+            np.asarray(-length_b if low is None else low, np.int32),
+            np.asarray(keys_b if high is None else high, np.int32),
             np.asarray(keys, np.int32),
-            compute_dtype=plan.compute_dtype,
-            out_dtype=plan.compute_dtype,
         )
+        dtypes = dict(compute_dtype=plan.compute_dtype, out_dtype=plan.compute_dtype)
 
         def cut(x: jax.Array, shape: tuple[int, ...], final: tuple[int, ...], dtype: Any) -> jax.Array:
             x = np.asarray(x)[0, :, 0][tuple(slice(0, n) for n in shape)]
             return jax.device_put(np.ascontiguousarray(x).reshape(final).astype(dtype), device)
 
+        if d_out is None:
+            out, weights, lse = _grouped_attention_jit(*arguments, **dtypes)
+            return (
+                # The cast to the input dtype rounds to nearest even, as XLA's convert does.
+                cut(out, (rows, length, plan.value_dim), plan.out_shape, q.dtype),
+                cut(weights, per_row, plan.logits_shape, compute) if plan.return_weights else None,
+                cut(lse, per_row[:-1], plan.lse_shape, compute) if plan.return_lse else None,
+            )
+
+        d_out3 = _pad_to(per_head(d_out, plan.value_dim), (rows_b, length_b, ev_b))
+        dq, dk, dv, dbias = _grouped_attention_vjp(*arguments, jax.device_put(d_out3[None, :, None], device),
+                                                   **dtypes)
+        kv_heads = (*plan.batch_shape, plan.num_kv_heads, group)
+
+        def summed_over_group(x: jax.Array, last: int, like: Any) -> jax.Array:
+            x = np.asarray(x)[0, :rows, 0, :keys, :last].reshape(*kv_heads, keys, last).sum(axis=-3)
+            return jax.device_put(x.reshape(like.shape).astype(like.dtype), device)
+
+        d_bias = None
+        if bias is not None:
+            full = np.asarray(dbias)[0, :rows, 0, :length, :keys].reshape(plan.logits_shape)
+            d_bias = jax.device_put(reduce_to_shape(full, bias.shape).astype(bias.dtype), device)
         return (
-            # The cast to the input dtype rounds to nearest even, as XLA's convert does.
-            cut(out, (rows, length, plan.value_dim), plan.out_shape, q.dtype),
-            cut(weights, per_row, plan.logits_shape, compute) if plan.return_weights else None,
-            cut(lse, per_row[:-1], plan.lse_shape, compute) if plan.return_lse else None,
+            cut(dq, (rows, length, plan.head_dim), q.shape, q.dtype),
+            summed_over_group(dk, plan.head_dim, k),
+            summed_over_group(dv, plan.value_dim, v),
+            d_bias,
         )
 
     def asarray(self, x: np.ndarray) -> jax.Array:

@@ -38,14 +38,27 @@ class TorchBackend(Backend):
     framework = "torch"
 
     def _attention(
-        self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any
+        self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with ieee_float32_matmul(q.device):
-            return self._compute(plan, q, k, v, mask, bias)
+            return self._compute(plan, q, k, v, mask, bias, dropout_mask)
+
+    def _attention_vjp(
+        self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any, d_out: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """torch.autograd through the forward pass (inputs detached, so the caller's graph is untouched)."""
+        inputs = [x.detach().requires_grad_() for x in (q, k, v)]
+        if bias is not None:
+            inputs.append(bias.detach().requires_grad_())
+        with ieee_float32_matmul(q.device), torch.enable_grad():
+            out = self._compute(plan, *inputs[:3], mask, inputs[3] if bias is not None else None, dropout_mask)[0]
+            grads = torch.autograd.grad(out, inputs, d_out, allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+        return grads[0], grads[1], grads[2], grads[3] if bias is not None else None
 
     @staticmethod
     def _compute(
-        plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any
+        plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         compute = getattr(torch, plan.compute_dtype)
         device = q.device
@@ -69,14 +82,16 @@ class TorchBackend(Backend):
         allowed = logits != -torch.inf
         if mask is not None:
             allowed = allowed & mask.broadcast_to(plan.logits_shape).reshape(grouped)
-        if plan.causal:
-            key_index = torch.arange(keys, device=device)
-            query_index = torch.arange(length, device=device)[:, None]
-            allowed = allowed & (key_index <= query_index + plan.causal_offset)
+        low, high = plan.key_range
+        key_minus_query = torch.arange(keys, device=device) - torch.arange(length, device=device)[:, None]
+        if low is not None:
+            allowed = allowed & (key_minus_query >= low)
+        if high is not None:
+            allowed = allowed & (key_minus_query <= high)
 
         masked = logits.masked_fill(~allowed, -torch.inf)
         if keys:
-            row_max = masked.amax(dim=-1, keepdim=True)
+            row_max = masked.detach().amax(dim=-1, keepdim=True)  # softmax does not depend on it
         else:
             row_max = masked.new_full((*grouped[:-1], 1), -torch.inf)
         row_max = row_max.masked_fill(row_max == -torch.inf, 0)
@@ -87,7 +102,12 @@ class TorchBackend(Backend):
         weights = unnormalized / safe_denominator
         lse = (row_max + torch.log(safe_denominator)).masked_fill(fully_excluded, -torch.inf)
 
-        out = torch.matmul(weights.reshape(*lead, hkv, group * length, keys), v4).to(q.dtype)
+        dropped = weights
+        if dropout_mask is not None:
+            keep = dropout_mask.broadcast_to(plan.logits_shape).reshape(grouped)
+            dropped = weights * torch.where(keep, torch.tensor(plan.dropout_scale, dtype=compute, device=device),
+                                            torch.tensor(0, dtype=compute, device=device))
+        out = torch.matmul(dropped.reshape(*lead, hkv, group * length, keys), v4).to(q.dtype)
         return (
             out.reshape(plan.out_shape),
             weights.reshape(plan.logits_shape),
