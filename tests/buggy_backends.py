@@ -19,10 +19,10 @@ class ScaleFromValueDim(NumpyBackend):
 
     name = "scale_from_value_dim"
 
-    def _attention(self, plan: AttentionPlan, q, k, v, mask, bias):
+    def _attention(self, plan: AttentionPlan, q, k, v, mask, bias, dropout_mask):
         if plan.scale == 1.0 / math.sqrt(plan.head_dim):
             plan = dataclasses.replace(plan, scale=1.0 / math.sqrt(max(plan.value_dim, 1)))
-        return super()._attention(plan, q, k, v, mask, bias)
+        return super()._attention(plan, q, k, v, mask, bias, dropout_mask)
 
 
 class AlwaysTopLeft(NumpyBackend):
@@ -30,8 +30,8 @@ class AlwaysTopLeft(NumpyBackend):
 
     name = "always_top_left"
 
-    def _attention(self, plan: AttentionPlan, q, k, v, mask, bias):
-        return super()._attention(dataclasses.replace(plan, alignment="top_left"), q, k, v, mask, bias)
+    def _attention(self, plan: AttentionPlan, q, k, v, mask, bias, dropout_mask):
+        return super()._attention(dataclasses.replace(plan, alignment="top_left"), q, k, v, mask, bias, dropout_mask)
 
 
 class GqaTileOrder(NumpyBackend):
@@ -39,11 +39,11 @@ class GqaTileOrder(NumpyBackend):
 
     name = "gqa_tile_order"
 
-    def _attention(self, plan: AttentionPlan, q, k, v, mask, bias):
+    def _attention(self, plan: AttentionPlan, q, k, v, mask, bias, dropout_mask):
         if plan.group_size > 1:
             k, v = (np.tile(x, (plan.group_size, 1, 1)) for x in (k, v))
             plan = dataclasses.replace(plan, num_kv_heads=plan.num_q_heads)
-        return super()._attention(plan, q, k, v, mask, bias)
+        return super()._attention(plan, q, k, v, mask, bias, dropout_mask)
 
 
 class MeanOfValuesOnFullyMaskedRows(NumpyBackend):
@@ -51,8 +51,8 @@ class MeanOfValuesOnFullyMaskedRows(NumpyBackend):
 
     name = "mean_v_on_fully_masked_rows"
 
-    def _attention(self, plan: AttentionPlan, q, k, v, mask, bias):
-        out, weights, lse = super()._attention(plan, q, k, v, mask, bias)
+    def _attention(self, plan: AttentionPlan, q, k, v, mask, bias, dropout_mask):
+        out, weights, lse = super()._attention(plan, q, k, v, mask, bias, dropout_mask)
         fully = (weights.sum(axis=-1) == 0)[..., None]
         if plan.kv_len and fully.any():
             mean_v = np.repeat(v.astype(np.float64).mean(axis=-2, keepdims=True), plan.group_size, axis=-3) \
@@ -66,9 +66,9 @@ class Float64ComputedInFloat32(NumpyBackend):
 
     name = "float64_in_float32"
 
-    def _attention(self, plan: AttentionPlan, q, k, v, mask, bias):
+    def _attention(self, plan: AttentionPlan, q, k, v, mask, bias, dropout_mask):
         plan = dataclasses.replace(plan, compute_dtype="float32")
-        out, weights, lse = super()._attention(plan, q, k, v, mask, bias)
+        out, weights, lse = super()._attention(plan, q, k, v, mask, bias, dropout_mask)
         return out, weights.astype(np.float64), lse.astype(np.float64)
 
 
@@ -77,8 +77,8 @@ class NoMaxSubtraction(NumpyBackend):
 
     name = "no_max_subtraction"
 
-    def _attention(self, plan: AttentionPlan, q, k, v, mask, bias):
-        out, weights, lse = super()._attention(plan, q, k, v, mask, bias)
+    def _attention(self, plan: AttentionPlan, q, k, v, mask, bias, dropout_mask):
+        out, weights, lse = super()._attention(plan, q, k, v, mask, bias, dropout_mask)
         with np.errstate(over="ignore", invalid="ignore"):
             unnormalized = np.exp(lse[..., None]) * weights  # overflows exactly where the naive one does
             weights = unnormalized / unnormalized.sum(axis=-1, keepdims=True)
@@ -93,12 +93,12 @@ class CausalOffByOne(NumpyBackend):
 
     name = "causal_off_by_one"
 
-    def _attention(self, plan: AttentionPlan, q, k, v, mask, bias):
+    def _attention(self, plan: AttentionPlan, q, k, v, mask, bias, dropout_mask):
         if plan.causal:
             leaky = np.arange(plan.kv_len) <= np.arange(plan.q_len)[:, None] + plan.causal_offset + 1
             mask = leaky if mask is None else mask & leaky
             plan = dataclasses.replace(plan, causal=False, has_mask=True)
-        return super()._attention(plan, q, k, v, mask, bias)
+        return super()._attention(plan, q, k, v, mask, bias, dropout_mask)
 
 
 BUGGY_BACKENDS = (ScaleFromValueDim, AlwaysTopLeft, GqaTileOrder, MeanOfValuesOnFullyMaskedRows,
