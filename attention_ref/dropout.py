@@ -24,7 +24,7 @@ def dropout_mask(shape: tuple[int, ...], p: float, seed: int, *, backend: Any = 
         raise ValueError(f"p must be in [0, 1), got {p!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise TypeError(f"seed must be an int >= 0, got {seed!r}")
-    keep = np.random.default_rng(int(seed)).random(tuple(shape)) >= float(p)
+    keep = np.asarray(np.random.default_rng(int(seed)).random(tuple(shape)) >= float(p))
     if backend is None:
         return keep
     if isinstance(backend, str):

@@ -140,6 +140,7 @@ def error_bounds(
     compute_dtype: str,
     out_dtype: str,
     extra_logit_error: np.ndarray | float = 0.0,
+    dropout_multiplier: np.ndarray | float = 1.0,
 ) -> ErrorBounds:
     """Bounds on ``|result - exact|`` for a result computed in ``compute_dtype`` and returned in
     ``out_dtype``, plus the float64 oracle's own error.
@@ -148,18 +149,16 @@ def error_bounds(
     repeated to Hq (or rank 2); ``allowed`` (bool) and bias broadcast to ``(..., Hq, L, S)``;
     expected_* are the oracle's results. ``extra_logit_error`` (per row, ``(..., Hq, L)``) adds a
     known perturbation of the logits, e.g. the rounding of a bias the caller changed.
+    ``dropout_multiplier`` is ``keep / (1 - p)`` (broadcastable to the logits) or 1 without dropout:
+    the out bound then covers the attended values scaled by it and two more roundings per term
+    (the multiplier's and the product's).
     """
     q64, k64, v64 = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     allowed = np.asarray(allowed, dtype=bool)
-    # |scale| * sum_e |q_re k_je|, restricted to attended keys, max over keys.
-    products = abs(scale) * np.matmul(np.abs(q64), np.swapaxes(np.abs(k64), -1, -2))
-    dot_size = np.where(allowed, products, 0.0).max(axis=-1, initial=0.0)
-    if bias is None:
-        bias_size = np.zeros_like(dot_size)
-    else:
-        bias64 = np.broadcast_to(np.asarray(bias, dtype=np.float64), allowed.shape)
-        bias_size = np.where(allowed & np.isfinite(bias64), np.abs(bias64), 0.0).max(axis=-1, initial=0.0)
-    values = value_size(v64, allowed)
+    dot_size, bias_size = row_sizes(q64, k64, allowed=allowed, bias=bias, scale=scale)
+    multiplier = np.broadcast_to(np.asarray(dropout_multiplier, np.float64), allowed.shape)
+    has_dropout = bool(np.any(multiplier != 1.0))
+    values = value_size(v64, allowed) * multiplier.max(axis=-1, initial=1.0)[..., None]
 
     head_dim, keys = q64.shape[-1], k64.shape[-2]
     row = dict(dot_size=dot_size, bias_size=bias_size, softcap=softcap, head_dim=head_dim, keys=keys,
@@ -173,7 +172,8 @@ def error_bounds(
     finite_lse = np.where(np.isfinite(expected_lse), np.abs(expected_lse), 0.0)
     for u in (UNIT_ROUNDOFF[compute_dtype], UNIT_ROUNDOFF["float64"]):
         delta, eta, rho = _row_error(u, **row)
-        compute_out_error = compute_out_error + (rho + keys * u * (1 + rho))[..., None] * values
+        rho_dropped = rho + 2 * u if has_dropout else rho
+        compute_out_error = compute_out_error + (rho_dropped + keys * u * (1 + rho_dropped))[..., None] * values
         weights_bound = weights_bound + rho[..., None] * np.asarray(expected_weights, np.float64)
         lse_bound = lse_bound + delta + eta + max(keys - 1, 0) * u + (TRANSCENDENTAL_ERROR + 1) * u * finite_lse
     # Rounding y (the compute-dtype result) to the output dtype: |rnd(y) - x| <= u_out |x| + (1 + u_out) |y - x|.
@@ -182,6 +182,18 @@ def error_bounds(
     return ErrorBounds(out=out_bound, weights=weights_bound, lse=lse_bound,
                        derivation=f"derived first-order bound for {compute_dtype} compute, {out_dtype} out "
                                   "(attention_ref/tolerance.py)")
+
+
+def row_sizes(q64: np.ndarray, k64: np.ndarray, *, allowed: np.ndarray, bias: np.ndarray | None,
+              scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(A_r, B_r)`` per row ``(..., L)``: ``|scale| max_j sum_e |q_re k_je|`` and ``max_j |bias_rj|``
+    over the attended keys j (the sizes of the dot products and of the bias)."""
+    products = abs(scale) * np.matmul(np.abs(q64), np.swapaxes(np.abs(k64), -1, -2))
+    dot_size = np.where(allowed, products, 0.0).max(axis=-1, initial=0.0)
+    if bias is None:
+        return dot_size, np.zeros_like(dot_size)
+    bias64 = np.broadcast_to(np.asarray(bias, dtype=np.float64), allowed.shape)
+    return dot_size, np.where(allowed & np.isfinite(bias64), np.abs(bias64), 0.0).max(axis=-1, initial=0.0)
 
 
 def value_size(v64: np.ndarray, allowed: np.ndarray) -> np.ndarray:
@@ -204,6 +216,7 @@ def same_dtype_baseline(
     scale: float,
     softcap: float | None,
     dtype: str,
+    dropout_multiplier: np.ndarray | float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(out, weights, lse)`` of the textbook algorithm with every stored intermediate rounded to
     ``dtype`` and every dot product and sum accumulated exactly (float64 arrays of ``dtype`` values).
@@ -230,7 +243,8 @@ def same_dtype_baseline(
         exps = np.where(allowed, rnd(np.exp(rnd(logits - row_max))), 0.0)
         total = rnd(exps.sum(axis=-1, keepdims=True))
         weights = np.where(attended, rnd(exps / np.where(attended, total, 1.0)), 0.0)
-        out = rnd(np.matmul(weights, v64))
+        dropped = weights if np.all(np.asarray(dropout_multiplier) == 1.0) else rnd(weights * rnd(dropout_multiplier))
+        out = rnd(np.matmul(dropped, v64))
         lse = np.where(attended, rnd(row_max + rnd(np.log(np.where(attended, total, 1.0)))), -np.inf)[..., 0]
     return out, weights, lse
 
@@ -249,12 +263,14 @@ def calibrated_error_bounds(
     expected_weights: np.ndarray,
     expected_lse: np.ndarray,
     dtype: str,
+    dropout_multiplier: np.ndarray | float = 1.0,
 ) -> ErrorBounds:
     """The calibrated rule (module docstring): per element, the larger of the ``derived`` bound and
     ``factor * (e_baseline + u_in * size)`` for the same-dtype baseline in ``dtype`` (the input
     dtype). Arguments as for ``error_bounds``."""
     allowed = np.asarray(allowed, dtype=bool)
-    baseline = same_dtype_baseline(q, k, v, allowed=allowed, bias=bias, scale=scale, softcap=softcap, dtype=dtype)
+    baseline = same_dtype_baseline(q, k, v, allowed=allowed, bias=bias, scale=scale, softcap=softcap, dtype=dtype,
+                                   dropout_multiplier=dropout_multiplier)
     out_base, weights_base, lse_base = baseline
     want_out, want_weights, want_lse = (np.asarray(x, np.float64) for x in (expected_out, expected_weights,
                                                                             expected_lse))
@@ -268,7 +284,8 @@ def calibrated_error_bounds(
         normal = allowed & (want_weights >= tiny_in) & np.isfinite(weights_base)
         weights_error = _largest(np.abs(weights_base - want_weights) / want_weights, normal)
     factor = BASELINE_FACTOR if softcap is None else BASELINE_FACTOR_SOFTCAP
-    values = value_size(np.asarray(v, np.float64), allowed)
+    multiplier = np.broadcast_to(np.asarray(dropout_multiplier, np.float64), allowed.shape)
+    values = value_size(np.asarray(v, np.float64), allowed) * multiplier.max(axis=-1, initial=1.0)[..., None]
     out = np.maximum(derived.out, factor * (out_error + u_in * values))
     weights = np.maximum(derived.weights, np.where(allowed, factor * ((weights_error + u_in) * want_weights + tiny_in), 0))
     lse = np.maximum(derived.lse, factor * (lse_error + u_in * np.where(np.isfinite(want_lse), np.abs(want_lse), 0.0)))

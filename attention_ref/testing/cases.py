@@ -15,8 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from ..result import AttentionOutput
-from ..tolerance import ErrorBounds, calibrated_error_bounds, error_bounds
+from ..result import AttentionOutput, Gradients
+from ..gradient_tolerance import (
+    GradientBounds,
+    GradientProblem,
+    calibrated_gradient_bounds,
+    gradient_error_bounds,
+)
+from ..tolerance import ErrorBounds, calibrated_error_bounds, error_bounds, row_sizes
 
 #: Largest case (elements of q, k, v) whose arrays are printed in full in ``repr``.
 _REPR_FULL_LIMIT = 256
@@ -37,6 +43,10 @@ class AttentionCase:
     causal: bool = False
     alignment: str = "top_left"
     softcap: float | None = None
+    window: tuple[int | None, int | None] | None = None
+    dropout_p: float = 0.0
+    #: Boolean keep-mask broadcastable to ``(*B, Hq, L, S)`` (rule 13), or None.
+    dropout_mask: np.ndarray | None = None
 
     # ---- shape --------------------------------------------------------------------------------
     @property
@@ -90,34 +100,69 @@ class AttentionCase:
 
     # ---- derived ------------------------------------------------------------------------------
     def options(self) -> dict[str, Any]:
-        """The keyword arguments of the call, arrays excluded."""
-        return dict(scale=self.scale, causal=self.causal, alignment=self.alignment, softcap=self.softcap)
+        """The keyword arguments of the call, arrays excluded (window and dropout_p only when set,
+        so that implementations without them are called as before)."""
+        options: dict[str, Any] = dict(scale=self.scale, causal=self.causal, alignment=self.alignment,
+                                       softcap=self.softcap)
+        if self.window is not None:
+            options["window"] = self.window
+        if self.dropout_p:
+            options["dropout_p"] = self.dropout_p
+        return options
+
+    def arrays(self) -> dict[str, np.ndarray | None]:
+        """The array keyword arguments: mask, bias, and dropout_mask when set."""
+        arrays = {"mask": self.mask, "bias": self.bias}
+        if self.dropout_mask is not None:
+            arrays["dropout_mask"] = self.dropout_mask
+        return arrays
+
+    def dropout_multiplier(self) -> np.ndarray | float:
+        """``keep / (1 - dropout_p)`` broadcast to ``(*B, Hq, L, S)`` (float64), or 1.0 without a
+        dropout mask: what the probabilities are multiplied by before P·V (rule 13)."""
+        if self.dropout_mask is None:
+            return 1.0
+        keep = np.broadcast_to(self.dropout_mask, self.logits_shape)
+        return np.where(keep, 1.0 / (1.0 - self.dropout_p), 0.0)
 
     def replace(self, **changes: Any) -> AttentionCase:
         return dataclasses.replace(self, **changes)
 
-    def causal_pattern(self) -> np.ndarray:
-        """``(L, S)`` bool: rule 7's causal pattern for this case's alignment."""
+    def positional_pattern(self) -> np.ndarray:
+        """``(L, S)`` bool: rule 7's pattern for causal and the window at this case's alignment,
+        written from the rule: query i may attend key j iff ``i + offset - left <= j`` and
+        ``j <= i + offset + right`` (right = 0 under causal), offset 0 or ``S - L``."""
         offset = 0 if self.alignment == "top_left" else self.kv_len - self.q_len
-        return np.arange(self.kv_len) <= np.arange(self.q_len)[:, None] + offset
+        i, j = np.arange(self.q_len)[:, None], np.arange(self.kv_len)
+        pattern = np.ones((self.q_len, self.kv_len), dtype=bool)
+        left, right = self.window if self.window is not None else (None, None)
+        if self.causal:
+            pattern &= j <= i + offset
+        if left is not None:
+            pattern &= i + offset - left <= j
+        if right is not None:
+            pattern &= j <= i + offset + right
+        return pattern
 
     def allowed(self) -> np.ndarray:
         """``(*B, Hq, L, S)`` bool: True where query i attends key j (rule 8)."""
         allowed = np.ones(self.logits_shape, dtype=bool)
         if self.mask is not None:
             allowed &= self.mask
-        if self.causal:
-            allowed &= self.causal_pattern()
+        if self.causal or self.window is not None:
+            allowed &= self.positional_pattern()
         if self.bias is not None:
             allowed &= np.asarray(self.bias, dtype=np.float64) != -np.inf
         return allowed
 
-    def with_causal_as_mask(self) -> AttentionCase:
-        """The same case with ``causal`` replaced by the explicit mask it stands for (rule 7)."""
-        if not self.causal:
+    def with_positions_as_mask(self) -> AttentionCase:
+        """The same case with ``causal`` and ``window`` replaced by the explicit mask they stand for
+        (rule 7)."""
+        if not self.causal and self.window is None:
             return self
-        mask = self.causal_pattern() if self.mask is None else self.mask & self.causal_pattern()
-        return self.replace(mask=mask, causal=False)
+        pattern = self.positional_pattern()
+        mask = pattern if self.mask is None else self.mask & pattern
+        return self.replace(mask=mask, causal=False, window=None)
 
     def repeated_kv(self) -> tuple[np.ndarray, np.ndarray]:
         """k and v with each kv head repeated ``Hq // Hkv`` times, in repeat_interleave order (rule 2)."""
@@ -145,8 +190,17 @@ class AttentionCase:
 
         q, k, v, bias = (None if x is None else np.asarray(x, np.float64) for x in (self.q, self.k, self.v, self.bias))
         return get_backend("numpy").attention(
-            q, k, v, mask=self.mask, bias=bias, **self.options(), return_weights=True, return_lse=True,
+            q, k, v, **{**self.arrays(), "bias": bias}, **self.options(), return_weights=True, return_lse=True,
         )
+
+    def oracle_gradients(self, d_out: np.ndarray) -> Gradients:
+        """The float64 oracle's gradients (the NumPy backend's analytic backward pass in float64) for
+        the cotangent ``d_out``; dbias is float64 too."""
+        from ..registry import get_backend
+
+        q, k, v, bias, d = (None if x is None else np.asarray(x, np.float64)
+                            for x in (self.q, self.k, self.v, self.bias, d_out))
+        return get_backend("numpy").attention_vjp(q, k, v, d, **{**self.arrays(), "bias": bias}, **self.options())
 
     def bounds(
         self,
@@ -163,12 +217,62 @@ class AttentionCase:
         oracle = self.oracle() if oracle is None else oracle
         k, v = self.repeated_kv()
         data = dict(allowed=self.allowed(), bias=self.bias, scale=self.resolved_scale, softcap=self.softcap,
+                    dropout_multiplier=self.dropout_multiplier(),
                     expected_out=oracle.out, expected_weights=oracle.weights, expected_lse=oracle.lse)
         derived = error_bounds(self.q, k, v, **data, compute_dtype=compute_dtype or self.default_compute_dtype,
                                out_dtype=out_dtype or self.dtype, extra_logit_error=extra_logit_error)
         if not calibrated:
             return derived
         return calibrated_error_bounds(derived, self.q, k, v, **data, dtype=self.dtype)
+
+    def gradient_problem(self, d_out: np.ndarray, oracle: AttentionOutput | None = None) -> GradientProblem:
+        """The float64 description of this case's backward pass for the cotangent ``d_out``."""
+        oracle = self.oracle() if oracle is None else oracle
+        k, v = self.repeated_kv()
+        q64, k64, v64 = (np.asarray(x, np.float64) for x in (self.q, k, v))
+        multiplier = np.broadcast_to(np.asarray(self.dropout_multiplier(), np.float64), self.logits_shape)
+        return GradientProblem(q64, k64, v64, np.asarray(d_out, np.float64), self.allowed(),
+                               np.asarray(oracle.weights, np.float64), multiplier,
+                               None if self.bias is None else np.asarray(self.bias, np.float64),
+                               None if self.bias is None else self.bias.shape, self.resolved_scale, self.softcap,
+                               self.num_q_heads // self.num_kv_heads)
+
+    def gradient_bounds(self, d_out: np.ndarray, expected: Gradients, *, compute_dtype: str | None = None,
+                        oracle: AttentionOutput | None = None, calibrated: bool = False) -> GradientBounds:
+        """``attention_ref.gradient_tolerance`` bounds for this case's gradients (default: the spec's
+        compute dtype, results in the input dtype and dbias in bias's dtype); ``expected`` is the
+        oracle's ``Gradients``; with ``calibrated``, the calibrated rule for other people's kernels."""
+        problem = self.gradient_problem(d_out, oracle)
+        dot_size, bias_size = row_sizes(problem.q, problem.k, allowed=problem.allowed, bias=problem.bias,
+                                        scale=self.resolved_scale)
+        derived = gradient_error_bounds(problem, tuple(expected), compute_dtype=compute_dtype or self.default_compute_dtype,
+                                        out_dtype=self.dtype, bias_dtype=None if self.bias is None else self.bias.dtype.name,
+                                        dot_size=dot_size, bias_size=bias_size)
+        if not calibrated:
+            return derived
+        return calibrated_gradient_bounds(derived, problem, tuple(expected), self.dtype)
+
+    def structural_zero_gradients(self) -> Gradients:
+        """Where SPEC.md fixes a gradient to exactly 0 (bool, shapes of q, k, v, bias): dq of fully
+        excluded rows, dk and dv of keys that no query of the kv head's group attends or keeps (dropout),
+        dbias wherever every entry it is summed over is excluded."""
+        allowed = self.allowed()
+        contributes = allowed if self.dropout_mask is None else allowed & np.broadcast_to(self.dropout_mask, self.logits_shape)
+        dq = np.broadcast_to(~allowed.any(axis=-1)[..., None], self.q.shape)
+        used = allowed.any(axis=-2)  # (*B, Hq, S): some query attends the key (gradients through dk)
+        kept = contributes.any(axis=-2)  # ... and keeps it (gradients through dv)
+        if self.has_head_axis:
+            group = self.num_q_heads // self.num_kv_heads
+            used, kept = (x.reshape(*x.shape[:-2], self.num_kv_heads, group, self.kv_len).any(axis=-2)
+                          for x in (used, kept))
+        dk = np.broadcast_to(~used[..., None], self.k.shape)
+        dv = np.broadcast_to(~kept[..., None], self.v.shape)
+        dbias = None
+        if self.bias is not None:
+            from ..backends.base import reduce_to_shape
+
+            dbias = reduce_to_shape(allowed.astype(np.int64), self.bias.shape) == 0
+        return Gradients(dq, dk, dv, dbias)
 
     def __repr__(self) -> str:
         def show(x: np.ndarray | None) -> str:
@@ -181,11 +285,22 @@ class AttentionCase:
             return f"<{x.dtype.name} array {x.shape}>"
 
         options = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        dropout = "" if self.dropout_mask is None else f", dropout_mask={show(self.dropout_mask)}"
         return (
             f"AttentionCase(q={show(self.q)}, k={show(self.k)}, v={show(self.v)}, "
-            f"mask={show(self.mask)}, bias={show(self.bias)}, {options})"
+            f"mask={show(self.mask)}, bias={show(self.bias)}{dropout}, {options})"
             f"  # q {self.q.shape}, k {self.k.shape}, v {self.v.shape}, {self.dtype}"
         )
+
+
+def call_vjp(impl: Any, case: AttentionCase, d_out: np.ndarray) -> Gradients:
+    """Run ``impl.attention_vjp`` on the case and the cotangent ``d_out`` (converted with
+    ``impl.asarray``); returns NumPy gradients."""
+    arrays = {name: None if x is None else impl.asarray(x)
+              for name, x in (("q", case.q), ("k", case.k), ("v", case.v), *case.arrays().items())}
+    result = impl.attention_vjp(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), impl.asarray(d_out), **arrays,
+                                **case.options())
+    return Gradients(*(None if x is None else impl.to_numpy(x) for x in result))
 
 
 def call(impl: Any, case: AttentionCase, **kwargs: Any) -> AttentionOutput:
@@ -196,7 +311,7 @@ def call(impl: Any, case: AttentionCase, **kwargs: Any) -> AttentionOutput:
     """
     arrays = {
         name: None if x is None else impl.asarray(x)
-        for name, x in (("q", case.q), ("k", case.k), ("v", case.v), ("mask", case.mask), ("bias", case.bias))
+        for name, x in (("q", case.q), ("k", case.k), ("v", case.v), *case.arrays().items())
     }
     options = {**case.options(), **kwargs}
     result = impl.attention(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), **arrays, **options)

@@ -422,7 +422,7 @@ def large_scale_selects_extreme_key(impl: Any, example: tuple[AttentionCase, boo
     k, v = case.repeated_kv()
     dots = np.matmul(np.asarray(case.q, np.float64), np.swapaxes(np.asarray(k, np.float64), -1, -2))
     dots = -dots if negative else dots
-    allowed = case.with_causal_as_mask().replace(scale=1.0).allowed()
+    allowed = case.with_positions_as_mask().replace(scale=1.0).allowed()
     ranked = np.sort(np.where(allowed, dots, -np.inf), axis=-1)
     attended = allowed.sum(axis=-1)
     sizes = np.matmul(np.abs(np.asarray(case.q, np.float64)), np.swapaxes(np.abs(np.asarray(k, np.float64)), -1, -2))
@@ -471,7 +471,7 @@ def _causal_only_with_mask(features: Features) -> st.SearchStrategy[Any] | None:
 def key_permutation_invariance(impl: Any, example: tuple[AttentionCase, int]) -> None:
     """Permuting the keys (k, v and the key axis of mask and bias) changes nothing but the weights' order."""
     case, seed = example
-    case = case.with_causal_as_mask()
+    case = case.with_positions_as_mask()
     perm = np.random.default_rng(seed).permutation(case.kv_len)
     permuted = case.replace(k=np.take(case.k, perm, axis=-2), v=np.take(case.v, perm, axis=-2),
                             mask=_permute(case.mask, perm, -1), bias=_permute(case.bias, perm, -1))
@@ -485,7 +485,7 @@ def key_permutation_invariance(impl: Any, example: tuple[AttentionCase, int]) ->
 def query_permutation_equivariance(impl: Any, example: tuple[AttentionCase, int]) -> None:
     """Permuting the queries (q and the query axis of mask and bias) permutes the results the same way."""
     case, seed = example
-    case = case.with_causal_as_mask()
+    case = case.with_positions_as_mask()
     perm = np.random.default_rng(seed).permutation(case.q_len)
     permuted = case.replace(q=np.take(case.q, perm, axis=-2), mask=_permute(case.mask, perm, -2),
                             bias=_permute(case.bias, perm, -2))
@@ -573,7 +573,7 @@ def bias_row_constant_changes_nothing(impl: Any, example: tuple[AttentionCase, i
 @attention_property("causal_equals_explicit_mask", (7,), cases=dict(causal=True), requires=("mask",))
 def causal_equals_explicit_mask(impl: Any, case: AttentionCase) -> None:
     """causal=True (either alignment) equals the explicit mask j <= i (+ S - L for bottom_right)."""
-    assert_same_results(full_results(impl, case), full_results(impl, case.with_causal_as_mask()),
+    assert_same_results(full_results(impl, case), full_results(impl, case.with_positions_as_mask()),
                         2 * bounds_for(impl, case), case, f"causal {case.alignment} vs explicit mask")
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
+from ..dropout import dropout_mask
 from ..frameworks import numpy_dtype
 from ..validation import ALIGNMENTS, FLOATING_DTYPES
 from .cases import AttentionCase
@@ -34,7 +35,8 @@ FEW_SHAPES = {"batch": (1, 2), "heads": (1, 2), "length": (1, 5), "long": (130,)
 #: Features a kernel may support (the ``supports`` of ``attention_ref.testing.check``): keywords it
 #: takes, results it returns, and two shape features: ``gqa`` (Hq > Hkv) and ``value_dim`` (v's head
 #: dim Ev may differ from q's and k's E; without it cases have Ev = E).
-KERNEL_FEATURES = ("mask", "bias", "scale", "causal", "bottom_right", "gqa", "value_dim", "softcap", "lse", "weights")
+KERNEL_FEATURES = ("mask", "bias", "scale", "causal", "bottom_right", "gqa", "value_dim", "softcap", "window",
+                   "dropout", "lse", "weights", "grad")
 #: Further features of a full implementation of SPEC.md (our backends): inputs of any rank,
 #: ``compute_dtype``, and the spec's error messages.
 SPEC_FEATURES = (*KERNEL_FEATURES, "any_rank", "compute_dtype", "spec_errors")
@@ -62,7 +64,7 @@ class Features:
 #: Everything SPEC.md defines.
 ALL_FEATURES = Features()
 
-_SWITCHES = ("mask", "bias", "scale", "causal", "softcap", "gqa")
+_SWITCHES = ("mask", "bias", "scale", "causal", "softcap", "gqa", "window", "dropout")
 
 
 def feature_cases(features: Features, **switches: Any) -> st.SearchStrategy[AttentionCase] | None:
@@ -143,6 +145,8 @@ def attention_cases(
     causal: bool | None = None,
     alignments: tuple[str, ...] = ALIGNMENTS,
     softcap: bool | None = None,
+    window: bool | None = None,
+    dropout: bool | None = None,
     qk_magnitudes: tuple[float, ...] = QK_MAGNITUDES,
     few_shapes: bool = False,
 ) -> AttentionCase:
@@ -154,7 +158,9 @@ def attention_cases(
     ``fully_masked_rows`` forced in some examples (mask and bias of rank at least
     ``min_mask_rank``); ``bias``: random values with ``-inf`` entries
     (``neg_inf_bias``); ``scale``: an explicit scale (zero and negative included) instead of the
-    default; ``causal`` with a drawn alignment; ``softcap``. With ``long_kv_len``, S is drawn from
+    default; ``causal`` with a drawn alignment; ``softcap``; ``window`` (left, right), each side
+    unbounded or from 0 to beyond the lengths, at the drawn alignment; ``dropout``: a probability
+    (0 included) with a keep-mask from ``attention_ref.dropout_mask`` in a broadcast shape. With ``long_kv_len``, S is drawn from
     129 to ``long_kv_len`` in about one example in eight (several tiles of a tiled kernel).
     ``few_shapes`` draws every size from the small menu ``FEW_SHAPES`` (within the bounds), for
     kernels that compile once per shape.
@@ -233,5 +239,15 @@ def attention_cases(
     if _feature(draw, softcap):
         softcap_value = draw(st.one_of(st.sampled_from((0.5, 1.0, 5.0, 30.0)),
                                        st.floats(0.05, 50.0, allow_nan=False)))
+    window_value = None
+    if _feature(draw, window):
+        sides = st.one_of(st.none(), st.integers(0, max(length, keys) + 1))
+        window_value = (draw(sides), draw(sides))
+    dropout_p, keep = 0.0, None
+    if _feature(draw, dropout):
+        dropout_p = draw(st.sampled_from((0.0, 0.1, 0.5, 0.9)))
+        keep = dropout_mask(draw(broadcast_shapes(logits_shape, min_mask_rank)), dropout_p,
+                            draw(st.integers(0, 2**32 - 1)))
     return AttentionCase(q, k, v, mask=mask_array, bias=bias_array, scale=scale_value,
-                         causal=use_causal, alignment=alignment, softcap=softcap_value)
+                         causal=use_causal, alignment=alignment, softcap=softcap_value, window=window_value,
+                         dropout_p=dropout_p, dropout_mask=keep)

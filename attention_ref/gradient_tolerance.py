@@ -1,0 +1,234 @@
+"""The tolerance rule for gradients (SPEC.md rule 14): how far dq, dk, dv and dbias may lie from the
+exact answer. The forward rule is in ``attention_ref.tolerance``; this module extends it with the
+same method, and every gradient comparison asks ``gradient_error_bounds`` (ours) or
+``calibrated_gradient_bounds`` (other people's kernels) for its bounds.
+
+**Derived bound.** A first-order forward error analysis of the softmax backward pass, evaluated on
+the actual data, with ``u`` the unit roundoff of the compute dtype, P the exact weights, Z the dropout
+multiplier (1 without dropout), dO the cotangent, and the per-row weight error ``rho`` and logit error
+``delta`` of ``attention_ref.tolerance``. Writing ``|x|`` elementwise and ``n u`` for an n-term sum:
+
+* ``dP_err = rho P + tiny`` (each weight), ``(PZ)_err = Z (dP_err + 2 u P)`` (the multiplier and the
+  product rounded);
+* ``dW = Z (dO Vᵀ)`` with ``dW_err = Z Ev u (|dO| |V|ᵀ) + 2 u |dW|``;
+* ``D = rowsum(P dW)`` with ``D_err = rowsum(dP_err |dW| + P dW_err) + S u rowsum(P |dW|)``;
+* ``dS = P (dW - D)`` with ``dS_err = dP_err |dW - D| + P (dW_err + D_err + u |dW - D|) + u |dS|``;
+* under a softcap c, with ``t = tanh(raw / c)``: ``t_err = (1 - t²) delta / c + (T + 2) u |t|`` and
+  ``dR = dS (1 - t²)``, ``dR_err = dS_err (1 - t²) + |dS| (2 |t| t_err + 2 u t²) + u |dR|``
+  (``dR = dS`` without a cap);
+* ``dq = scale dR K``: ``|scale| (dR_err |K| + (S + 1) u |dR| |K|) + (S + 1) tiny``;
+* ``dk = scale dRᵀ Q`` and ``dv = (PZ)ᵀ dO``, summed over the G query heads of a kv head (``n = G L``
+  terms): ``|scale| (dR_errᵀ |Q| + (n + 1) u |dR|ᵀ |Q|) + (n + 1) tiny`` and
+  ``(PZ)_errᵀ |dO| + n u (PZ)ᵀ |dO| + n tiny``;
+* ``dbias = dS`` summed over the bias's broadcast dims (``m`` terms per element):
+  ``sum(dS_err) + m u sum(|dS|) + m tiny``.
+
+The float64 oracle's own error (the same formula with the float64 ``u``) is added, then the rounding
+of the result to its dtype: ``u_out |g| + (1 + u_out) err + tiny_out``. Like the forward bound it is
+worst-case per sum (about sqrt(n) conservative) and never multiplied by a fudge factor. Gradients
+that SPEC.md fixes (keys no query attends, fully excluded rows, excluded bias entries) are compared
+exactly, not with this bound.
+
+**Calibrated rule, for other people's kernels.** Per gradient, the larger of the derived bound and
+``factor * (e_baseline + u_in * max|g|)``, where ``e_baseline`` is the largest error against the oracle
+of the same-dtype backward baseline (every stored intermediate, P·Z, dO Vᵀ, dW, D, dW - D, dS, 1 - t²,
+dR, and each result, rounded to the input dtype; sums exact; built on the forward baseline's weights)
+and ``u_in max|g|`` the rounding of the largest exact gradient to the input dtype (FlashAttention-3's
+``dq_atol``). ``factor`` is 3, FlashAttention-2's backward rule ("dq within 3 times the PyTorch
+same-dtype error", one more than its forward rule of 2: the backward has two more matmuls and the
+row reduction D), and 4 under a softcap (one more, as for the forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backends.base import reduce_to_shape
+from .tolerance import SMALLEST_NORMAL, TRANSCENDENTAL_ERROR, UNIT_ROUNDOFF, _row_error, same_dtype_baseline
+
+#: The calibrated rule's factor for gradients, and with a softcap.
+GRADIENT_BASELINE_FACTOR = 3
+GRADIENT_BASELINE_FACTOR_SOFTCAP = 4
+
+
+@dataclass(frozen=True)
+class GradientBounds:
+    """Per-element absolute bounds on dq, dk, dv (shapes of q, k, v) and dbias (bias's shape, or
+    None); ``derivation`` says how they were obtained."""
+
+    dq: np.ndarray
+    dk: np.ndarray
+    dv: np.ndarray
+    dbias: np.ndarray | None
+    derivation: str = "derived first-order bound for gradients (attention_ref/gradient_tolerance.py)"
+
+    def __mul__(self, factor: float) -> GradientBounds:
+        return GradientBounds(self.dq * factor, self.dk * factor, self.dv * factor,
+                              None if self.dbias is None else self.dbias * factor,
+                              f"{factor:g} × [{self.derivation}]")
+
+    __rmul__ = __mul__
+
+
+@dataclass(frozen=True)
+class GradientProblem:
+    """One gradient computation in float64, kv heads repeated to the query heads: q ``(..., Hq, L, E)``,
+    k ``(..., Hq, S, E)``, v ``(..., Hq, S, Ev)``, d_out ``(..., Hq, L, Ev)``; allowed, the exact
+    weights and the dropout multiplier ``(..., Hq, L, S)``; ``group`` query heads per kv head
+    (dk and dv are summed over them); ``bias_shape`` None without a bias."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    d_out: np.ndarray
+    allowed: np.ndarray
+    weights: np.ndarray
+    multiplier: np.ndarray
+    bias: np.ndarray | None
+    bias_shape: tuple[int, ...] | None
+    scale: float
+    softcap: float | None
+    group: int
+
+    def kv_sum(self, x: np.ndarray) -> np.ndarray:
+        """Sum a per-query-head ``(..., Hq, S, n)`` array over each kv head's group: ``(..., Hkv, S, n)``."""
+        if x.ndim < 3 or self.group == 1:
+            return x
+        return x.reshape(*x.shape[:-3], x.shape[-3] // self.group, self.group, *x.shape[-2:]).sum(axis=-3)
+
+    def exact_parts(self) -> dict[str, np.ndarray]:
+        """The exact intermediates: dW, D, dS, t (tanh, or None) and dR."""
+        dw = self.multiplier * np.matmul(self.d_out, np.swapaxes(self.v, -1, -2))
+        row = (self.weights * dw).sum(axis=-1, keepdims=True)
+        ds = self.weights * (dw - row)
+        t = None
+        dr = ds
+        if self.softcap is not None:
+            raw = self.scale * np.matmul(self.q, np.swapaxes(self.k, -1, -2))
+            t = np.tanh(raw / self.softcap)
+            dr = ds * (1 - t * t)
+        return dict(dw=dw, row=row, ds=ds, t=t, dr=dr)
+
+
+def _compute_error(problem: GradientProblem, u: float, tiny: float, delta: np.ndarray,
+                   rho: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The compute-dtype error of (dq, dk, dv, dbias) for unit roundoff u (module docstring)."""
+    p, z, a = problem.weights, problem.multiplier, problem.allowed
+    parts = problem.exact_parts()
+    dw, row, ds, t, dr = parts["dw"], parts["row"], parts["ds"], parts["t"], parts["dr"]
+    keys, length, value_dim = p.shape[-1], p.shape[-2], problem.v.shape[-1]
+    abs_q, abs_k, abs_dout = np.abs(problem.q), np.abs(problem.k), np.abs(problem.d_out)
+
+    p_err = rho[..., None] * p + tiny * a
+    pz_err = z * (p_err + 2 * u * p)
+    dw_err = z * value_dim * u * np.matmul(abs_dout, np.swapaxes(np.abs(problem.v), -1, -2)) + 2 * u * np.abs(dw)
+    row_err = ((p_err * np.abs(dw) + p * dw_err).sum(axis=-1, keepdims=True)
+               + keys * u * (p * np.abs(dw)).sum(axis=-1, keepdims=True))
+    centred = np.abs(dw - row)
+    ds_err = p_err * centred + p * (dw_err + row_err + u * centred) + u * np.abs(ds)
+    dr_err = ds_err
+    if t is not None:
+        cap = problem.softcap
+        t_err = (1 - t * t) * delta[..., None] / cap + (TRANSCENDENTAL_ERROR + 2) * u * np.abs(t)
+        dr_err = ds_err * (1 - t * t) + np.abs(ds) * (2 * np.abs(t) * t_err + 2 * u * t * t) + u * np.abs(dr)
+    abs_dr = np.abs(dr)
+    s = abs(problem.scale)
+    n = problem.group * length
+    dq = s * (np.matmul(dr_err, abs_k) + (keys + 1) * u * np.matmul(abs_dr, abs_k)) + (keys + 1) * tiny
+    dk = (s * (problem.kv_sum(np.matmul(np.swapaxes(dr_err, -1, -2), abs_q))
+               + (n + 1) * u * problem.kv_sum(np.matmul(np.swapaxes(abs_dr, -1, -2), abs_q))) + (n + 1) * tiny)
+    pz_t = np.swapaxes(p * z, -1, -2)
+    dv = (problem.kv_sum(np.matmul(np.swapaxes(pz_err, -1, -2), abs_dout))
+          + n * u * problem.kv_sum(np.matmul(pz_t, abs_dout)) + n * tiny)
+    dbias = None
+    if problem.bias_shape is not None:
+        terms = np.prod(ds.shape) // max(int(np.prod(problem.bias_shape)), 1)
+        dbias = (reduce_to_shape(ds_err, problem.bias_shape) + terms * u * reduce_to_shape(np.abs(ds), problem.bias_shape)
+                 + terms * tiny)
+    return dq, dk, dv, dbias
+
+
+def gradient_error_bounds(problem: GradientProblem, expected: tuple[np.ndarray, ...], *, compute_dtype: str,
+                          out_dtype: str, bias_dtype: str | None, dot_size: np.ndarray,
+                          bias_size: np.ndarray) -> GradientBounds:
+    """Bounds on ``|g - exact|`` for gradients computed in ``compute_dtype`` and returned in
+    ``out_dtype`` (dbias in ``bias_dtype``), plus the float64 oracle's own error. ``expected`` is the
+    oracle's ``(dq, dk, dv, dbias)``; ``dot_size`` and ``bias_size`` are the per-row sizes of
+    ``attention_ref.tolerance`` (they give the logit and weight errors)."""
+    head_dim, keys = problem.q.shape[-1], problem.k.shape[-2]
+    total = None
+    for u in (UNIT_ROUNDOFF[compute_dtype], UNIT_ROUNDOFF["float64"]):
+        delta, _, rho = _row_error(u, dot_size=dot_size, bias_size=bias_size, softcap=problem.softcap,
+                                   head_dim=head_dim, keys=keys, extra_logit_error=0.0)
+        tiny = SMALLEST_NORMAL[compute_dtype] if u == UNIT_ROUNDOFF[compute_dtype] else SMALLEST_NORMAL["float64"]
+        errors = _compute_error(problem, u, tiny, delta, rho)
+        total = errors if total is None else tuple(None if a is None else a + b for a, b in zip(total, errors))
+
+    def rounded(err: np.ndarray | None, exact: np.ndarray | None, dtype: str | None) -> np.ndarray | None:
+        if err is None or exact is None or dtype is None:
+            return None
+        u_out = UNIT_ROUNDOFF[dtype]
+        return u_out * np.abs(np.asarray(exact, np.float64)) + (1 + u_out) * err + SMALLEST_NORMAL[dtype]
+
+    dq, dk, dv, dbias = (rounded(e, x, d) for e, x, d in
+                         zip(total, expected, (out_dtype, out_dtype, out_dtype, bias_dtype)))
+    return GradientBounds(dq, dk, dv, dbias,
+                          f"derived first-order bound for gradients, {compute_dtype} compute, {out_dtype} result "
+                          "(attention_ref/gradient_tolerance.py)")
+
+
+def same_dtype_baseline_gradients(problem: GradientProblem, dtype: str) -> tuple[np.ndarray, ...]:
+    """``(dq, dk, dv, dbias)`` of the textbook backward pass with every stored intermediate rounded
+    to ``dtype`` and every sum exact, on the forward baseline's weights (float64 arrays)."""
+    from .frameworks import numpy_dtype
+
+    rounding = numpy_dtype(dtype)
+
+    def rnd(x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, np.float64).astype(rounding).astype(np.float64)
+
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        _, p, _ = same_dtype_baseline(problem.q, problem.k, problem.v, allowed=problem.allowed, bias=problem.bias,
+                                      scale=problem.scale, softcap=problem.softcap, dtype=dtype)
+        z = rnd(problem.multiplier)
+        pz = rnd(p * z)
+        dv = rnd(problem.kv_sum(np.matmul(np.swapaxes(pz, -1, -2), problem.d_out)))
+        dw = rnd(rnd(np.matmul(problem.d_out, np.swapaxes(problem.v, -1, -2))) * z)
+        row = rnd((p * dw).sum(axis=-1, keepdims=True))
+        ds = rnd(p * rnd(dw - row))
+        dbias = None if problem.bias_shape is None else rnd(reduce_to_shape(ds, problem.bias_shape))
+        dr = ds
+        if problem.softcap is not None:
+            raw = rnd(problem.scale * np.matmul(problem.q, np.swapaxes(problem.k, -1, -2)))
+            t = rnd(np.tanh(rnd(raw / problem.softcap)))
+            dr = rnd(ds * rnd(1 - rnd(t * t)))
+        dq = rnd(problem.scale * rnd(np.matmul(dr, problem.k)))
+        dk = rnd(problem.scale * rnd(problem.kv_sum(np.matmul(np.swapaxes(dr, -1, -2), problem.q))))
+    return dq, dk, dv, dbias
+
+
+def calibrated_gradient_bounds(derived: GradientBounds, problem: GradientProblem, expected: tuple[np.ndarray, ...],
+                               dtype: str) -> GradientBounds:
+    """The calibrated rule (module docstring): per gradient, the larger of ``derived`` and
+    ``factor * (e_baseline + u_in * max|g|)`` for the same-dtype baseline in ``dtype`` (the input dtype)."""
+    baseline = same_dtype_baseline_gradients(problem, dtype)
+    u_in = UNIT_ROUNDOFF[dtype]
+    factor = GRADIENT_BASELINE_FACTOR if problem.softcap is None else GRADIENT_BASELINE_FACTOR_SOFTCAP
+    bounds, notes = [], []
+    for name, derived_bound, base, exact in zip(("dq", "dk", "dv", "dbias"), (derived.dq, derived.dk, derived.dv,
+                                                                              derived.dbias), baseline, expected):
+        if derived_bound is None or exact is None:
+            bounds.append(None)
+            continue
+        exact = np.asarray(exact, np.float64)
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(base) & np.isfinite(exact)
+            error = float(np.where(ok, np.abs(base - exact), 0.0).max(initial=0.0))
+        size = float(np.abs(exact).max(initial=0.0))
+        bounds.append(np.maximum(derived_bound, factor * (error + u_in * size)))
+        notes.append(f"{name} {error:.3g}")
+    derivation = (f"max of [{derived.derivation}] and {factor} × (largest error of the same-dtype {dtype} backward "
+                  f"baseline: {', '.join(notes)}; + u_{dtype} × max|g|)")
+    return GradientBounds(*bounds, derivation=derivation)
