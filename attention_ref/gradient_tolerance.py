@@ -32,9 +32,10 @@ exactly, not with this bound.
 **Calibrated rule, for other people's kernels.** Per gradient, the larger of the derived bound and
 ``factor * (e_baseline + u_in * max|g|)``, where ``e_baseline`` is the largest error against the oracle
 of the same-dtype backward baseline (every stored intermediate, P·Z, dO Vᵀ, dW, D, dW - D, dS, 1 - t²,
-dR, and each result, rounded to the input dtype; sums exact; built on the forward baseline's weights)
-and ``u_in max|g|`` the rounding of the largest exact gradient to the input dtype (FlashAttention-3's
-``dq_atol``). ``factor`` is 3, FlashAttention-2's backward rule ("dq within 3 times the PyTorch
+dR, and each result, rounded to the input dtype; sums exact; built on the forward baseline's weights;
+dbias from dS rounded per element to the bias's dtype, then summed, as autograd reduces a broadcast
+bias in its own dtype) and ``u_in max|g|`` the rounding of the largest exact gradient to its dtype
+(FlashAttention-3's ``dq_atol``). ``factor`` is 3, FlashAttention-2's backward rule ("dq within 3 times the PyTorch
 same-dtype error", one more than its forward rule of 2: the backward has two more matmuls and the
 row reduction D), and 4 under a softcap (one more, as for the forward).
 """
@@ -77,7 +78,7 @@ class GradientProblem:
     """One gradient computation in float64, kv heads repeated to the query heads: q ``(..., Hq, L, E)``,
     k ``(..., Hq, S, E)``, v ``(..., Hq, S, Ev)``, d_out ``(..., Hq, L, Ev)``; allowed, the exact
     weights and the dropout multiplier ``(..., Hq, L, S)``; ``group`` query heads per kv head
-    (dk and dv are summed over them); ``bias_shape`` None without a bias."""
+    (dk and dv are summed over them); ``bias_shape`` and ``bias_dtype`` None without a bias."""
 
     q: np.ndarray
     k: np.ndarray
@@ -91,6 +92,7 @@ class GradientProblem:
     scale: float
     softcap: float | None
     group: int
+    bias_dtype: str | None = None
 
     def kv_sum(self, x: np.ndarray) -> np.ndarray:
         """Sum a per-query-head ``(..., Hq, S, n)`` array over each kv head's group: ``(..., Hkv, S, n)``."""
@@ -184,10 +186,11 @@ def same_dtype_baseline_gradients(problem: GradientProblem, dtype: str) -> tuple
     to ``dtype`` and every sum exact, on the forward baseline's weights (float64 arrays)."""
     from .frameworks import numpy_dtype
 
-    rounding = numpy_dtype(dtype)
+    def rounder(name: str):  # noqa: ANN202
+        rounding = numpy_dtype(name)
+        return lambda x: np.asarray(x, np.float64).astype(rounding).astype(np.float64)
 
-    def rnd(x: np.ndarray) -> np.ndarray:
-        return np.asarray(x, np.float64).astype(rounding).astype(np.float64)
+    rnd = rounder(dtype)
 
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         _, p, _ = same_dtype_baseline(problem.q, problem.k, problem.v, allowed=problem.allowed, bias=problem.bias,
@@ -198,7 +201,10 @@ def same_dtype_baseline_gradients(problem: GradientProblem, dtype: str) -> tuple
         dw = rnd(rnd(np.matmul(problem.d_out, np.swapaxes(problem.v, -1, -2))) * z)
         row = rnd((p * dw).sum(axis=-1, keepdims=True))
         ds = rnd(p * rnd(dw - row))
-        dbias = None if problem.bias_shape is None else rnd(reduce_to_shape(ds, problem.bias_shape))
+        dbias = None
+        if problem.bias_shape is not None:  # per element in the bias's dtype, as autograd sums a broadcast bias
+            rnd_bias = rounder(problem.bias_dtype or dtype)
+            dbias = rnd_bias(reduce_to_shape(rnd_bias(ds), problem.bias_shape))
         dr = ds
         if problem.softcap is not None:
             raw = rnd(problem.scale * np.matmul(problem.q, np.swapaxes(problem.k, -1, -2)))
@@ -214,11 +220,11 @@ def calibrated_gradient_bounds(derived: GradientBounds, problem: GradientProblem
     """The calibrated rule (module docstring): per gradient, the larger of ``derived`` and
     ``factor * (e_baseline + u_in * max|g|)`` for the same-dtype baseline in ``dtype`` (the input dtype)."""
     baseline = same_dtype_baseline_gradients(problem, dtype)
-    u_in = UNIT_ROUNDOFF[dtype]
+    dtypes = (dtype, dtype, dtype, problem.bias_dtype or dtype)
     factor = GRADIENT_BASELINE_FACTOR if problem.softcap is None else GRADIENT_BASELINE_FACTOR_SOFTCAP
     bounds, notes = [], []
-    for name, derived_bound, base, exact in zip(("dq", "dk", "dv", "dbias"), (derived.dq, derived.dk, derived.dv,
-                                                                              derived.dbias), baseline, expected):
+    for name, derived_bound, base, exact, result_dtype in zip(
+            ("dq", "dk", "dv", "dbias"), (derived.dq, derived.dk, derived.dv, derived.dbias), baseline, expected, dtypes):
         if derived_bound is None or exact is None:
             bounds.append(None)
             continue
@@ -227,7 +233,7 @@ def calibrated_gradient_bounds(derived: GradientBounds, problem: GradientProblem
             ok = np.isfinite(base) & np.isfinite(exact)
             error = float(np.where(ok, np.abs(base - exact), 0.0).max(initial=0.0))
         size = float(np.abs(exact).max(initial=0.0))
-        bounds.append(np.maximum(derived_bound, factor * (error + u_in * size)))
+        bounds.append(np.maximum(derived_bound, factor * (error + UNIT_ROUNDOFF[result_dtype] * size)))
         notes.append(f"{name} {error:.3g}")
     derivation = (f"max of [{derived.derivation}] and {factor} × (largest error of the same-dtype {dtype} backward "
                   f"baseline: {', '.join(notes)}; + u_{dtype} × max|g|)")

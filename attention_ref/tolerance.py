@@ -103,6 +103,11 @@ class ErrorBounds:
 
     __rmul__ = __mul__
 
+    def __add__(self, other: ErrorBounds) -> ErrorBounds:
+        """The bound on a difference of two results, each within its own bound."""
+        return ErrorBounds(self.out + other.out, self.weights + other.weights, self.lse + other.lse,
+                           f"[{self.derivation}] + [{other.derivation}]")
+
 
 def _row_error(
     u: float,

@@ -235,7 +235,8 @@ class AttentionCase:
                                np.asarray(oracle.weights, np.float64), multiplier,
                                None if self.bias is None else np.asarray(self.bias, np.float64),
                                None if self.bias is None else self.bias.shape, self.resolved_scale, self.softcap,
-                               self.num_q_heads // self.num_kv_heads)
+                               self.num_q_heads // self.num_kv_heads,
+                               None if self.bias is None else self.bias.dtype.name)
 
     def gradient_bounds(self, d_out: np.ndarray, expected: Gradients, *, compute_dtype: str | None = None,
                         oracle: AttentionOutput | None = None, calibrated: bool = False) -> GradientBounds:

@@ -8,10 +8,22 @@ The kernel's calling convention: ``fn(q, k, v, **keywords)`` with framework-nati
 ``(B, Hq, L, E)``, k ``(B, Hkv, S, E)``, v ``(B, Hkv, S, Ev)`` (``layout="blhd"``: ``(B, L, H, E)``
 and an output ``(B, L, Hq, Ev)``), called only with the SPEC.md keywords its ``supports`` names:
 ``mask``, ``bias``, ``scale``, ``causal`` (and ``alignment`` with ``bottom_right``), ``softcap``,
+``window`` (``window=(left, right)``, None for an unbounded side), ``dropout`` (``dropout_p`` and a
+boolean keep-mask ``dropout_mask`` broadcastable to ``(B, Hq, L, S)``, True = keep),
 ``return_weights`` (``weights``) and ``return_lse`` (``lse``). It returns ``out``, or
-``(out, weights, lse)`` when a return flag is passed (weights ``(B, Hq, L, S)``; lse ``(B, Hq, L)``,
-``(B, L, Hq)`` with ``layout="blhd"``). A declared ``fully_masked`` convention other than "zero"
-is checked on out; see ``FULLY_MASKED_EVIDENCE``.
+``(out, weights, lse)`` when a return flag is passed (weights ``(B, Hq, L, S)``, before dropout;
+lse ``(B, Hq, L)``, ``(B, L, Hq)`` with ``layout="blhd"``). A declared ``fully_masked`` convention
+other than "zero" is checked on out; see ``FULLY_MASKED_EVIDENCE``.
+
+Gradients (``"grad"`` in ``supports``): by default the checker differentiates ``fn`` itself, the
+natural way for its framework: ``torch.autograd.grad`` of out (q, k, v and bias require grad; a custom
+``torch.autograd.Function`` inside ``fn`` is used as it is) and ``jax.vjp`` of ``fn`` (it must be
+traceable). A kernel whose backward pass is a separate function (any framework, NumPy included) passes
+``backward=``: ``backward(q, k, v, d_out, **keywords) -> (dq, dk, dv)`` or ``(dq, dk, dv, dbias)``
+with the forward's keywords (no return flags) and d_out in out's layout. Gradients are held to the
+calibrated gradient rule (``attention_ref.gradient_tolerance``). With a fully-masked convention other
+than "zero", d_out is zero on fully excluded rows, so that gradients do not depend on the convention
+(a NaN fill still gives NaN gradients: NaN times 0).
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ from hypothesis import HealthCheck
 from hypothesis import settings as Settings
 
 from ..registry import get_backend
-from ..result import AttentionOutput
+from ..result import AttentionOutput, Gradients
 from ..tolerance import UNIT_ROUNDOFF, value_size
 from .cases import AttentionCase
 from .properties import PROPERTIES, run_property
@@ -51,13 +63,17 @@ class KernelImplementation:
     """
 
     def __init__(self, fn: Callable[..., Any], *, framework: str, features: Features, layout: str = "bhld",
-                 fully_masked: str = "zero", name: str | None = None, device: str | None = None) -> None:
+                 fully_masked: str = "zero", name: str | None = None, device: str | None = None,
+                 backward: Callable[..., Any] | None = None) -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if fully_masked not in FULLY_MASKED_CONVENTIONS:
             raise ValueError(f"fully_masked must be one of {FULLY_MASKED_CONVENTIONS}, got {fully_masked!r}")
         self.fn, self.features, self.layout, self.fully_masked = fn, features, layout, fully_masked
         self.backend, self.framework, self.device = get_backend(framework), framework, device
+        if "grad" in features and backward is None and framework not in ("torch", "jax"):
+            raise ValueError(f"a {framework} kernel that supports 'grad' needs backward= (no autodiff for {framework})")
+        self.backward = backward
         self.name = name or getattr(fn, "__name__", repr(fn))
         #: Declared conventions that were exercised and verified, with a count (reset per property).
         self.observed: Counter[str] = Counter()
@@ -84,18 +100,24 @@ class KernelImplementation:
         return x if isinstance(x, np.ndarray) else self.backend.to_numpy(x)
 
     def _keywords(self, mask: Any, bias: Any, scale: Any, causal: bool, alignment: str, softcap: Any,
-                  return_weights: bool, return_lse: bool) -> dict[str, Any]:
+                  return_weights: bool, return_lse: bool, window: Any = None, dropout_p: float = 0.0,
+                  dropout_mask: Any = None) -> dict[str, Any]:
         keywords: dict[str, Any] = {}
         for feature, value, used in (("mask", mask, mask is not None), ("bias", bias, bias is not None),
                                      ("scale", scale, scale is not None), ("causal", causal, causal),
-                                     ("softcap", softcap, softcap is not None)):
+                                     ("softcap", softcap, softcap is not None), ("window", window, window is not None),
+                                     ("dropout", dropout_mask, dropout_mask is not None)):
             if used:
                 if feature not in self.features:
                     raise UnsupportedFeature(f"{self.name} does not support {feature}")
-                keywords[feature] = value
-        if causal and alignment == "bottom_right" and "bottom_right" not in self.features:
+                if feature == "dropout":
+                    keywords.update(dropout_p=dropout_p, dropout_mask=dropout_mask)
+                else:
+                    keywords[feature] = value
+        positional = causal or window is not None
+        if positional and alignment == "bottom_right" and "bottom_right" not in self.features:
             raise UnsupportedFeature(f"{self.name} does not support bottom_right")
-        if causal and "bottom_right" in self.features:
+        if positional and "bottom_right" in self.features:
             keywords["alignment"] = alignment
         if return_weights and "weights" in self.features:
             keywords["return_weights"] = True
@@ -103,14 +125,21 @@ class KernelImplementation:
             keywords["return_lse"] = True
         return keywords
 
-    def attention(self, q: Any, k: Any, v: Any, *, mask: Any = None, bias: Any = None, scale: Any = None,
-                  causal: bool = False, alignment: str = "top_left", softcap: Any = None,
-                  return_weights: bool = False, return_lse: bool = False) -> AttentionOutput:
-        keywords = self._keywords(mask, bias, scale, causal, alignment, softcap, return_weights, return_lse)
-        case = AttentionCase(*(self.to_numpy(x) for x in (q, k, v)),
+    def _case(self, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any, **options: Any) -> AttentionCase:
+        """The call as an AttentionCase (NumPy arrays), for the report and the fully-masked rows."""
+        return AttentionCase(*(self.to_numpy(x) for x in (q, k, v)),
                              mask=None if mask is None else self.to_numpy(mask),
                              bias=None if bias is None else self.to_numpy(bias),
-                             scale=scale, causal=causal, alignment=alignment, softcap=softcap)
+                             dropout_mask=None if dropout_mask is None else self.to_numpy(dropout_mask), **options)
+
+    def attention(self, q: Any, k: Any, v: Any, *, mask: Any = None, bias: Any = None, scale: Any = None,
+                  causal: bool = False, alignment: str = "top_left", softcap: Any = None, window: Any = None,
+                  dropout_p: float = 0.0, dropout_mask: Any = None,
+                  return_weights: bool = False, return_lse: bool = False) -> AttentionOutput:
+        keywords = self._keywords(mask, bias, scale, causal, alignment, softcap, return_weights, return_lse,
+                                  window, dropout_p, dropout_mask)
+        case = self._case(q, k, v, mask, bias, dropout_mask, scale=scale, causal=causal, alignment=alignment,
+                          softcap=softcap, window=window, dropout_p=dropout_p)
         if self.layout == "blhd":
             q, k, v = (x.swapaxes(1, 2) for x in (q, k, v))
         try:
@@ -123,6 +152,63 @@ class KernelImplementation:
             out = out.swapaxes(1, 2)
             lse = None if lse is None else lse.swapaxes(1, 2)
         return self._normalise_fully_masked(case, AttentionOutput(out, weights, lse))
+
+    def attention_vjp(self, q: Any, k: Any, v: Any, d_out: Any, *, mask: Any = None, bias: Any = None,
+                      scale: Any = None, causal: bool = False, alignment: str = "top_left", softcap: Any = None,
+                      window: Any = None, dropout_p: float = 0.0, dropout_mask: Any = None) -> Gradients:
+        """The kernel's gradients (``backward``, or the framework's autodiff of ``fn``) as NumPy arrays
+        in the spec's layout; see the module docstring."""
+        if "grad" not in self.features:
+            raise UnsupportedFeature(f"{self.name} does not support grad")
+        keywords = self._keywords(mask, bias, scale, causal, alignment, softcap, False, False, window, dropout_p,
+                                  dropout_mask)
+        case = self._case(q, k, v, mask, bias, dropout_mask, scale=scale, causal=causal, alignment=alignment,
+                          softcap=softcap, window=window, dropout_p=dropout_p)
+        if self.fully_masked != "zero":
+            rows = ~case.allowed().any(axis=-1)
+            if rows.any():
+                zeroed = np.array(self.to_numpy(d_out))
+                zeroed[rows] = 0
+                d_out = self.asarray(zeroed)
+        if self.layout == "blhd":
+            q, k, v, d_out = (x.swapaxes(1, 2) for x in (q, k, v, d_out))
+        try:
+            grads = tuple(self._gradients(q, k, v, d_out, keywords))
+        except Exception as error:  # noqa: BLE001 - a kernel that refuses a supported input fails
+            raise AssertionError(f"{self.name} backward raised {type(error).__name__}: {error}\n  case: {case!r}") from error
+        dq, dk, dv = (self.to_numpy(x) for x in grads[:3])
+        if self.layout == "blhd":
+            dq, dk, dv = (x.swapaxes(1, 2) for x in (dq, dk, dv))
+        dbias = grads[3] if len(grads) > 3 and bias is not None else None
+        return Gradients(dq, dk, dv, None if dbias is None else self.to_numpy(dbias))
+
+    def _gradients(self, q: Any, k: Any, v: Any, d_out: Any, keywords: dict[str, Any]) -> tuple[Any, ...]:
+        """``(dq, dk, dv[, dbias])`` in the kernel's layout."""
+        if self.backward is not None:
+            return self.backward(q, k, v, d_out, **keywords)
+        bias = keywords.pop("bias", None)
+
+        def out_of(result: Any) -> Any:
+            return result[0] if isinstance(result, tuple) else result
+
+        if self.framework == "torch":
+            import torch
+
+            inputs = [x.detach().requires_grad_() for x in (q, k, v)]
+            if bias is not None:
+                inputs.append(bias.detach().requires_grad_())
+            with torch.enable_grad():
+                out = out_of(self.fn(*inputs[:3], **keywords, **({} if bias is None else {"bias": inputs[3]})))
+                grads = torch.autograd.grad(out, inputs, d_out, allow_unused=True)
+            return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
+        import jax
+
+        def forward(q: Any, k: Any, v: Any, bias: Any) -> Any:
+            return out_of(self.fn(q, k, v, **keywords, **({} if bias is None else {"bias": bias})))
+
+        with jax.enable_x64(str(q.dtype) == "float64"):
+            _, pullback = jax.vjp(forward, q, k, v, bias)
+            return pullback(d_out)
 
     def _normalise_fully_masked(self, case: AttentionCase, result: AttentionOutput) -> AttentionOutput:
         """Check the declared convention on fully excluded rows, then put the spec's values there."""
@@ -244,6 +330,7 @@ def check(
     fail_fast: bool = False,
     device: str | None = None,
     few_shapes: bool = False,
+    backward: Callable[..., Any] | None = None,
 ) -> CheckReport:
     """Run every applicable property of SPEC.md against the kernel ``fn`` (see the module docstring
     for its calling convention) and report per property.
@@ -253,14 +340,15 @@ def check(
     a property that passed only given it reports "convention differs" with the evidence.
     ``device`` ("cuda", "gpu"...) places the inputs (default: the framework's default device).
     ``few_shapes`` draws sizes from a small menu (``strategies.FEW_SHAPES``), for kernels that
-    compile once per shape.
+    compile once per shape. With ``"grad"`` in ``supports`` the gradients are checked too, through
+    ``backward`` or the framework's autodiff (module docstring).
     ``fail_fast`` stops at the first failing property (the rest are reported "not run")."""
     unknown = set(supports) - set(KERNEL_FEATURES)
     if unknown:
         raise ValueError(f"unknown supports {sorted(unknown)}; choose from {', '.join(KERNEL_FEATURES)}")
     features = Features(frozenset(supports), tuple(dtypes), few_shapes=few_shapes)
     impl = KernelImplementation(fn, framework=framework, features=features, layout=layout,
-                                fully_masked=fully_masked, name=name, device=device)
+                                fully_masked=fully_masked, name=name, device=device, backward=backward)
     run_settings = Settings(max_examples=max_examples, deadline=None, database=None, print_blob=True,
                             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
     report = CheckReport(f"{impl.name} ({framework}, {layout}, supports: {', '.join(supports) or 'none'}, "

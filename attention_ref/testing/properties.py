@@ -24,10 +24,11 @@ from hypothesis import assume, given
 from hypothesis import settings as Settings
 from hypothesis import strategies as st
 
-from ..result import AttentionOutput
+from ..gradient_tolerance import GradientBounds
+from ..result import AttentionOutput, Gradients
 from ..tolerance import UNIT_ROUNDOFF, ErrorBounds
 from .bad_inputs import check_bad_inputs
-from .cases import AttentionCase, call
+from .cases import AttentionCase, call, call_vjp
 from .strategies import ALL_FEATURES, Features, feature_cases, numpy_dtype, random_values
 
 _seeds = st.integers(0, 2**32 - 1)
@@ -305,7 +306,8 @@ def excluded_keys_get_zero_weight(impl: Any, example: tuple[AttentionCase, int])
 
 @attention_property("output_within_attended_values", (8, 11), cases={})
 def output_within_attended_values(impl: Any, case: AttentionCase) -> None:
-    """Each output lies within the range of the attended v rows (per channel); fully excluded rows are 0."""
+    """Each output lies within the range of the attended v rows (per channel); fully excluded rows are 0.
+    With dropout, within that range widened to include 0, times 1 / (1 - p) (kept weights sum to <= 1)."""
     result = full_results(impl, case)
     bounds = bounds_for(impl, case)
     allowed = case.allowed()[..., None]
@@ -313,6 +315,9 @@ def output_within_attended_values(impl: Any, case: AttentionCase) -> None:
     v64 = np.asarray(v, np.float64)[..., None, :, :]
     low = np.where(allowed, v64, np.inf).min(axis=-2, initial=np.inf)
     high = np.where(allowed, v64, -np.inf).max(axis=-2, initial=-np.inf)
+    if case.dropout_mask is not None:
+        factor = 1.0 / (1.0 - case.dropout_p)
+        low, high = factor * np.minimum(low, 0.0), factor * np.maximum(high, 0.0)
     out = np.asarray(result.out, np.float64)
     fully_excluded = ~allowed.any(axis=-2)
     clipped = np.where(fully_excluded, 0.0, np.clip(out, low, high))
@@ -350,8 +355,8 @@ def fully_excluded_rows_are_zero(impl: Any, example: tuple[str, AttentionCase, A
         def without_keys(x: np.ndarray | None) -> np.ndarray | None:
             return x if x is None or x.ndim == 0 or x.shape[-1] == 1 else x[..., :0]
 
-        case = case.replace(k=case.k[..., :0, :], v=case.v[..., :0, :],
-                            mask=without_keys(case.mask), bias=without_keys(case.bias))
+        case = case.replace(k=case.k[..., :0, :], v=case.v[..., :0, :], mask=without_keys(case.mask),
+                            bias=without_keys(case.bias), dropout_mask=without_keys(case.dropout_mask))
     fully_excluded = ~case.allowed().any(axis=-1)
     assert fully_excluded.any() or case.q.size == 0 or math.prod(case.logits_shape[:-2]) == 0
     result = full_results(impl, case)
@@ -389,13 +394,13 @@ def default_scale_is_inverse_sqrt_head_dim(impl: Any, case: AttentionCase) -> No
 
 @attention_property("zero_scale_averages_attended_values", (3, 8), cases=dict(bias=False), requires=("scale",))
 def zero_scale_averages_attended_values(impl: Any, case: AttentionCase) -> None:
-    """scale=0 gives the plain mean of the attended v rows."""
+    """scale=0 gives the plain mean of the attended v rows (each times its dropout multiplier)."""
     case = case.replace(scale=0.0)
     result = full_results(impl, case)
     allowed = case.allowed()
     _, v = case.repeated_kv()
     counts = allowed.sum(axis=-1, keepdims=True)
-    mean = np.matmul(allowed / np.maximum(counts, 1), np.asarray(v, np.float64))
+    mean = np.matmul(allowed / np.maximum(counts, 1) * case.dropout_multiplier(), np.asarray(v, np.float64))
     assert_within("out", result.out, mean, bounds_for(impl, case).out, case, exact=(counts == 0))
 
 
@@ -414,7 +419,7 @@ def scale_is_homogeneous(impl: Any, example: tuple[AttentionCase, float]) -> Non
                         f"q scaled by {factor}")
 
 
-@attention_property("large_scale_selects_extreme_key", (3, 9), cases=dict(bias=False, softcap=False),
+@attention_property("large_scale_selects_extreme_key", (3, 9), cases=dict(bias=False, softcap=False, dropout=False),
                     extra=(st.booleans(),), requires=("scale",))
 def large_scale_selects_extreme_key(impl: Any, example: tuple[AttentionCase, bool]) -> None:
     """A large positive scale tends to the argmax key's v (negative: the argmin key's)."""
@@ -474,7 +479,8 @@ def key_permutation_invariance(impl: Any, example: tuple[AttentionCase, int]) ->
     case = case.with_positions_as_mask()
     perm = np.random.default_rng(seed).permutation(case.kv_len)
     permuted = case.replace(k=np.take(case.k, perm, axis=-2), v=np.take(case.v, perm, axis=-2),
-                            mask=_permute(case.mask, perm, -1), bias=_permute(case.bias, perm, -1))
+                            mask=_permute(case.mask, perm, -1), bias=_permute(case.bias, perm, -1),
+                            dropout_mask=_permute(case.dropout_mask, perm, -1))
     first, second = full_results(impl, case), full_results(impl, permuted)
     if second.weights is not None:
         second = second._replace(weights=np.take(second.weights, np.argsort(perm), axis=-1))
@@ -488,7 +494,7 @@ def query_permutation_equivariance(impl: Any, example: tuple[AttentionCase, int]
     case = case.with_positions_as_mask()
     perm = np.random.default_rng(seed).permutation(case.q_len)
     permuted = case.replace(q=np.take(case.q, perm, axis=-2), mask=_permute(case.mask, perm, -2),
-                            bias=_permute(case.bias, perm, -2))
+                            bias=_permute(case.bias, perm, -2), dropout_mask=_permute(case.dropout_mask, perm, -2))
     first, second = full_results(impl, case), full_results(impl, permuted)
     inverse = np.argsort(perm)
     second = AttentionOutput(*(None if x is None else np.take(x, inverse, axis=axis)
@@ -501,12 +507,12 @@ def batch_dims_equal_a_loop(impl: Any, case: AttentionCase) -> None:
     """Extra leading batch dims give the same results as a loop over them."""
     full = full_results(impl, case)
     bounds = 2 * bounds_for(impl, case)
-    mask = None if case.mask is None else np.broadcast_to(case.mask, case.logits_shape)
-    bias = None if case.bias is None else np.broadcast_to(case.bias, case.logits_shape)
+    full_shape = {name: None if x is None else np.broadcast_to(x, case.logits_shape)
+                  for name, x in (("mask", case.mask), ("bias", case.bias), ("dropout_mask", case.dropout_mask))}
     for index in np.ndindex(*case.batch_shape):
         keep = tuple(slice(i, i + 1) for i in index)  # one batch element, batch dims kept
         part = case.replace(q=case.q[keep], k=case.k[keep], v=case.v[keep],
-                            mask=None if mask is None else mask[keep], bias=None if bias is None else bias[keep])
+                            **{name: None if x is None else x[keep] for name, x in full_shape.items()})
         result = full_results(impl, part)
         for name in ("out", "weights", "lse"):
             if getattr(result, name) is not None:
@@ -626,7 +632,7 @@ def result_types_and_dtypes(impl: Any, case: AttentionCase) -> None:
     assert out.dtype == numpy_dtype(case.dtype) and out.shape == (*heads, case.q_len, case.value_dim), (
         f"out: {out.dtype} {out.shape}\n  case: {case!r}")
     arrays = [impl.asarray(x) for x in (case.q, case.k, case.v)]
-    extra = {name: None if x is None else impl.asarray(x) for name, x in (("mask", case.mask), ("bias", case.bias))}
+    extra = {name: None if x is None else impl.asarray(x) for name, x in case.arrays().items()}
     bare = impl.attention(*arrays, **extra, **case.options())
     assert not isinstance(bare, AttentionOutput), "with no flags, attention returns the output array"
     only_weights = impl.attention(*arrays, **extra, **case.options(), return_weights=True)
@@ -650,21 +656,227 @@ def result_types_and_dtypes(impl: Any, case: AttentionCase) -> None:
 
 @attention_property("weights_and_lse_agree_with_output", (11,), cases={}, requires=("weights", "lse"))
 def weights_and_lse_agree_with_output(impl: Any, case: AttentionCase) -> None:
-    """out = weights · v, and weights = exp(logits - lse) on attended keys."""
+    """out = (weights · dropout multiplier) · v, and weights = exp(logits - lse) on attended keys
+    (the returned weights are those before dropout)."""
     result = full_results(impl, case)
     oracle = case.oracle()
     bounds = bounds_for(impl, case, oracle=oracle)
     _, v = case.repeated_kv()
     v64 = np.asarray(v, np.float64)
     weights = np.asarray(result.weights, np.float64)
-    assert_within("out vs weights · v", result.out, np.matmul(weights, v64),
-                  bounds.out + np.matmul(bounds.weights, np.abs(v64)), case)
+    multiplier = case.dropout_multiplier()
+    assert_within("out vs (weights · keep / (1 - p)) · v", result.out, np.matmul(weights * multiplier, v64),
+                  bounds.out + np.matmul(bounds.weights * multiplier, np.abs(v64)), case)
     allowed = case.allowed()
     lse = np.asarray(result.lse, np.float64)[..., None]
     with np.errstate(invalid="ignore", over="ignore"):
         from_lse = np.where(allowed, np.exp(case.logits() - np.where(np.isfinite(lse), lse, 0)), 0.0)
     bound = bounds.weights + np.asarray(oracle.weights) * np.expm1(bounds.lse[..., None])
     assert_within("weights vs exp(logits - lse)", weights, from_lse, bound, case, exact=~allowed)
+
+
+# ---- rule 7: windows ---------------------------------------------------------------------------------
+
+
+@attention_property("window_equals_explicit_mask", (7,), cases=dict(window=True), requires=("window", "mask"))
+def window_equals_explicit_mask(impl: Any, case: AttentionCase) -> None:
+    """window=(left, right) (with causal, either alignment) equals the explicit mask
+    i + offset - left <= j <= i + offset + right."""
+    explicit = case.with_positions_as_mask()
+    assert_same_results(full_results(impl, case), full_results(impl, explicit), 2 * bounds_for(impl, case), case,
+                        f"window {case.window} ({case.alignment}, causal={case.causal}) vs explicit mask")
+    if "grad" in getattr(impl, "features", ALL_FEATURES):
+        d_out = _cotangent(case, case.q_len * 7 + case.kv_len)
+        first, second = call_vjp(impl, case, d_out), call_vjp(impl, explicit, d_out)
+        assert_same_gradients(first, second, 2 * gradient_bounds_for(impl, case, d_out), case, "window vs explicit mask")
+
+
+# ---- rule 13: dropout ----------------------------------------------------------------------------------
+
+
+@attention_property("dropout_equals_manual_computation", (13,), cases=dict(dropout=True), requires=("dropout",))
+def dropout_equals_manual_computation(impl: Any, case: AttentionCase) -> None:
+    """With dropout_p and a keep-mask, out equals (P · keep / (1 - p)) · v, with P the weights of the
+    call without dropout (computed here in float64), and the returned weights are P (before dropout)."""
+    result = full_results(impl, case)
+    plain = case.replace(dropout_p=0.0, dropout_mask=None).oracle()
+    _, v = case.repeated_kv()
+    keep = np.broadcast_to(case.dropout_mask, case.logits_shape)
+    manual = np.matmul(np.where(keep, np.asarray(plain.weights) / (1.0 - case.dropout_p), 0.0), np.asarray(v, np.float64))
+    bounds = bounds_for(impl, case)
+    assert_within("out vs manual dropout", result.out, manual, bounds.out, case)
+    if result.weights is not None:
+        assert_within("weights (before dropout)", result.weights, plain.weights, bounds.weights, case,
+                      exact=~case.allowed(), derivation=bounds.derivation)
+
+
+@attention_property("dropout_all_keep_scales_by_inverse_keep_probability", (13,), cases=dict(dropout=True),
+                    requires=("dropout",))
+def dropout_all_keep_scales_by_inverse_keep_probability(impl: Any, case: AttentionCase) -> None:
+    """An all-keep mask with dropout_p = p gives out / (1 - p) of the call without dropout (so with
+    p = 0 it equals no dropout), and the same weights and lse."""
+    all_keep = case.replace(dropout_mask=np.ones(case.dropout_mask.shape, bool))
+    plain = case.replace(dropout_p=0.0, dropout_mask=None)
+    kept, none = full_results(impl, all_keep), full_results(impl, plain)
+    factor = 1.0 / (1.0 - case.dropout_p)
+    bound_kept, bound_none = bounds_for(impl, all_keep), bounds_for(impl, plain)
+    assert_within("out with an all-keep mask vs out / (1 - p)", kept.out, np.asarray(none.out, np.float64) * factor,
+                  bound_kept.out + factor * bound_none.out, case)
+    assert_same_results(kept._replace(out=None), none._replace(out=None), bound_kept + bound_none, case,
+                        "all-keep dropout vs none")
+
+
+# ---- rule 14: gradients --------------------------------------------------------------------------------
+
+
+def _cotangent(case: AttentionCase, seed: int) -> np.ndarray:
+    """A random cotangent d_out of out's shape in the input dtype."""
+    shape = (*case.logits_shape[:-1], case.value_dim)
+    return random_values(np.random.default_rng(seed), shape, "normal", 1.0).astype(numpy_dtype(case.dtype))
+
+
+def gradient_bounds_for(impl: Any, case: AttentionCase, d_out: np.ndarray, expected: Gradients | None = None,
+                        **kwargs: Any) -> GradientBounds:
+    """The gradient tolerance ``impl`` is held to (calibrated when ``impl.calibrated_tolerance``)."""
+    expected = case.oracle_gradients(d_out) if expected is None else expected
+    return case.gradient_bounds(d_out, expected, calibrated=bool(getattr(impl, "calibrated_tolerance", False)),
+                                **kwargs)
+
+
+_GRADIENT_NAMES = ("dq", "dk", "dv", "dbias")
+
+
+def assert_gradients_close(actual: Gradients, case: AttentionCase, d_out: np.ndarray, *, calibrated: bool = True,
+                           expected: Gradients | None = None) -> None:
+    """The gradient tolerance rule: ``actual`` (NumPy ``Gradients``) matches the float64 oracle's gradients
+    for the cotangent ``d_out`` within ``attention_ref.gradient_tolerance`` (calibrated for other
+    people's kernels, the default), exactly 0 where SPEC.md fixes them, never NaN."""
+    __tracebackhide__ = True
+    expected = case.oracle_gradients(d_out) if expected is None else expected
+    bounds = case.gradient_bounds(d_out, expected, calibrated=calibrated)
+    zeros = case.structural_zero_gradients()
+    for name in _GRADIENT_NAMES:
+        want = getattr(expected, name)
+        if want is None:
+            continue
+        got = getattr(actual, name)
+        assert got is not None, f"{name} missing (the case has a bias)\n  case: {case!r}"
+        assert_within(name, got, want, getattr(bounds, name), case, exact=getattr(zeros, name),
+                      derivation=bounds.derivation)
+
+
+def assert_same_gradients(first: Gradients, second: Gradients, bound: GradientBounds, case: AttentionCase,
+                          what: str) -> None:
+    __tracebackhide__ = True
+    for name in _GRADIENT_NAMES:
+        a, b = getattr(first, name), getattr(second, name)
+        if a is not None and b is not None:
+            assert_within(f"{what}: {name}", a, b, getattr(bound, name), case, derivation=bound.derivation)
+
+
+@attention_property("gradients_match_float64_oracle", (7, 13, 14), cases={}, extra=(_seeds,), requires=("grad",))
+def gradients_match_float64_oracle(impl: Any, example: tuple[AttentionCase, int]) -> None:
+    """dq, dk, dv and dbias match the float64 oracle's analytic backward pass within the gradient
+    tolerance (every feature, every dtype); exactly 0 where SPEC.md fixes them; never NaN."""
+    case, seed = example
+    d_out = _cotangent(case, seed)
+    assert_gradients_close(call_vjp(impl, case, d_out), case, d_out,
+                           calibrated=bool(getattr(impl, "calibrated_tolerance", False)))
+
+
+@attention_property("gradients_vanish_through_excluded_keys", (8, 14),
+                    cases=dict(mask=True, fully_masked_rows=True), extra=(_seeds,), requires=("grad", "mask"))
+def gradients_vanish_through_excluded_keys(impl: Any, example: tuple[AttentionCase, int]) -> None:
+    """Keys no query attends get dk = dv = 0 exactly, fully excluded rows dq = 0 exactly, excluded
+    bias entries dbias = 0 exactly; nothing is NaN (masks with fully masked rows and hidden keys)."""
+    case, seed = example
+    rng = np.random.default_rng(seed)
+    mask = _broadcast_full(case.mask, case.logits_shape, True, bool)
+    mask[..., rng.random(case.kv_len) < 0.4] = False
+    case = case.replace(mask=mask)
+    d_out = _cotangent(case, seed)
+    grads = call_vjp(impl, case, d_out)
+    zeros = case.structural_zero_gradients()
+    for name in _GRADIENT_NAMES:
+        got, fixed = getattr(grads, name), getattr(zeros, name)
+        if fixed is None:
+            continue
+        got = np.asarray(got, np.float64)
+        assert not np.isnan(got).any(), f"{name} has NaN at {np.argwhere(np.isnan(got))[:3].tolist()}\n  case: {case!r}"
+        assert_within(f"{name} where SPEC.md fixes 0", np.where(fixed, got, 0.0), np.zeros(got.shape), 0.0, case,
+                      exact=np.ones(got.shape, bool))
+
+
+@attention_property("logit_gradient_rows_sum_to_zero", (5, 14), cases=dict(bias=True), extra=(_seeds,),
+                    requires=("grad", "bias"))
+def logit_gradient_rows_sum_to_zero(impl: Any, example: tuple[AttentionCase, int]) -> None:
+    """With a bias of the full logits shape, dbias (the logits' gradient) sums to 0 over the keys of
+    every row (softmax is invariant to a constant per row)."""
+    case, seed = example
+    case = case.replace(bias=np.ascontiguousarray(np.broadcast_to(case.bias, case.logits_shape)))
+    d_out = _cotangent(case, seed)
+    grads = call_vjp(impl, case, d_out)
+    bound = gradient_bounds_for(impl, case, d_out).dbias.sum(axis=-1)
+    sums = np.asarray(grads.dbias, np.float64).sum(axis=-1)
+    assert_within("sum over keys of dbias", sums, np.zeros(sums.shape),
+                  bound + case.kv_len * UNIT_ROUNDOFF["float64"] * np.abs(np.asarray(grads.dbias, np.float64)).sum(axis=-1),
+                  case)
+
+
+def _float64_cases(features: Features) -> st.SearchStrategy[Any] | None:
+    if "float64" not in features.dtypes:
+        return None
+    cases = feature_cases(Features(features.supports, ("float64",), features.few_shapes))
+    return None if cases is None else st.tuples(cases, _seeds)
+
+
+@attention_property("gradients_match_finite_differences", (14,), strategy=_float64_cases, requires=("grad",))
+def gradients_match_finite_differences(impl: Any, example: tuple[AttentionCase, int]) -> None:
+    """float64 gradients match central finite differences of sum(out · d_out) along a random direction
+    of (q, k, v, bias), Richardson-extrapolated; the tolerance is the difference of the two step
+    sizes' estimates (it bounds the truncation error), the rounding of the forward passes divided
+    by the step, and the gradients' own bound."""
+    case, seed = example
+    rng = np.random.default_rng(seed)
+    d_out = _cotangent(case, seed)
+    grads = call_vjp(impl, case, d_out)
+    names = ["q", "k", "v"] + (["bias"] if case.bias is not None else [])
+    base = {name: np.asarray(getattr(case, name), np.float64) for name in names}
+    direction = {}
+    for name, x in base.items():
+        finite = np.isfinite(x)
+        size = np.abs(np.where(finite, x, 0.0)).max(initial=0.0) or 1.0
+        direction[name] = np.where(finite, rng.standard_normal(x.shape) * size, 0.0)
+    analytic = sum(float(np.sum(np.asarray(getattr(grads, "d" + name), np.float64) * direction[name])) for name in names)
+
+    def objective(step: float) -> tuple[float, float]:
+        """sum(out · d_out) at x + step · direction, and the bound on its rounding error."""
+        moved = case.replace(**{name: base[name] + step * direction[name] for name in names})
+        out = call(impl, moved).out
+        error = float(np.sum(np.abs(d_out) * bounds_for(impl, moved).out))
+        return float(np.sum(np.asarray(out, np.float64) * d_out)), error
+
+    # A step that moves the largest logit, and the largest argument of the softcap's tanh, by about
+    # 1e-4 (the directions are scaled to the inputs), so that the estimates are in their h² regime.
+    attended = case.allowed()
+    sizes = [np.abs(np.where(attended, case.logits(), 0.0)).max(initial=0.0)]
+    if case.softcap is not None:
+        raw = case.replace(softcap=None, bias=None).logits() / case.softcap
+        sizes.append(np.abs(np.where(attended, raw, 0.0)).max(initial=0.0))
+    step = 1e-4 / max(1.0, *(float(x) for x in sizes))
+    estimates, rounding = [], 0.0
+    for h in (step, step / 2):
+        (plus, e_plus), (minus, e_minus) = objective(h), objective(-h)
+        estimates.append((plus - minus) / (2 * h))
+        rounding += (e_plus + e_minus) / (2 * h)
+    extrapolated = (4 * estimates[1] - estimates[0]) / 3
+    gradient_bounds = gradient_bounds_for(impl, case, d_out)
+    own = sum(float(np.sum(getattr(gradient_bounds, "d" + name) * np.abs(direction[name]))) for name in names)
+    tolerance = abs(estimates[1] - estimates[0]) + 2 * rounding + own
+    assert abs(analytic - extrapolated) <= tolerance, (
+        f"directional derivative: gradients give {analytic!r}, finite differences {extrapolated!r} "
+        f"(steps {step:g}, {step / 2:g}: {estimates[0]!r}, {estimates[1]!r}); |difference| "
+        f"{abs(analytic - extrapolated):.3g} > tolerance {tolerance:.3g}\n  case: {case!r}")
 
 
 # ---- rule 12: errors -----------------------------------------------------------------------------------
