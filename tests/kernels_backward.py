@@ -23,7 +23,7 @@ import torch
 from .kernels import ALL_FEATURES, Kernel
 
 #: Every feature the kernels of this module handle.
-ALL_FEATURES_WITH_GRAD = (*ALL_FEATURES, "window", "dropout", "grad")
+ALL_FEATURES_WITH_GRAD = (*ALL_FEATURES, "window", "dropout", "grad", "dbias")
 
 NEG_INF = -math.inf
 

@@ -58,8 +58,13 @@ def test_our_backends_pass_as_kernels(backend: str) -> None:
     def kernel(q, k, v, **keywords):
         return implementation.attention(q, k, v, **keywords)
 
-    report = check(kernel, framework=backend, supports=KERNEL_FEATURES, dtypes=ALL_DTYPES, max_examples=15, seed=0)
+    # Gradients: NumPy through our analytic backward (backward=), JAX and torch through their autodiff of kernel.
+    backward = implementation.attention_vjp if backend == "numpy" else None
+    report = check(kernel, framework=backend, supports=KERNEL_FEATURES, dtypes=ALL_DTYPES, max_examples=15, seed=0,
+                   backward=backward)
     assert report.passed, str(report)
+    statuses = {o.name: o.status for o in report.outcomes}
+    assert statuses["gradients_match_float64_oracle"] == "pass" and statuses["window_equals_explicit_mask"] == "pass"
 
 
 def test_declared_fully_masked_convention() -> None:
@@ -83,7 +88,9 @@ def test_bug_is_reported_with_a_shrunk_case() -> None:
 
 def test_unknown_feature_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown supports"):
-        check(torch_kernel, framework="torch", supports=("dropout",))
+        check(torch_kernel, framework="torch", supports=("paged_kv",))
+    with pytest.raises(ValueError, match="needs backward="):
+        check(torch_kernel, framework="numpy", supports=("grad",))
 
 
 def test_cli_check(capsys: pytest.CaptureFixture[str]) -> None:

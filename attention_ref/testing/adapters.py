@@ -122,33 +122,36 @@ def _torch_targets(device: str) -> list[Target]:
 
     if device != "cpu" and not torch.cuda.is_available():
         return []
-    full = ("mask", "bias", "scale", "causal", "gqa", "value_dim")
+    full = ("mask", "bias", "scale", "causal", "gqa", "value_dim", "grad", "dbias")
     notes_zero = ("fully masked rows: 0 (torch's _safe_softmax), as SPEC.md",
                   "adapter: bias and mask passed as one float attn_mask (-inf where masked); causal folded into "
-                  "it when a mask or bias is given (torch refuses attn_mask with is_causal)")
+                  "it when a mask or bias is given (torch refuses attn_mask with is_causal)",
+                  "gradients through torch.autograd (dbias through the float attn_mask); no window in SDPA; "
+                  "dropout not checked (SDPA draws its own mask)")
     targets = [Target("torch.sdpa[MATH]", "torch", torch_sdpa("MATH"), full, device=device, notes=notes_zero)]
     if device == "cpu":
         targets.append(Target(
             "torch.sdpa[FLASH_ATTENTION]", "torch", torch_sdpa("FLASH_ATTENTION"),
-            tuple(f for f in full if f != "value_dim"), device=device,
-            notes=(*notes_zero, "the CPU flash kernel needs Ev == E")))
+            tuple(f for f in full if f not in ("value_dim", "dbias")), device=device,
+            notes=(*notes_zero, "the CPU flash kernel needs Ev == E; its backward refuses an attn_mask that "
+                                "requires grad, so dbias is not checked")))
     else:
         targets += [
             Target("torch.sdpa[FLASH_ATTENTION]", "torch", torch_sdpa("FLASH_ATTENTION"),
-                   ("scale", "gqa"), dtypes=("float16", "bfloat16"), device=device,
+                   ("scale", "gqa", "grad"), dtypes=("float16", "bfloat16"), device=device,
                    notes=("CUDA flash: no masks; is_causal refused when L != S, so causal is not checked",)),
             Target("torch.sdpa[EFFICIENT_ATTENTION]", "torch", torch_sdpa("EFFICIENT_ATTENTION"),
-                   ("mask", "bias", "scale", "causal"), dtypes=HALF_AND_SINGLE, device=device,
+                   ("mask", "bias", "scale", "causal", "grad", "dbias"), dtypes=HALF_AND_SINGLE, device=device,
                    notes=(*notes_zero, "no enable_gqa kernel; Ev == E")),
             Target("torch.sdpa[CUDNN_ATTENTION]", "torch", torch_sdpa("CUDNN_ATTENTION"),
-                   ("mask", "bias", "scale", "causal", "gqa"), dtypes=("float16", "bfloat16"), device=device,
+                   ("mask", "bias", "scale", "causal", "gqa", "grad"), dtypes=("float16", "bfloat16"), device=device,
                    fully_masked="skip",
                    notes=("fully masked rows: the unmasked attention (cuDNN fills bool masks with -65504), "
                           "so they are not compared",)),
         ]
     targets.append(Target(
         "torch.sdpa causal_lower_right", "torch", torch_sdpa_causal_variants,
-        ("scale", "causal", "bottom_right", "gqa", "value_dim"), device=device,
+        ("scale", "causal", "bottom_right", "gqa", "value_dim", "grad"), device=device,
         notes=("causal as torch.nn.attention.bias.causal_lower_right (bottom_right) / causal_upper_left "
                "(top_left); no other mask, since a CausalBias cannot be combined with one",)))
     return targets
@@ -203,15 +206,26 @@ def _jitted(attention: Callable[..., Any], static: tuple[tuple[str, Any], ...], 
     return _JITTED[key]
 
 
+def jax_local_window_size(window: Any, q: Any, k: Any) -> Any:
+    """SPEC.md's ``window=(left, right)`` as jax's ``local_window_size=(left, right)``: both top-left, the
+    same inequalities (``i - left <= j <= i + right``); an unbounded side (None) becomes
+    ``L + S``, which excludes no key."""
+    if window is None:
+        return None
+    unbounded = q.shape[1] + k.shape[1]  # (B, L, H, E) layout
+    return tuple(unbounded if side is None else int(side) for side in window)
+
+
 def jax_nn(implementation: str) -> Callable[..., Any]:
     """``jax.nn.dot_product_attention(implementation=...)`` in (B, L, H, E); lse through
-    ``return_residual``."""
+    ``return_residual``; window through ``local_window_size`` (top-left)."""
 
     def kernel(q: Any, k: Any, v: Any, *, mask: Any = None, bias: Any = None, scale: Any = None,
-               causal: bool = False, return_lse: bool = False) -> Any:
+               causal: bool = False, window: Any = None, return_lse: bool = False) -> Any:
         import jax
 
         result = _jax_call(jax.nn.dot_product_attention, q, k, v, mask, bias, scale=scale, is_causal=causal,
+                           local_window_size=jax_local_window_size(window, q, k),
                            implementation=implementation, return_residual=return_lse)
         if return_lse:
             out, lse = result
@@ -242,18 +256,24 @@ def _jax_targets(device: str) -> list[Target]:
               "NaN when a -inf bias alone excludes the row",)
     layout_note = ("layout (B, L, H, E); mask and bias broadcast to 4-D; jitted (float32, float64), so sizes come "
                    "from a small menu")
+    grad_note = ("gradients through jax.vjp of the (jitted) call; fully masked rows get a zero cotangent, since "
+                 "their mean(v) is a convention",)
     targets = [Target("jax.nn.dot_product_attention[xla]", "jax", jax_nn("xla"),
-                      ("mask", "bias", "scale", "causal", "gqa", "lse"), layout="blhd", fully_masked="mean_v",
-                      device=jax_device, few_shapes=True, notes=(*mean_v, layout_note, "lse through return_residual=True"))]
+                      ("mask", "bias", "scale", "causal", "gqa", "lse", "window", "grad", "dbias"), layout="blhd",
+                      fully_masked="mean_v", device=jax_device, few_shapes=True,
+                      notes=(*mean_v, layout_note, "lse through return_residual=True",
+                             "window as local_window_size=(left, right) (top-left; None as L + S)", *grad_note))]
     if platform == "gpu":
         targets.append(Target("jax.nn.dot_product_attention[cudnn]", "jax", jax_nn("cudnn"),
-                              ("mask", "bias", "scale", "causal", "gqa", "lse"), layout="blhd",
+                              ("mask", "bias", "scale", "causal", "gqa", "lse", "window", "grad"), layout="blhd",
                               dtypes=("float16", "bfloat16"), device=jax_device, few_shapes=True,
                               notes=("fully masked rows: 0 (cudnn), as SPEC.md", layout_note)))
     if _installed("flax"):
-        targets.append(Target("flax.nnx.dot_product_attention", "jax", flax_nnx, ("mask", "bias", "causal", "gqa"),
+        targets.append(Target("flax.nnx.dot_product_attention", "jax", flax_nnx,
+                              ("mask", "bias", "causal", "gqa", "grad", "dbias"),
                               layout="blhd", fully_masked="mean_v", device=jax_device, few_shapes=True,
-                              notes=(*mean_v, layout_note, "no scale keyword (always 1/sqrt(E))")))
+                              notes=(*mean_v, layout_note, "no scale keyword (always 1/sqrt(E))", *grad_note,
+                                     "dropout not checked (flax draws its own mask)")))
     return targets
 
 

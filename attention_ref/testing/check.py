@@ -15,11 +15,11 @@ boolean keep-mask ``dropout_mask`` broadcastable to ``(B, Hq, L, S)``, True = ke
 lse ``(B, Hq, L)``, ``(B, L, Hq)`` with ``layout="blhd"``). A declared ``fully_masked`` convention
 other than "zero" is checked on out; see ``FULLY_MASKED_EVIDENCE``.
 
-Gradients (``"grad"`` in ``supports``): by default the checker differentiates ``fn`` itself, the
+Gradients (``"grad"`` in ``supports``: dq, dk, dv; ``"dbias"``: also the bias's): by default the checker differentiates ``fn`` itself, the
 natural way for its framework: ``torch.autograd.grad`` of out (q, k, v and bias require grad; a custom
 ``torch.autograd.Function`` inside ``fn`` is used as it is) and ``jax.vjp`` of ``fn`` (it must be
 traceable). A kernel whose backward pass is a separate function (any framework, NumPy included) passes
-``backward=``: ``backward(q, k, v, d_out, **keywords) -> (dq, dk, dv)`` or ``(dq, dk, dv, dbias)``
+``backward=``: ``backward(q, k, v, d_out, **keywords) -> (dq, dk, dv)`` or ``(dq, dk, dv, dbias)`` (with ``"dbias"``)
 with the forward's keywords (no return flags) and d_out in out's layout. Gradients are held to the
 calibrated gradient rule (``attention_ref.gradient_tolerance``). With a fully-masked convention other
 than "zero", d_out is zero on fully excluded rows, so that gradients do not depend on the convention
@@ -179,7 +179,7 @@ class KernelImplementation:
         dq, dk, dv = (self.to_numpy(x) for x in grads[:3])
         if self.layout == "blhd":
             dq, dk, dv = (x.swapaxes(1, 2) for x in (dq, dk, dv))
-        dbias = grads[3] if len(grads) > 3 and bias is not None else None
+        dbias = grads[3] if len(grads) > 3 and bias is not None and "dbias" in self.features else None
         return Gradients(dq, dk, dv, None if dbias is None else self.to_numpy(dbias))
 
     def _gradients(self, q: Any, k: Any, v: Any, d_out: Any, keywords: dict[str, Any]) -> tuple[Any, ...]:
@@ -196,18 +196,22 @@ class KernelImplementation:
 
             inputs = [x.detach().requires_grad_() for x in (q, k, v)]
             if bias is not None:
-                inputs.append(bias.detach().requires_grad_())
+                inputs.append(bias.detach().requires_grad_("dbias" in self.features))
             with torch.enable_grad():
                 out = out_of(self.fn(*inputs[:3], **keywords, **({} if bias is None else {"bias": inputs[3]})))
-                grads = torch.autograd.grad(out, inputs, d_out, allow_unused=True)
-            return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
+                wanted = [x for x in inputs if x.requires_grad]
+                grads = torch.autograd.grad(out, wanted, d_out, allow_unused=True)
+            return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(wanted, grads))
         import jax
 
-        def forward(q: Any, k: Any, v: Any, bias: Any) -> Any:
-            return out_of(self.fn(q, k, v, **keywords, **({} if bias is None else {"bias": bias})))
+        differentiated_bias = bias if "dbias" in self.features else None
+
+        def forward(q: Any, k: Any, v: Any, traced_bias: Any) -> Any:
+            used = traced_bias if differentiated_bias is not None else bias
+            return out_of(self.fn(q, k, v, **keywords, **({} if used is None else {"bias": used})))
 
         with jax.enable_x64(str(q.dtype) == "float64"):
-            _, pullback = jax.vjp(forward, q, k, v, bias)
+            _, pullback = jax.vjp(forward, q, k, v, differentiated_bias)
             return pullback(d_out)
 
     def _normalise_fully_masked(self, case: AttentionCase, result: AttentionOutput) -> AttentionOutput:

@@ -747,12 +747,15 @@ _GRADIENT_NAMES = ("dq", "dk", "dv", "dbias")
 
 
 def assert_gradients_close(actual: Gradients, case: AttentionCase, d_out: np.ndarray, *, calibrated: bool = True,
-                           expected: Gradients | None = None) -> None:
+                           expected: Gradients | None = None, with_dbias: bool = True) -> None:
     """The gradient tolerance rule: ``actual`` (NumPy ``Gradients``) matches the float64 oracle's gradients
     for the cotangent ``d_out`` within ``attention_ref.gradient_tolerance`` (calibrated for other
-    people's kernels, the default), exactly 0 where SPEC.md fixes them, never NaN."""
+    people's kernels, the default), exactly 0 where SPEC.md fixes them, never NaN. dbias is compared
+    when the case has a bias and ``with_dbias``."""
     __tracebackhide__ = True
     expected = case.oracle_gradients(d_out) if expected is None else expected
+    if not with_dbias:
+        expected = expected._replace(dbias=None)
     bounds = case.gradient_bounds(d_out, expected, calibrated=calibrated)
     zeros = case.structural_zero_gradients()
     for name in _GRADIENT_NAMES:
@@ -781,7 +784,8 @@ def gradients_match_float64_oracle(impl: Any, example: tuple[AttentionCase, int]
     case, seed = example
     d_out = _cotangent(case, seed)
     assert_gradients_close(call_vjp(impl, case, d_out), case, d_out,
-                           calibrated=bool(getattr(impl, "calibrated_tolerance", False)))
+                           calibrated=bool(getattr(impl, "calibrated_tolerance", False)),
+                           with_dbias="dbias" in getattr(impl, "features", ALL_FEATURES))
 
 
 @attention_property("gradients_vanish_through_excluded_keys", (8, 14),
@@ -799,7 +803,7 @@ def gradients_vanish_through_excluded_keys(impl: Any, example: tuple[AttentionCa
     zeros = case.structural_zero_gradients()
     for name in _GRADIENT_NAMES:
         got, fixed = getattr(grads, name), getattr(zeros, name)
-        if fixed is None:
+        if fixed is None or got is None:  # no bias, or a kernel without dbias
             continue
         got = np.asarray(got, np.float64)
         assert not np.isnan(got).any(), f"{name} has NaN at {np.argwhere(np.isnan(got))[:3].tolist()}\n  case: {case!r}"
@@ -808,7 +812,7 @@ def gradients_vanish_through_excluded_keys(impl: Any, example: tuple[AttentionCa
 
 
 @attention_property("logit_gradient_rows_sum_to_zero", (5, 14), cases=dict(bias=True), extra=(_seeds,),
-                    requires=("grad", "bias"))
+                    requires=("grad", "bias", "dbias"))
 def logit_gradient_rows_sum_to_zero(impl: Any, example: tuple[AttentionCase, int]) -> None:
     """With a bias of the full logits shape, dbias (the logits' gradient) sums to 0 over the keys of
     every row (softmax is invariant to a constant per row)."""
@@ -840,7 +844,8 @@ def gradients_match_finite_differences(impl: Any, example: tuple[AttentionCase, 
     rng = np.random.default_rng(seed)
     d_out = _cotangent(case, seed)
     grads = call_vjp(impl, case, d_out)
-    names = ["q", "k", "v"] + (["bias"] if case.bias is not None else [])
+    with_dbias = "dbias" in getattr(impl, "features", ALL_FEATURES)
+    names = ["q", "k", "v"] + (["bias"] if case.bias is not None and with_dbias else [])
     base = {name: np.asarray(getattr(case, name), np.float64) for name in names}
     direction = {}
     for name, x in base.items():
