@@ -379,8 +379,8 @@ def validate_vjp_args(q: Any, k: Any, v: Any, d_out: Any, **kwargs: Any) -> Atte
             raise TypeError(f"attention_vjp takes no {flag}: it returns the gradients")
     plan = validate_attention_args(q, k, v, **kwargs)
     if framework_of(d_out) != plan.framework:
-        got = framework_of(d_out) or type(d_out).__name__
-        raise TypeError(f"d_out must be a {plan.framework} array like q, got {got}")
+        got = f"a {framework_of(d_out)} array" if framework_of(d_out) else type(d_out).__name__
+        raise TypeError(f"d_out must be an array of q's framework, got {got}")
     if dtype_name(d_out) != plan.dtype:
         raise TypeError(f"d_out must have the dtype of q ({plan.dtype}), got {dtype_name(d_out)}")
     if shape_of(d_out) != plan.out_shape:

@@ -24,7 +24,8 @@ def transcribed_attention(case: AttentionCase) -> tuple[np.ndarray, np.ndarray, 
     logits_shape = case.logits_shape
     mask = np.ones(logits_shape, bool) if case.mask is None else np.broadcast_to(case.mask, logits_shape)
     bias = None if case.bias is None else np.broadcast_to(np.asarray(case.bias, np.float64), logits_shape)
-    mask, bias = (None if x is None else x.reshape((*heads_shape, length, keys)) for x in (mask, bias))
+    keep = None if case.dropout_mask is None else np.broadcast_to(case.dropout_mask, logits_shape)
+    mask, bias, keep = (None if x is None else x.reshape((*heads_shape, length, keys)) for x in (mask, bias, keep))
     scale = 1 / math.sqrt(q.shape[-1]) if case.scale is None else case.scale  # rule 3
 
     out = np.zeros((*heads_shape, length, value_dim))
@@ -42,9 +43,13 @@ def transcribed_attention(case: AttentionCase) -> tuple[np.ndarray, np.ndarray, 
                 if bias is not None:  # rule 5
                     logit += bias[index][i, j]
                 allowed = bool(mask[index][i, j])  # rule 6
+                offset = 0 if case.alignment == "top_left" else keys - length
                 if case.causal:  # rule 7
-                    offset = 0 if case.alignment == "top_left" else keys - length
                     allowed = allowed and j <= i + offset
+                if case.window is not None:  # rule 7: i + offset - left <= j <= i + offset + right
+                    left, right = case.window
+                    allowed = allowed and (left is None or i + offset - left <= j)
+                    allowed = allowed and (right is None or j <= i + offset + right)
                 allowed = allowed and logit != -math.inf  # rule 8
                 logits.append(logit)
                 attended.append(allowed)
@@ -55,8 +60,11 @@ def transcribed_attention(case: AttentionCase) -> tuple[np.ndarray, np.ndarray, 
             total = math.fsum(exps)
             for j in range(keys):
                 weights[index][i, j] = exps[j] / total
+            # rule 13: kept probabilities times 1 / (1 - p), dropped ones 0
+            dropped = [weights[index][i, j] * (1.0 if keep is None else keep[index][i, j] / (1 - case.dropout_p))
+                       for j in range(keys)]
             for c in range(value_dim):
-                out[index][i, c] = math.fsum(weights[index][i, j] * v[kv_index][j, c] for j in range(keys))
+                out[index][i, c] = math.fsum(dropped[j] * v[kv_index][j, c] for j in range(keys))
             lse[index][i] = top + math.log(total)
     shape = case.logits_shape[:-2]
     return (out.reshape((*shape, length, value_dim)), weights.reshape(case.logits_shape),

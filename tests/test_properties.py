@@ -18,4 +18,4 @@ def test_property(backend_name: str, prop: object) -> None:
 
 def test_every_spec_rule_has_a_property() -> None:
     covered = {rule for prop in PROPERTIES for rule in prop.rules}
-    assert covered == set(range(1, 13))
+    assert covered == set(range(1, 15))

@@ -1,4 +1,4 @@
-"""Every backend equals a literal transcription of SPEC.md (rules 1-8, 11): an oracle independent
+"""Every backend equals a literal transcription of SPEC.md (rules 1-8, 11, 13): an oracle independent
 of the NumPy backend, so that the float64 oracle is itself checked."""
 
 from __future__ import annotations

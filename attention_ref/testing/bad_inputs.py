@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..validation import validate_attention_args
+from ..validation import validate_attention_args, validate_vjp_args
 
 
 def _array(*shape: int, dtype: str = "float32") -> np.ndarray:
@@ -78,6 +78,24 @@ BAD_INPUTS: tuple[BadInput, ...] = (
     BadInput("non-bool return_lse", TypeError, ("return_lse", "1"), kwargs=dict(return_lse=1)),
     BadInput("framework-prefixed compute dtype string", ValueError, ("compute_dtype", "'torch.float64'"),
              kwargs=dict(compute_dtype="torch.float64")),
+    BadInput("window not a pair", TypeError, ("window", "3"), kwargs=dict(window=3)),
+    BadInput("negative window side", ValueError, ("window left", "-1", "None"), kwargs=dict(window=(-1, 0))),
+    BadInput("float window side", TypeError, ("window right", "1.5"), kwargs=dict(window=(2, 1.5))),
+    BadInput("dropout without a mask", ValueError, ("dropout_p=0.1", "dropout_mask", "dropout_mask(shape, p, seed)"),
+             kwargs=dict(dropout_p=0.1)),
+    BadInput("dropout_p of 1", ValueError, ("dropout_p", "[0, 1)", "1.0"),
+             kwargs=dict(dropout_p=1.0, dropout_mask=np.ones((3, 5), dtype=bool))),
+    BadInput("float dropout mask", TypeError, ("dropout_mask", "float32", "True = keep"),
+             kwargs=dict(dropout_p=0.5, dropout_mask=_array(3, 5))),
+    BadInput("dropout mask not broadcastable", ValueError, ("dropout_mask", "(4, 5)", "(3, 5)"),
+             kwargs=dict(dropout_p=0.5, dropout_mask=np.ones((4, 5), dtype=bool))),
+)
+
+#: Bad cotangents of ``attention_vjp`` (q (3, 8), k (5, 8), v (5, 4): out (3, 4)).
+BAD_D_OUT: tuple[tuple[str, Any, type[Exception], tuple[str, ...]], ...] = (
+    ("d_out of the wrong shape", _array(3, 8), ValueError, ("d_out", "(3, 4)", "(3, 8)")),
+    ("d_out of another dtype", _array(3, 4, dtype="float64"), TypeError, ("d_out", "float32", "float64")),
+    ("d_out not an array", [[1.0] * 4] * 3, TypeError, ("d_out", "list")),
 )
 
 
@@ -108,3 +126,15 @@ def check_bad_inputs(impl: Any) -> None:
         assert str(error) == str(expected), f"{bad.name}: message {str(error)!r} differs from {str(expected)!r}"
         missing = [word for word in bad.mentions if word not in str(error)]
         assert not missing, f"{bad.name}: message {str(error)!r} does not mention {missing}"
+    if not hasattr(impl, "attention_vjp"):
+        return
+    q, k, v = (impl.asarray(_array(*shape)) for shape in ((3, 8), (5, 8), (5, 4)))
+    for name, d_out, error_type, mentions in BAD_D_OUT:
+        converted = impl.asarray(d_out) if isinstance(d_out, np.ndarray) else d_out
+        error = _raised(lambda: impl.attention_vjp(q, k, v, converted))
+        expected = _raised(lambda: validate_vjp_args(_array(3, 8), _array(5, 8), _array(5, 4), d_out))
+        assert type(error) is error_type and type(expected) is error_type, (
+            f"{name}: raised {error!r}, expected {error_type.__name__} (front door: {expected!r})")
+        assert str(error) == str(expected), f"{name}: message {str(error)!r} differs from {str(expected)!r}"
+        missing = [word for word in mentions if word not in str(error)]
+        assert not missing, f"{name}: message {str(error)!r} does not mention {missing}"
