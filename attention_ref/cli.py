@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="what the kernel returns for a fully masked row (default: zero, the spec)")
     check.add_argument("--max-examples", type=int, default=100, metavar="N")
     check.add_argument("--seed", type=int, default=None)
+    check.add_argument("--backward", default=None, metavar="MODULE:FUNCTION",
+                       help="with grad: the kernel's backward(q, k, v, d_out, **keywords) -> (dq, dk, dv[, dbias]) "
+                            "(default: torch autograd / jax.vjp of the kernel)")
 
     cross = commands.add_parser(
         "crosscheck", help="check every installed framework kernel (torch SDPA, jax.nn, flax nnx) against SPEC.md")
@@ -73,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = check(_load(args.target), framework=args.framework, supports=supports,
                        layout=args.layout, dtypes=tuple(args.dtypes or ("float32",)),
                        fully_masked=args.fully_masked, max_examples=args.max_examples, seed=args.seed,
-                       name=args.target)
+                       name=args.target, backward=None if args.backward is None else _load(args.backward))
         print(result)
         return 0 if result.passed else 1
     if args.command == "crosscheck":

@@ -20,10 +20,14 @@ def dropout_mask(shape: tuple[int, ...], p: float, seed: int, *, backend: Any = 
     ``shape`` is usually the logits shape ``(..., Hq, L, S)`` or one broadcastable to it. Returns a
     NumPy array, or that backend's array when ``backend`` (a name or a backend object) is given.
     """
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) < 1.0:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"p must be a real number in [0, 1), got {p!r}")
+    if not 0.0 <= float(p) < 1.0:
         raise ValueError(f"p must be in [0, 1), got {p!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int >= 0, got {seed!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     keep = np.asarray(np.random.default_rng(int(seed)).random(tuple(shape)) >= float(p))
     if backend is None:
         return keep

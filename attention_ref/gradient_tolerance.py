@@ -14,8 +14,9 @@ multiplier (1 without dropout), dO the cotangent, and the per-row weight error `
 * ``D = rowsum(P dW)`` with ``D_err = rowsum(dP_err |dW| + P dW_err) + S u rowsum(P |dW|)``;
 * ``dS = P (dW - D)`` with ``dS_err = dP_err |dW - D| + P (dW_err + D_err + u |dW - D|) + u |dS|``;
 * under a softcap c, with ``t = tanh(raw / c)``: ``t_err = (1 - t²) delta / c + (T + 2) u |t|`` and
-  ``dR = dS (1 - t²)``, ``dR_err = dS_err (1 - t²) + |dS| (2 |t| t_err + 2 u t²) + u |dR|``
-  (``dR = dS`` without a cap);
+  ``dR = dS (1 - t²)``, ``dR_err = dS_err (1 - t²) + |dS| (2 |t| t_err + u t²) + 4 u |dR|`` (the
+  square, the subtraction, the product, and two more roundings for autodiff's order
+  ``((g c)(1 - t²)) / c``; ``dR = dS`` without a cap);
 * ``dq = scale dR K``: ``|scale| (dR_err |K| + (S + 1) u |dR| |K|) + (S + 1) tiny``;
 * ``dk = scale dRᵀ Q`` and ``dv = (PZ)ᵀ dO``, summed over the G query heads of a kv head (``n = G L``
   terms): ``|scale| (dR_errᵀ |Q| + (n + 1) u |dR|ᵀ |Q|) + (n + 1) tiny`` and
@@ -134,7 +135,8 @@ def _compute_error(problem: GradientProblem, u: float, tiny: float, delta: np.nd
     if t is not None:
         cap = problem.softcap
         t_err = (1 - t * t) * delta[..., None] / cap + (TRANSCENDENTAL_ERROR + 2) * u * np.abs(t)
-        dr_err = ds_err * (1 - t * t) + np.abs(ds) * (2 * np.abs(t) * t_err + 2 * u * t * t) + u * np.abs(dr)
+        # 1 - t²: the square and the subtraction; dR: the product; autodiff's ((g c)(1 - t²)) / c: two more.
+        dr_err = ds_err * (1 - t * t) + np.abs(ds) * (2 * np.abs(t) * t_err + u * t * t) + 4 * u * np.abs(dr)
     abs_dr = np.abs(dr)
     s = abs(problem.scale)
     n = problem.group * length

@@ -77,6 +77,9 @@ class AttentionPlan:
         low = None if self.window_left is None else offset - self.window_left
         rights = [r for r in (self.window_right, 0 if self.causal else None) if r is not None]
         high = offset + min(rights) if rights else None
+        # j - i lies in [-L, S]: clamping there changes nothing and keeps the bounds small integers.
+        low = None if low is None else max(low, -self.q_len)
+        high = None if high is None else min(high, self.kv_len)
         return low, high
 
     @property
@@ -219,7 +222,9 @@ def _check_window(window: Any) -> tuple[int | None, int | None]:
 
 
 def _check_dropout(dropout_p: Any, dropout_mask: Any) -> float:
-    p = _check_real("dropout_p", dropout_p)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a real number in [0, 1), got {dropout_p!r}")
+    p = float(dropout_p)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if p > 0 and dropout_mask is None:

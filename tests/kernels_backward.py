@@ -40,6 +40,7 @@ BUGS = (
     "dropout_without_rescale",
     "weights_after_dropout",
     "backward_ignores_dropout",
+    "dbias_averaged_over_broadcast_dims",
 )
 
 
@@ -131,13 +132,17 @@ def make_kernel(**bugs: bool) -> Kernel:
             row = 0 if bug["backward_without_row_term"] else (p * dw).sum(dim=-1, keepdim=True)
             ds = p * (dw - row)
             d_bias = None
-            if bias_info is not None:
+            if bias_info is not None:  # reduce dS to the bias's own (broadcast) shape
                 shape, dtype = bias_info
+                reduce = torch.mean if bug["dbias_averaged_over_broadcast_dims"] else torch.sum
                 d_bias = ds
                 extra = d_bias.dim() - len(shape)
                 if extra:
-                    d_bias = d_bias.sum(dim=tuple(range(extra)))
-                d_bias = d_bias.sum_to_size(shape).to(dtype)
+                    d_bias = reduce(d_bias, dim=tuple(range(extra)))
+                stretched = tuple(i for i, n in enumerate(shape) if n == 1 and d_bias.shape[i] != 1)
+                if stretched:
+                    d_bias = reduce(d_bias, dim=stretched, keepdim=True)
+                d_bias = d_bias.to(dtype)
             dr = ds
             if softcap is not None and not bug["softcap_backward_without_derivative"]:
                 dr = ds * (1 - t * t)
@@ -157,7 +162,7 @@ def make_kernel(**bugs: bool) -> Kernel:
                window=None, dropout_p=0.0, dropout_mask=None, return_weights=False, return_lse=False):
         s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         shape = (*q.shape[:-1], k.shape[-2])
-        mask, bias, dropout_mask = (None if x is None else x.broadcast_to(shape) for x in (mask, bias, dropout_mask))
+        mask, dropout_mask = (None if x is None else x.broadcast_to(shape) for x in (mask, dropout_mask))
         out, weights, lse = Attention.apply(q, k, v, bias, mask, dropout_mask, s, causal, alignment,
                                             None if softcap is None else float(softcap), window, float(dropout_p))
         if not (return_weights or return_lse):
@@ -198,4 +203,6 @@ BUGGY_BACKWARD_KERNELS: dict[str, tuple[Kernel, str]] = {
                               "returned weights are those after dropout"),
     "backward_ignores_dropout": (make_kernel(backward_ignores_dropout=True),
                                  "backward uses P instead of P·keep/(1-p) (dropout forgotten in dv and dP)"),
+    "dbias_averaged_over_broadcast_dims": (make_kernel(dbias_averaged_over_broadcast_dims=True),
+                                           "dbias averaged, not summed, over the dims the bias was broadcast over"),
 }

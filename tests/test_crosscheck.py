@@ -69,6 +69,51 @@ def test_jax_nn_fails_when_declared_as_the_spec() -> None:
     assert "expected np.float64(0.0) exactly" in failure.detail, failure.detail
 
 
+def test_torch_sdpa_math_gradients_pass_in_every_cpu_dtype() -> None:
+    """torch SDPA with autograd: dq, dk, dv and the float attn_mask's gradient (dbias) pass."""
+    import_or_skip("torch")
+    report = check(torch_sdpa("MATH"), framework="torch", supports=(*SDPA_FEATURES, "grad", "dbias"),
+                   dtypes=HALF_AND_SINGLE, seed=0, max_examples=20)
+    assert report.passed, str(report)
+    assert statuses(report)["gradients_match_float64_oracle"] == "pass"
+
+
+def test_jax_nn_gradients_and_local_window_pass_with_a_mask() -> None:
+    """jax.nn with jax.vjp, and local_window_size against window, pass (mask, not bias: see below)."""
+    import_or_skip("jax")
+    supports = ("mask", "scale", "causal", "gqa", "window", "grad")
+    report = check(jax_nn("xla"), framework="jax", supports=supports, layout="blhd", fully_masked="mean_v",
+                   seed=0, max_examples=6, few_shapes=True)
+    assert report.passed, str(report)
+    assert statuses(report)["window_equals_explicit_mask"] in ("pass", "convention differs")
+    assert statuses(report)["gradients_match_float64_oracle"] in ("pass", "convention differs")
+
+
+def test_jax_nn_nan_gradients_when_a_bias_row_is_all_neg_inf() -> None:
+    """A finding: jax.nn gives NaN out for a row whose bias is all -inf (its declared convention) and
+    NaN dk, dv for the whole head, even with a zero cotangent on that row; the checker fails it."""
+    import_or_skip("jax")
+    import numpy as np
+
+    from attention_ref.testing.cases import AttentionCase, call_vjp
+    from attention_ref.testing.check import KernelImplementation
+    from attention_ref.testing.properties import assert_gradients_close
+    from attention_ref.testing.strategies import Features
+
+    impl = KernelImplementation(jax_nn("xla"), framework="jax", layout="blhd", fully_masked="mean_v",
+                                features=Features(frozenset(("bias", "grad", "dbias")), ("float32",)))
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 1, n, 3)).astype(np.float32) for n in (2, 4, 4))
+    bias = np.zeros((1, 1, 2, 4), np.float32)
+    bias[..., 0, :] = -np.inf
+    case = AttentionCase(q, k, v, bias=bias)
+    d_out = np.ones((1, 1, 2, 3), np.float32)
+    grads = call_vjp(impl, case, d_out)
+    assert np.isnan(grads.dk).all() and np.isnan(grads.dv).all()
+    with pytest.raises(AssertionError, match="nan"):
+        assert_gradients_close(grads, case, d_out)
+
+
 def test_flax_nnx_passes_with_its_declared_convention() -> None:
     import_or_skip("flax")
     report = check(flax_nnx, framework="jax", supports=("mask", "bias", "causal", "gqa"), layout="blhd",

@@ -126,3 +126,6 @@ def test_window_conventions() -> None:
         out = backend.to_numpy(backend.attention(*(backend.asarray(x) for x in (q, k, v)), window=(1, 0),
                                                  alignment="bottom_right", return_weights=True).weights)
         assert np.array_equal(out != 0, bottom_right), name
+        huge = backend.attention(*(backend.asarray(x) for x in (q, k, v)), window=(2**40, 2**40))
+        plain = backend.attention(*(backend.asarray(x) for x in (q, k, v)))
+        assert np.array_equal(backend.to_numpy(huge), backend.to_numpy(plain)), name

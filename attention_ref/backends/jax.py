@@ -141,6 +141,9 @@ def _direct_forward(
     def grouped_view(x: jax.Array | None) -> jax.Array | None:
         return None if x is None else jnp.broadcast_to(x, plan.logits_shape).reshape(grouped)
 
+    if bias is not None:  # widened before the broadcast, so that its gradient is summed in the compute dtype
+        bias = bias.astype(plan.compute_dtype)
+
     low, high = plan.key_range
     out, weights, lse = _grouped_attention(
         q5, k5, v5, grouped_view(mask), grouped_view(bias), grouped_view(dropout_mask), scale, softcap,

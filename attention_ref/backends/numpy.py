@@ -115,7 +115,7 @@ class NumpyBackend(Backend):
         d_logits = f.weights * (d_weights - row_dot)  # exactly 0 wherever the weight is 0
         d_bias = None
         if bias is not None:
-            d_bias = reduce_to_shape(d_logits.reshape(plan.logits_shape), bias.shape).astype(bias.dtype)
+            d_bias = np.asarray(reduce_to_shape(d_logits.reshape(plan.logits_shape), bias.shape).astype(bias.dtype))
         if f.capped is not None:
             d_logits = d_logits * (1 - f.capped * f.capped)
         d_raw = d_logits.reshape(stacked) * compute.type(plan.scale)

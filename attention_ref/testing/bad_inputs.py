@@ -83,6 +83,7 @@ BAD_INPUTS: tuple[BadInput, ...] = (
     BadInput("float window side", TypeError, ("window right", "1.5"), kwargs=dict(window=(2, 1.5))),
     BadInput("dropout without a mask", ValueError, ("dropout_p=0.1", "dropout_mask", "dropout_mask(shape, p, seed)"),
              kwargs=dict(dropout_p=0.1)),
+    BadInput("string dropout_p", TypeError, ("dropout_p", "'0.1'"), kwargs=dict(dropout_p="0.1")),
     BadInput("dropout_p of 1", ValueError, ("dropout_p", "[0, 1)", "1.0"),
              kwargs=dict(dropout_p=1.0, dropout_mask=np.ones((3, 5), dtype=bool))),
     BadInput("float dropout mask", TypeError, ("dropout_mask", "float32", "True = keep"),

@@ -834,13 +834,15 @@ def _float64_cases(features: Features) -> st.SearchStrategy[Any] | None:
     return None if cases is None else st.tuples(cases, _seeds)
 
 
-@attention_property("gradients_match_finite_differences", (14,), strategy=_float64_cases, requires=("grad",))
-def gradients_match_finite_differences(impl: Any, example: tuple[AttentionCase, int]) -> None:
-    """float64 gradients match central finite differences of sum(out · d_out) along a random direction
-    of (q, k, v, bias), Richardson-extrapolated; the tolerance is the difference of the two step
-    sizes' estimates (it bounds the truncation error), the rounding of the forward passes divided
-    by the step, and the gradients' own bound."""
-    case, seed = example
+def directional_derivatives(impl: Any, case: AttentionCase, seed: int) -> tuple[float, float, float]:
+    """``(analytic, finite_difference, tolerance)`` for the derivative of ``sum(out · d_out)`` along a
+    random direction of (q, k, v, and the bias when ``impl`` gives dbias), at float64.
+
+    The finite difference is central, at steps h and h/2, Richardson-extrapolated; the tolerance is
+    the difference of the two estimates (it bounds the truncation error of the extrapolation), plus
+    the rounding of the forward passes (their out bounds weighted by |d_out|) divided by the steps,
+    plus the gradients' own bound along the direction.
+    """
     rng = np.random.default_rng(seed)
     d_out = _cotangent(case, seed)
     grads = call_vjp(impl, case, d_out)
@@ -877,11 +879,19 @@ def gradients_match_finite_differences(impl: Any, example: tuple[AttentionCase, 
     extrapolated = (4 * estimates[1] - estimates[0]) / 3
     gradient_bounds = gradient_bounds_for(impl, case, d_out)
     own = sum(float(np.sum(getattr(gradient_bounds, "d" + name) * np.abs(direction[name]))) for name in names)
-    tolerance = abs(estimates[1] - estimates[0]) + 2 * rounding + own
+    return analytic, extrapolated, abs(estimates[1] - estimates[0]) + 2 * rounding + own
+
+
+@attention_property("gradients_match_finite_differences", (14,), strategy=_float64_cases, requires=("grad",))
+def gradients_match_finite_differences(impl: Any, example: tuple[AttentionCase, int]) -> None:
+    """float64 gradients match central finite differences of sum(out · d_out) along a random direction
+    of (q, k, v, bias), Richardson-extrapolated, within a tolerance derived from the estimates
+    themselves (``directional_derivatives``)."""
+    case, seed = example
+    analytic, extrapolated, tolerance = directional_derivatives(impl, case, seed)
     assert abs(analytic - extrapolated) <= tolerance, (
-        f"directional derivative: gradients give {analytic!r}, finite differences {extrapolated!r} "
-        f"(steps {step:g}, {step / 2:g}: {estimates[0]!r}, {estimates[1]!r}); |difference| "
-        f"{abs(analytic - extrapolated):.3g} > tolerance {tolerance:.3g}\n  case: {case!r}")
+        f"directional derivative: gradients give {analytic!r}, finite differences {extrapolated!r}; "
+        f"|difference| {abs(analytic - extrapolated):.3g} > tolerance {tolerance:.3g}\n  case: {case!r}")
 
 
 # ---- rule 12: errors -----------------------------------------------------------------------------------
