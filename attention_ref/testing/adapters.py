@@ -269,11 +269,11 @@ def _jax_targets(device: str) -> list[Target]:
                               dtypes=("float16", "bfloat16"), device=jax_device, few_shapes=True,
                               notes=("fully masked rows: 0 (cudnn), as SPEC.md", layout_note)))
     if _installed("flax"):
-        targets.append(Target("flax.nnx.dot_product_attention", "jax", flax_nnx,
-                              ("mask", "bias", "causal", "gqa", "grad", "dbias"),
+        targets.append(Target("flax.nnx.dot_product_attention", "jax", flax_nnx, ("mask", "bias", "causal", "gqa"),
                               layout="blhd", fully_masked="mean_v", device=jax_device, few_shapes=True,
-                              notes=(*mean_v, layout_note, "no scale keyword (always 1/sqrt(E))", *grad_note,
-                                     "dropout not checked (flax draws its own mask)")))
+                              notes=(*mean_v, layout_note, "no scale keyword (always 1/sqrt(E))",
+                                     "gradients not re-checked: without dropout it delegates to jax.nn, whose "
+                                     "gradients are; dropout not checked (flax draws its own mask)")))
     return targets
 
 

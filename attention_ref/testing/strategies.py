@@ -30,7 +30,8 @@ QK_MAGNITUDES = (1e-3, 0.1, 1.0, 3.0, 10.0)
 
 #: The sizes ``attention_cases(few_shapes=True)`` draws from: the corners (L = 1, L > S, L < S,
 #: several tiles, GQA, E != Ev) with few distinct shapes, for kernels compiled once per shape.
-FEW_SHAPES = {"batch": (1, 2), "heads": (1, 2), "length": (1, 5), "long": (130,), "head_dim": (3, 4)}
+FEW_SHAPES = {"batch": (1, 2), "heads": (1, 2), "length": (1, 5), "long": (130,), "head_dim": (3, 4),
+              "window": (0, 1, 4)}
 
 #: Features a kernel may support (the ``supports`` of ``attention_ref.testing.check``): keywords it
 #: takes, results it returns, and two shape features: ``gqa`` (Hq > Hkv) and ``value_dim`` (v's head
@@ -163,8 +164,8 @@ def attention_cases(
     unbounded or from 0 to beyond the lengths, at the drawn alignment; ``dropout``: a probability
     (0 included) with a keep-mask from ``attention_ref.dropout_mask`` in a broadcast shape. With ``long_kv_len``, S is drawn from
     129 to ``long_kv_len`` in about one example in eight (several tiles of a tiled kernel).
-    ``few_shapes`` draws every size from the small menu ``FEW_SHAPES`` (within the bounds), for
-    kernels that compile once per shape.
+    ``few_shapes`` draws every size (and window side) from the small menu ``FEW_SHAPES`` (within the
+    bounds), for kernels that compile once per shape.
     """
 
     def size(low: int, high: int, kind: str) -> st.SearchStrategy[int]:
@@ -241,8 +242,9 @@ def attention_cases(
         softcap_value = draw(st.one_of(st.sampled_from((0.5, 1.0, 5.0, 30.0)),
                                        st.floats(0.05, 50.0, allow_nan=False)))
     window_value = None
-    if _feature(draw, window):
-        sides = st.one_of(st.none(), st.integers(0, max(length, keys) + 1))
+    if _feature(draw, window):  # a window side is a static option of compiled kernels: a menu for them
+        sides = st.one_of(st.none(), st.sampled_from(FEW_SHAPES["window"]) if few_shapes
+                          else st.integers(0, max(length, keys) + 1))
         window_value = (draw(sides), draw(sides))
     dropout_p, keep = 0.0, None
     if _feature(draw, dropout):
