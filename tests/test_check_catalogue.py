@@ -1,5 +1,6 @@
-"""The checker, with default settings, flags every buggy kernel of tests/kernels.py and passes every
-correct one (several seeds for the bugs; measured over more seeds in benchmarks/ and the issue notes)."""
+"""The checker flags every buggy kernel of tests/kernels.py and tests/kernels_backward.py and passes
+every correct one (CI: seed 0, fewer examples for the slow ones; measured over more seeds at the
+default settings by benchmarks/checker.py and in the issue notes)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .kernels_backward import ALL_FEATURES_WITH_GRAD, BUGGY_BACKWARD_KERNELS, re
 ALL_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])
 @pytest.mark.parametrize("name", list(BUGGY_KERNELS))
 def test_buggy_kernel_is_flagged(name: str, seed: int) -> None:
     kernel, supports, description = BUGGY_KERNELS[name]
@@ -25,15 +26,16 @@ def test_buggy_kernel_is_flagged(name: str, seed: int) -> None:
     assert not report.passed, f"{name} ({description}) was not flagged:\n{report}"
 
 
-#: Examples per property for the correct kernels in CI: the default (100), except the tile-1 kernel
-#: (a Python loop over every key, about 3x slower); benchmarks/checker.py runs all at the default.
+#: Examples per property for the correct kernels in CI: 50 (the default is 100), 25 for the tile-1
+#: kernel (a Python loop over every key, about 3x slower); benchmarks/checker.py runs all at the
+#: default over several seeds, for the catch rate and false alarms it reports.
 CI_EXAMPLES = {"tiled_1": 25}
 
 
 @pytest.mark.parametrize("name", list(CORRECT_KERNELS))
 def test_correct_kernel_passes(name: str) -> None:
     report = check(CORRECT_KERNELS[name], framework="torch", supports=ALL_FEATURES, dtypes=ALL_DTYPES, seed=0,
-                   max_examples=CI_EXAMPLES.get(name, 100))
+                   max_examples=CI_EXAMPLES.get(name, 50))
     assert report.passed, str(report)
 
 
