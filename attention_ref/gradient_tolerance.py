@@ -24,6 +24,11 @@ multiplier (1 without dropout), dO the cotangent, and the per-row weight error `
 * ``dbias = dS`` summed over the bias's broadcast dims (``m`` terms per element):
   ``sum(dS_err) + m u sum(|dS|) + m tiny``.
 
+Every stored intermediate (P Z, dW, D, dS, dR) may be flushed to zero when subnormal (XLA on the
+CPU and GPU kernels do), so each error above also has a ``tiny`` (the compute dtype's smallest
+normal number; ``S tiny`` for D), and so do the final sums (``(n + 1) tiny``) and ``scale dR``,
+which autodiff forms before the product with K or Q (``tiny sum_j |K_j|`` in dq, ``tiny sum_i |Q_i|``
+in dk, over attended entries).
 The float64 oracle's own error (the same formula with the float64 ``u``) is added, then the rounding
 of the result to its dtype: ``u_out |g| + (1 + u_out) err + tiny_out``. Like the forward bound it is
 worst-case per sum (about sqrt(n) conservative) and never multiplied by a fudge factor. Gradients
@@ -124,25 +129,32 @@ def _compute_error(problem: GradientProblem, u: float, tiny: float, delta: np.nd
     keys, length, value_dim = p.shape[-1], p.shape[-2], problem.v.shape[-1]
     abs_q, abs_k, abs_dout = np.abs(problem.q), np.abs(problem.k), np.abs(problem.d_out)
 
+    # Every stored intermediate may also be flushed to zero when subnormal: + tiny each (``a``: attended).
     p_err = rho[..., None] * p + tiny * a
-    pz_err = z * (p_err + 2 * u * p)
-    dw_err = z * value_dim * u * np.matmul(abs_dout, np.swapaxes(np.abs(problem.v), -1, -2)) + 2 * u * np.abs(dw)
+    pz_err = z * (p_err + 2 * u * p) + tiny * a
+    dw_err = (z * value_dim * u * np.matmul(abs_dout, np.swapaxes(np.abs(problem.v), -1, -2)) + 2 * u * np.abs(dw)
+              + tiny)
     row_err = ((p_err * np.abs(dw) + p * dw_err).sum(axis=-1, keepdims=True)
-               + keys * u * (p * np.abs(dw)).sum(axis=-1, keepdims=True))
+               + keys * u * (p * np.abs(dw)).sum(axis=-1, keepdims=True) + keys * tiny)
     centred = np.abs(dw - row)
-    ds_err = p_err * centred + p * (dw_err + row_err + u * centred) + u * np.abs(ds)
+    ds_err = p_err * centred + p * (dw_err + row_err + u * centred) + u * np.abs(ds) + tiny * a
     dr_err = ds_err
     if t is not None:
         cap = problem.softcap
         t_err = (1 - t * t) * delta[..., None] / cap + (TRANSCENDENTAL_ERROR + 2) * u * np.abs(t)
         # 1 - t²: the square and the subtraction; dR: the product; autodiff's ((g c)(1 - t²)) / c: two more.
-        dr_err = ds_err * (1 - t * t) + np.abs(ds) * (2 * np.abs(t) * t_err + u * t * t) + 4 * u * np.abs(dr)
+        dr_err = (ds_err * (1 - t * t) + np.abs(ds) * (2 * np.abs(t) * t_err + u * t * t) + 4 * u * np.abs(dr)
+                  + tiny * a)
     abs_dr = np.abs(dr)
     s = abs(problem.scale)
     n = problem.group * length
-    dq = s * (np.matmul(dr_err, abs_k) + (keys + 1) * u * np.matmul(abs_dr, abs_k)) + (keys + 1) * tiny
+    # scale dR may be formed (and flushed) before the product with K or Q: + tiny per attended term.
+    attended = a.astype(np.float64)
+    dq = (s * (np.matmul(dr_err, abs_k) + (keys + 1) * u * np.matmul(abs_dr, abs_k)) + (keys + 1) * tiny
+          + tiny * np.matmul(attended, abs_k))
     dk = (s * (problem.kv_sum(np.matmul(np.swapaxes(dr_err, -1, -2), abs_q))
-               + (n + 1) * u * problem.kv_sum(np.matmul(np.swapaxes(abs_dr, -1, -2), abs_q))) + (n + 1) * tiny)
+               + (n + 1) * u * problem.kv_sum(np.matmul(np.swapaxes(abs_dr, -1, -2), abs_q))) + (n + 1) * tiny
+          + tiny * problem.kv_sum(np.matmul(np.swapaxes(attended, -1, -2), abs_q)))
     pz_t = np.swapaxes(p * z, -1, -2)
     dv = (problem.kv_sum(np.matmul(np.swapaxes(pz_err, -1, -2), abs_dout))
           + n * u * problem.kv_sum(np.matmul(pz_t, abs_dout)) + n * tiny)
