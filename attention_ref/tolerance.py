@@ -1,7 +1,9 @@
 """The tolerance rule (SPEC.md rule 10, "Accuracy"): how far a result may lie from the exact answer.
 
-This is the one place where tolerances are defined. Every comparison in the property tests asks
-``error_bounds`` for its bounds; none picks a number of its own.
+This is the one place where tolerances of attention results are defined (its extension to
+gradients, by the same method, is ``attention_ref.gradient_tolerance``). Every comparison in the
+property tests asks ``error_bounds`` (or ``gradient_error_bounds``) for its bounds; none picks a
+number of its own.
 
 The bound is a first-order forward error analysis of the algorithm SPEC.md prescribes, evaluated
 per query row on the actual data. With ``u`` the unit roundoff of the compute dtype, ``T = 8`` the
