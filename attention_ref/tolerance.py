@@ -61,7 +61,6 @@ practice, so the rule is the derived bound; it loosens only for float16 and bflo
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np

@@ -10,22 +10,17 @@ from hypothesis import strategies as st
 
 import attention_ref as ar
 from attention_ref.frameworks import numpy_dtype
-from attention_ref.testing.cases import call_vjp
+from attention_ref.testing.cases import call_vjp, random_cotangent
 from attention_ref.testing.properties import assert_within
 from attention_ref.testing.strategies import attention_cases
 
 from .conftest import TESTED_BACKEND_NAMES
 
 
-def _cotangent(case, seed: int) -> np.ndarray:
-    shape = (*case.logits_shape[:-1], case.value_dim)
-    return np.random.default_rng(seed).standard_normal(shape).astype(numpy_dtype(case.dtype))
-
-
 @given(attention_cases(), st.integers(0, 2**32 - 1))
 def test_backends_agree_on_gradients(case, seed: int) -> None:
     """Each pair of backends within the sum of their two bounds (each holds its own to the oracle)."""
-    d_out = _cotangent(case, seed)
+    d_out = random_cotangent(case, seed)
     bounds = case.gradient_bounds(d_out, case.oracle_gradients(d_out))
     results = {name: call_vjp(ar.get_backend(name), case, d_out) for name in TESTED_BACKEND_NAMES}
     first, *others = TESTED_BACKEND_NAMES

@@ -294,11 +294,24 @@ class AttentionCase:
         )
 
 
+def random_cotangent(case: AttentionCase, seed: int) -> np.ndarray:
+    """A standard-normal cotangent d_out of out's shape ``(*B, Hq, L, Ev)``, in the input dtype."""
+    from ..frameworks import numpy_dtype
+
+    shape = (*case.logits_shape[:-1], case.value_dim)
+    return np.asarray(np.random.default_rng(seed).standard_normal(shape)).astype(numpy_dtype(case.dtype))
+
+
+def _converted(impl: Any, case: AttentionCase) -> dict[str, Any]:
+    """q, k, v and the case's array keywords as ``impl``'s arrays."""
+    return {name: None if x is None else impl.asarray(x)
+            for name, x in (("q", case.q), ("k", case.k), ("v", case.v), *case.arrays().items())}
+
+
 def call_vjp(impl: Any, case: AttentionCase, d_out: np.ndarray) -> Gradients:
     """Run ``impl.attention_vjp`` on the case and the cotangent ``d_out`` (converted with
     ``impl.asarray``); returns NumPy gradients."""
-    arrays = {name: None if x is None else impl.asarray(x)
-              for name, x in (("q", case.q), ("k", case.k), ("v", case.v), *case.arrays().items())}
+    arrays = _converted(impl, case)
     result = impl.attention_vjp(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), impl.asarray(d_out), **arrays,
                                 **case.options())
     return Gradients(*(None if x is None else impl.to_numpy(x) for x in result))
@@ -310,10 +323,7 @@ def call(impl: Any, case: AttentionCase, **kwargs: Any) -> AttentionOutput:
     ``kwargs`` override the case's options and add flags (``return_weights``...). When the call
     returns a bare array it is wrapped as ``AttentionOutput(out, None, None)``.
     """
-    arrays = {
-        name: None if x is None else impl.asarray(x)
-        for name, x in (("q", case.q), ("k", case.k), ("v", case.v), *case.arrays().items())
-    }
+    arrays = _converted(impl, case)
     options = {**case.options(), **kwargs}
     result = impl.attention(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), **arrays, **options)
     if not isinstance(result, AttentionOutput):

@@ -28,7 +28,7 @@ from ..gradient_tolerance import GradientBounds
 from ..result import AttentionOutput, Gradients
 from ..tolerance import UNIT_ROUNDOFF, ErrorBounds
 from .bad_inputs import check_bad_inputs
-from .cases import AttentionCase, call, call_vjp
+from .cases import AttentionCase, call, call_vjp, random_cotangent
 from .strategies import ALL_FEATURES, Features, feature_cases, numpy_dtype, random_values
 
 _seeds = st.integers(0, 2**32 - 1)
@@ -686,7 +686,7 @@ def window_equals_explicit_mask(impl: Any, case: AttentionCase) -> None:
     assert_same_results(full_results(impl, case), full_results(impl, explicit), 2 * bounds_for(impl, case), case,
                         f"window {case.window} ({case.alignment}, causal={case.causal}) vs explicit mask")
     if "grad" in getattr(impl, "features", ALL_FEATURES):
-        d_out = _cotangent(case, case.q_len * 7 + case.kv_len)
+        d_out = random_cotangent(case, case.q_len * 7 + case.kv_len)
         first, second = call_vjp(impl, case, d_out), call_vjp(impl, explicit, d_out)
         assert_same_gradients(first, second, 2 * gradient_bounds_for(impl, case, d_out), case, "window vs explicit mask")
 
@@ -727,12 +727,6 @@ def dropout_all_keep_scales_by_inverse_keep_probability(impl: Any, case: Attenti
 
 
 # ---- rule 14: gradients --------------------------------------------------------------------------------
-
-
-def _cotangent(case: AttentionCase, seed: int) -> np.ndarray:
-    """A random cotangent d_out of out's shape in the input dtype."""
-    shape = (*case.logits_shape[:-1], case.value_dim)
-    return random_values(np.random.default_rng(seed), shape, "normal", 1.0).astype(numpy_dtype(case.dtype))
 
 
 def gradient_bounds_for(impl: Any, case: AttentionCase, d_out: np.ndarray, expected: Gradients | None = None,
@@ -782,7 +776,7 @@ def gradients_match_float64_oracle(impl: Any, example: tuple[AttentionCase, int]
     """dq, dk, dv and dbias match the float64 oracle's analytic backward pass within the gradient
     tolerance (every feature, every dtype); exactly 0 where SPEC.md fixes them; never NaN."""
     case, seed = example
-    d_out = _cotangent(case, seed)
+    d_out = random_cotangent(case, seed)
     assert_gradients_close(call_vjp(impl, case, d_out), case, d_out,
                            calibrated=bool(getattr(impl, "calibrated_tolerance", False)),
                            with_dbias="dbias" in getattr(impl, "features", ALL_FEATURES))
@@ -798,7 +792,7 @@ def gradients_vanish_through_excluded_keys(impl: Any, example: tuple[AttentionCa
     mask = _broadcast_full(case.mask, case.logits_shape, True, bool)
     mask[..., rng.random(case.kv_len) < 0.4] = False
     case = case.replace(mask=mask)
-    d_out = _cotangent(case, seed)
+    d_out = random_cotangent(case, seed)
     grads = call_vjp(impl, case, d_out)
     zeros = case.structural_zero_gradients()
     for name in _GRADIENT_NAMES:
@@ -818,7 +812,7 @@ def logit_gradient_rows_sum_to_zero(impl: Any, example: tuple[AttentionCase, int
     every row (softmax is invariant to a constant per row)."""
     case, seed = example
     case = case.replace(bias=np.ascontiguousarray(np.broadcast_to(case.bias, case.logits_shape)))
-    d_out = _cotangent(case, seed)
+    d_out = random_cotangent(case, seed)
     grads = call_vjp(impl, case, d_out)
     bound = gradient_bounds_for(impl, case, d_out).dbias.sum(axis=-1)
     sums = np.asarray(grads.dbias, np.float64).sum(axis=-1)
@@ -844,7 +838,7 @@ def directional_derivatives(impl: Any, case: AttentionCase, seed: int) -> tuple[
     plus the gradients' own bound along the direction.
     """
     rng = np.random.default_rng(seed)
-    d_out = _cotangent(case, seed)
+    d_out = random_cotangent(case, seed)
     grads = call_vjp(impl, case, d_out)
     with_dbias = "dbias" in getattr(impl, "features", ALL_FEATURES)
     names = ["q", "k", "v"] + (["bias"] if case.bias is not None and with_dbias else [])
