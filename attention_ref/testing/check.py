@@ -170,6 +170,7 @@ class KernelImplementation:
                 zeroed = np.array(self.to_numpy(d_out))
                 zeroed[rows] = 0
                 d_out = self.asarray(zeroed)
+                self.observed[ZEROED_COTANGENT_EVIDENCE] += int(rows.sum())
         if self.layout == "blhd":
             q, k, v, d_out = (x.swapaxes(1, 2) for x in (q, k, v, d_out))
         try:
@@ -275,6 +276,11 @@ FULLY_MASKED_EVIDENCE = {
               "-inf bias alone excludes the row; out verified; weights and lse of those rows not compared)",
     "skip": "fully excluded rows: not compared at all (declared skip, NOT verified)",
 }
+
+
+#: The evidence line when gradients were taken with d_out zeroed on fully excluded rows.
+ZEROED_COTANGENT_EVIDENCE = ("fully excluded rows: d_out set to 0 there for the gradients (the kernel's "
+                             "contribution from those rows is not compared)")
 
 
 @dataclass
