@@ -2,7 +2,7 @@
 
 Each built-in target of ``attention_ref.testing.adapters`` is run through ``check`` with its
 declared features and conventions. The matrix has one row per property and one column per target;
-a cell is ``pass``, ``FAIL``, ``differs [n]`` (passed given the declared convention [n], which was
+a cell is ``pass``, ``FAIL``, ``differs [n,...]`` (passed given the declared conventions [n,...], which were
 exercised and verified) or ``n/a`` (the target lacks a feature the property needs). Under the
 matrix: each target's declared conventions, the evidence for every "differs" and the shrunk
 failing case of every FAIL.
@@ -44,11 +44,11 @@ class CrosscheckReport:
         for _, report, _ in self.results:
             cells = {}
             for outcome in report.outcomes:
-                if outcome.status == "convention differs":
-                    convention = re.sub(r" \[\d+ rows\]", "", outcome.detail)
-                    if convention not in footnotes:
-                        footnotes.append(convention)
-                    cells[outcome.name] = f"differs [{footnotes.index(convention) + 1}]"
+                if outcome.status == "convention differs":  # one footnote per line of evidence
+                    conventions = [re.sub(r" \[\d+ rows\]", "", line) for line in outcome.detail.splitlines()]
+                    footnotes += [c for c in dict.fromkeys(conventions) if c not in footnotes]
+                    numbers = ",".join(str(footnotes.index(c) + 1) for c in dict.fromkeys(conventions))
+                    cells[outcome.name] = f"differs [{numbers}]"
                 else:
                     cells[outcome.name] = _CELLS[outcome.status]
             columns.append(cells)
