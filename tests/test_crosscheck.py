@@ -140,3 +140,29 @@ def test_cli_crosscheck_prints_the_matrix(capsys: pytest.CaptureFixture[str]) ->
     assert re.fullmatch(r"\d+ passed, \d+ convention differs, \d+ failed", out.splitlines()[-1])
     strict = main(["crosscheck", "--target", "torch.sdpa[FLASH", "--max-examples", "10", "--strict"])
     assert strict == 1  # the CPU flash kernel's NaN bug
+
+
+def test_torch_math_dropout_mask_follows_the_spec() -> None:
+    """torch's math attention with an explicit keep-mask (the private op torch's own tests use) gives
+    SPEC.md's dropout output and gradients; its returned probabilities are P * keep (not rescaled),
+    neither SPEC.md's weights (before dropout) nor the probabilities actually used."""
+    torch = import_or_skip("torch")
+    import numpy as np
+
+    import attention_ref as ar
+    from attention_ref.testing import AttentionCase, assert_attention_close, assert_gradients_close
+    from attention_ref.testing.properties import assert_within
+
+    rng = np.random.default_rng(0)
+    case = AttentionCase(*(rng.standard_normal(shape) for shape in ((2, 4, 3, 5), (2, 2, 6, 5), (2, 2, 6, 3))),
+                         causal=True, dropout_p=0.3, dropout_mask=ar.dropout_mask((2, 4, 3, 6), 0.3, seed=1))
+    q, k, v = (torch.from_numpy(x).requires_grad_() for x in (case.q, case.k, case.v))
+    keep = torch.from_numpy(case.dropout_mask)
+    out, attn = torch.ops.aten._scaled_dot_product_attention_math(q, k, v, None, 0.3, True, keep, enable_gqa=True)
+    assert_attention_close(out.detach().numpy(), case)
+    oracle = case.oracle()
+    assert_within("attn vs weights * keep", attn.detach().numpy(), oracle.weights * case.dropout_mask,
+                  case.bounds(oracle=oracle).weights, case)
+    d_out = np.ones(out.shape)
+    grads = torch.autograd.grad(out, (q, k, v), torch.from_numpy(d_out))
+    assert_gradients_close(ar.Gradients(*(g.numpy() for g in grads)), case, d_out)
