@@ -15,7 +15,8 @@ from .base import Backend, reduce_to_shape
 @dataclass
 class _Forward:
     """The forward pass on grouped arrays (``(*B, Hkv, G, L, S)`` for logits-shaped ones), kept for
-    the backward pass. ``keep`` is the dropout multiplier ``keep / (1 - p)`` or None."""
+    the backward pass. ``multiplier`` is the dropout multiplier ``keep / (1 - p)``, or None without a
+    dropout mask."""
 
     q4: np.ndarray  # (*B, Hkv, G*L, E), compute dtype
     k4: np.ndarray  # (*B, Hkv, S, E)
