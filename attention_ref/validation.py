@@ -13,97 +13,16 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .frameworks import FRAMEWORKS, device_of, dtype_name, framework_of, shape_of
 
-FLOATING_DTYPES = ("float16", "bfloat16", "float32", "float64")
-COMPUTE_DTYPES = ("float32", "float64")
-ALIGNMENTS = ("top_left", "bottom_right")
+from .plan import ALIGNMENTS, COMPUTE_DTYPES, FLOATING_DTYPES, AttentionOptions, AttentionPlan
 
-
-@dataclass(frozen=True)
-class AttentionPlan:
-    """A validated attention call, independent of the framework that will run it.
-
-    Rank-2 inputs ``(L, E)`` have ``has_head_axis=False``; they are computed as one head and the
-    results carry no head axis.
-    """
-
-    framework: str
-    batch_shape: tuple[int, ...]
-    has_head_axis: bool
-    num_q_heads: int
-    num_kv_heads: int
-    q_len: int
-    kv_len: int
-    head_dim: int
-    value_dim: int
-    dtype: str
-    compute_dtype: str
-    scale: float
-    softcap: float | None
-    causal: bool
-    alignment: str
-    has_mask: bool
-    has_bias: bool
-    return_weights: bool
-    return_lse: bool
-    #: ``window=(left, right)``; None for an unbounded side (rule 7).
-    window_left: int | None = None
-    window_right: int | None = None
-    #: Dropout probability and whether a keep-mask was given (rule 13).
-    dropout_p: float = 0.0
-    has_dropout_mask: bool = False
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per kv head, ``Hq // Hkv`` (rule 2)."""
-        return self.num_q_heads // self.num_kv_heads
-
-    @property
-    def causal_offset(self) -> int:
-        """Query i may attend key j iff ``j <= i + causal_offset`` under causal (rule 7)."""
-        return 0 if self.alignment == "top_left" else self.kv_len - self.q_len
-
-    @property
-    def key_range(self) -> tuple[int | None, int | None]:
-        """``(low, high)``: query i may attend key j only if ``i + low <= j <= i + high`` (rule 7,
-        causal and window combined; None for an unbounded side)."""
-        offset = self.causal_offset
-        low = None if self.window_left is None else offset - self.window_left
-        rights = [r for r in (self.window_right, 0 if self.causal else None) if r is not None]
-        high = offset + min(rights) if rights else None
-        # j - i lies in [-L, S]: clamping there changes nothing and keeps the bounds small integers.
-        low = None if low is None else max(low, -self.q_len)
-        high = None if high is None else min(high, self.kv_len)
-        return low, high
-
-    @property
-    def dropout_scale(self) -> float:
-        """``1 / (1 - dropout_p)``, the factor kept probabilities are multiplied by (rule 13)."""
-        return 1.0 / (1.0 - self.dropout_p)
-
-    @property
-    def heads_shape(self) -> tuple[int, ...]:
-        """Leading dims of every result: ``(*B, Hq)``, or ``()`` for rank-2 inputs."""
-        return (*self.batch_shape, self.num_q_heads) if self.has_head_axis else ()
-
-    @property
-    def logits_shape(self) -> tuple[int, ...]:
-        """``(*B, Hq, L, S)``: the shape of the weights, and the target of mask/bias broadcasting."""
-        return (*self.heads_shape, self.q_len, self.kv_len)
-
-    @property
-    def out_shape(self) -> tuple[int, ...]:
-        return (*self.heads_shape, self.q_len, self.value_dim)
-
-    @property
-    def lse_shape(self) -> tuple[int, ...]:
-        return (*self.heads_shape, self.q_len)
+__all__ = ["ALIGNMENTS", "COMPUTE_DTYPES", "FLOATING_DTYPES", "AttentionOptions", "AttentionPlan",
+           "validate_attention_args", "validate_vjp_args"]
 
 
 def _fmt(shape: tuple[int, ...]) -> str:

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from attention_ref.backends.numpy import NumpyBackend
-from attention_ref.validation import AttentionPlan
+from attention_ref.plan import AttentionPlan
 
 
 class ScaleFromValueDim(NumpyBackend):

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from ..result import AttentionOutput, Gradients
-from ..validation import AttentionPlan, validate_attention_args, validate_vjp_args
+from ..plan import AttentionPlan
+from ..validation import validate_attention_args, validate_vjp_args
 
 
 def reduce_to_shape(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

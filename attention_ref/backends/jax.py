@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..validation import AttentionPlan
+from ..plan import AttentionPlan
 from .base import Backend, reduce_to_shape
 
 _HIGHEST = jax.lax.Precision.HIGHEST

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..validation import AttentionPlan
+from ..plan import AttentionPlan
 from .base import Backend, reduce_to_shape
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..validation import AttentionPlan
+from ..plan import AttentionPlan
 from .base import Backend
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..validation import FLOATING_DTYPES
+from ..plan import FLOATING_DTYPES
 
 HALF_AND_SINGLE = ("float16", "bfloat16", "float32")
 

@@ -341,6 +341,7 @@ def check(
     device: str | None = None,
     few_shapes: bool = False,
     backward: Callable[..., Any] | None = None,
+    properties: Sequence[str] | None = None,
 ) -> CheckReport:
     """Run every applicable property of SPEC.md against the kernel ``fn`` (see the module docstring
     for its calling convention) and report per property.
@@ -352,7 +353,12 @@ def check(
     ``few_shapes`` draws sizes from a small menu (``strategies.FEW_SHAPES``), for kernels that
     compile once per shape. With ``"grad"`` in ``supports`` the gradients are checked too, through
     ``backward`` or the framework's autodiff (module docstring).
-    ``fail_fast`` stops at the first failing property (the rest are reported "not run")."""
+    ``fail_fast`` stops at the first failing property (the rest are reported "not run").
+    ``properties`` names the properties to run (default: all); the others are reported "not run"."""
+    if properties is not None:
+        unknown_properties = set(properties) - {p.name for p in PROPERTIES}
+        if unknown_properties:
+            raise ValueError(f"unknown properties {sorted(unknown_properties)}")
     unknown = set(supports) - set(KERNEL_FEATURES)
     if unknown:
         raise ValueError(f"unknown supports {sorted(unknown)}; choose from {', '.join(KERNEL_FEATURES)}")
@@ -365,7 +371,7 @@ def check(
                          f"dtypes: {', '.join(dtypes)}, fully masked rows: {fully_masked}, "
                          f"{max_examples} examples, seed {seed})", dtypes=tuple(dtypes))
     for prop in PROPERTIES:
-        if fail_fast and not report.passed:
+        if (fail_fast and not report.passed) or (properties is not None and prop.name not in properties):
             report.outcomes.append(PropertyOutcome(prop.name, prop.rules, "not run"))
             continue
         if not prop.applies_to(features):

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from ..dropout import dropout_mask
 from ..frameworks import numpy_dtype
-from ..validation import ALIGNMENTS, FLOATING_DTYPES
+from ..plan import ALIGNMENTS, FLOATING_DTYPES
 from .cases import AttentionCase
 
 #: Value distributions for q, k, v and bias: smooth, uniform, small integers (ties, exact

@@ -1,0 +1,138 @@
+"""The plan of a validated attention call (``AttentionPlan``) and the options it was made from
+(``AttentionOptions``): the one place where the call's shape arithmetic lives.
+
+Shape letters: B... batch dims, Hq query heads, Hkv key/value heads, G = Hq // Hkv query heads per kv
+head, L queries, S keys, E q/k head dim, Ev value head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+FLOATING_DTYPES = ("float16", "bfloat16", "float32", "float64")
+COMPUTE_DTYPES = ("float32", "float64")
+ALIGNMENTS = ("top_left", "bottom_right")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionOptions:
+    """The attention keywords of SPEC.md, as one frozen value: what the front door validates, what an
+    ``AttentionCase`` carries beside its q, k, v, and what the checker passes to a kernel.
+
+    mask (bool, True = may attend), bias and dropout_mask (bool, True = keep) are arrays broadcastable
+    to ``(*B, Hq, L, S)``, or None; ``window=(left, right)`` (rule 7); ``dropout_p`` (rule 13).
+    """
+
+    mask: Any = None
+    bias: Any = None
+    scale: float | None = None
+    causal: bool = False
+    alignment: str = "top_left"
+    softcap: float | None = None
+    window: tuple[int | None, int | None] | None = None
+    dropout_p: float = 0.0
+    dropout_mask: Any = None
+
+    def array_keywords(self) -> dict[str, Any]:
+        """mask and bias, and dropout_mask when set (None values included for mask and bias)."""
+        arrays = {"mask": self.mask, "bias": self.bias}
+        if self.dropout_mask is not None:
+            arrays["dropout_mask"] = self.dropout_mask
+        return arrays
+
+    def scalar_keywords(self) -> dict[str, Any]:
+        """The non-array keywords; window and dropout_p only when set, so that kernels without them
+        are called as before."""
+        keywords: dict[str, Any] = dict(scale=self.scale, causal=self.causal, alignment=self.alignment,
+                                        softcap=self.softcap)
+        if self.window is not None:
+            keywords["window"] = self.window
+        if self.dropout_p:
+            keywords["dropout_p"] = self.dropout_p
+        return keywords
+
+    def keywords(self) -> dict[str, Any]:
+        """Every keyword of the call, for ``attention(q, k, v, **options.keywords())``."""
+        return {**self.array_keywords(), **self.scalar_keywords()}
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """A validated attention call, independent of the framework that will run it.
+
+    Rank-2 inputs ``(L, E)`` have ``has_head_axis=False``; they are computed as one head and the
+    results carry no head axis.
+    """
+
+    framework: str
+    batch_shape: tuple[int, ...]
+    has_head_axis: bool
+    num_q_heads: int
+    num_kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    value_dim: int
+    dtype: str
+    compute_dtype: str
+    scale: float
+    softcap: float | None
+    causal: bool
+    alignment: str
+    has_mask: bool
+    has_bias: bool
+    return_weights: bool
+    return_lse: bool
+    #: ``window=(left, right)``; None for an unbounded side (rule 7).
+    window_left: int | None = None
+    window_right: int | None = None
+    #: Dropout probability and whether a keep-mask was given (rule 13).
+    dropout_p: float = 0.0
+    has_dropout_mask: bool = False
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per kv head, ``Hq // Hkv`` (rule 2)."""
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def causal_offset(self) -> int:
+        """Query i may attend key j iff ``j <= i + causal_offset`` under causal (rule 7)."""
+        return 0 if self.alignment == "top_left" else self.kv_len - self.q_len
+
+    @property
+    def key_range(self) -> tuple[int | None, int | None]:
+        """``(low, high)``: query i may attend key j only if ``i + low <= j <= i + high`` (rule 7,
+        causal and window combined; None for an unbounded side)."""
+        offset = self.causal_offset
+        low = None if self.window_left is None else offset - self.window_left
+        rights = [r for r in (self.window_right, 0 if self.causal else None) if r is not None]
+        high = offset + min(rights) if rights else None
+        # j - i lies in [-L, S]: clamping there changes nothing and keeps the bounds small integers.
+        low = None if low is None else max(low, -self.q_len)
+        high = None if high is None else min(high, self.kv_len)
+        return low, high
+
+    @property
+    def dropout_scale(self) -> float:
+        """``1 / (1 - dropout_p)``, the factor kept probabilities are multiplied by (rule 13)."""
+        return 1.0 / (1.0 - self.dropout_p)
+
+    @property
+    def heads_shape(self) -> tuple[int, ...]:
+        """Leading dims of every result: ``(*B, Hq)``, or ``()`` for rank-2 inputs."""
+        return (*self.batch_shape, self.num_q_heads) if self.has_head_axis else ()
+
+    @property
+    def logits_shape(self) -> tuple[int, ...]:
+        """``(*B, Hq, L, S)``: the shape of the weights, and the target of mask/bias broadcasting."""
+        return (*self.heads_shape, self.q_len, self.kv_len)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return (*self.heads_shape, self.q_len, self.value_dim)
+
+    @property
+    def lse_shape(self) -> tuple[int, ...]:
+        return (*self.heads_shape, self.q_len)
