@@ -64,7 +64,7 @@ def _load(target: str) -> object:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "verify":
-        from .verify import verify
+        from .testing.verify import verify
 
         report = verify(args.backends, max_examples=args.max_examples, seed=args.seed)
         print(report.render())

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backends.base import reduce_to_shape
+from .broadcasting import reduce_to_shape
 from .tolerance import SMALLEST_NORMAL, TRANSCENDENTAL_ERROR, UNIT_ROUNDOFF, _row_error, same_dtype_baseline
 
 #: The calibrated rule's factor for gradients, and with a softcap.

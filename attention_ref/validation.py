@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .broadcasting import is_broadcastable
 from .frameworks import FRAMEWORKS, device_of, dtype_name, framework_of, shape_of
 
 from .plan import ALIGNMENTS, COMPUTE_DTYPES, FLOATING_DTYPES, AttentionOptions, AttentionPlan
@@ -27,12 +28,6 @@ __all__ = ["ALIGNMENTS", "COMPUTE_DTYPES", "FLOATING_DTYPES", "AttentionOptions"
 
 def _fmt(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(n) for n in shape) + ("," if len(shape) == 1 else "") + ")"
-
-
-def _is_broadcastable(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
-    if len(shape) > len(target):
-        return False
-    return all(n in (1, t) for n, t in zip(reversed(shape), reversed(target)))
 
 
 def _check_flag(name: str, value: Any) -> bool:
@@ -237,7 +232,7 @@ def validate_attention_args(
             raise TypeError(
                 f"bias must have a floating dtype ({', '.join(FLOATING_DTYPES)}), got {x_dtype}{hint}"
             )
-        if not _is_broadcastable(shape_of(x), logits_shape):
+        if not is_broadcastable(shape_of(x), logits_shape):
             raise ValueError(
                 f"{name} of shape {_fmt(shape_of(x))} is not broadcastable to the logits shape "
                 f"(..., Hq, L, S) = {_fmt(logits_shape)}"

@@ -17,15 +17,6 @@ from ..plan import AttentionPlan
 from ..validation import validate_attention_args, validate_vjp_args
 
 
-def reduce_to_shape(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Sum ``x`` over the dims that broadcasting ``shape`` to ``x.shape`` added or stretched (the
-    gradient of a broadcast bias)."""
-    extra = x.ndim - len(shape)
-    x = x.sum(axis=tuple(range(extra))) if extra else x
-    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
-    return x.sum(axis=stretched, keepdims=True) if stretched else x
-
-
 class Backend(abc.ABC):
     """One implementation of SPEC.md.
 

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..plan import AttentionPlan
-from .base import Backend, reduce_to_shape
+from ..broadcasting import reduce_to_shape
+from .base import Backend
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

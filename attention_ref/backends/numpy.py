@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from ..plan import AttentionPlan
-from .base import Backend, reduce_to_shape
+from ..broadcasting import reduce_to_shape
+from .base import Backend
 
 
 @dataclass

@@ -270,7 +270,7 @@ class AttentionCase:
         dv = np.broadcast_to(~kept[..., None], self.v.shape)
         dbias = None
         if self.bias is not None:
-            from ..backends.base import reduce_to_shape
+            from ..broadcasting import reduce_to_shape
 
             dbias = reduce_to_shape(allowed.astype(np.int64), self.bias.shape) == 0
         return Gradients(dq, dk, dv, dbias)

@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .registry import available_backends, get_backend
+from ..registry import available_backends, get_backend
 
 
 @dataclass
@@ -54,8 +54,8 @@ def verify(
     installed) with ``max_examples`` Hypothesis examples each."""
     from hypothesis import HealthCheck, settings
 
-    from .testing import PROPERTIES, run_property
-    from .testing.check import describe_failure
+    from . import PROPERTIES, run_property
+    from .check import describe_failure
 
     names = list(backends) if backends else available_backends()
     run_settings = settings(max_examples=max_examples, deadline=None, database=None, print_blob=True,
