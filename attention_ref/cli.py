@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .features import KERNEL_FEATURE_HELP
+
     parser = argparse.ArgumentParser(prog="attention-ref", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     verify = commands.add_parser(
@@ -18,12 +21,15 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--max-examples", type=int, default=50, metavar="N",
                         help="Hypothesis examples per property and backend (default 50)")
     verify.add_argument("--seed", type=int, default=None, help="fix Hypothesis' random choices")
+    verify.add_argument("--property", action="append", dest="properties", metavar="NAME",
+                        help="run only this property (repeatable; default: all)")
 
     check = commands.add_parser("check", help="check an attention kernel against SPEC.md")
     check.add_argument("target", metavar="MODULE:FUNCTION", help="the kernel, e.g. mypkg.kernels:my_attention")
     check.add_argument("--framework", required=True, choices=("numpy", "jax", "torch"))
     check.add_argument("--supports", default="", metavar="FEATURES",
-                       help="comma-separated: mask,bias,scale,causal,bottom_right,gqa,value_dim,softcap,lse,weights")
+                       help="comma-separated, any of: " + "; ".join(
+                           f"{name}: {meaning}" for name, meaning in KERNEL_FEATURE_HELP.items()))
     check.add_argument("--dtype", action="append", dest="dtypes", metavar="DTYPE",
                        help="float16, bfloat16, float32 or float64 (repeatable; default float32)")
     check.add_argument("--layout", default="bhld", choices=("bhld", "blhd"))
@@ -31,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="what the kernel returns for a fully masked row (default: zero, the spec)")
     check.add_argument("--max-examples", type=int, default=100, metavar="N")
     check.add_argument("--seed", type=int, default=None)
+    check.add_argument("--property", action="append", dest="properties", metavar="NAME",
+                       help="run only this property (repeatable; default: all)")
     check.add_argument("--backward", default=None, metavar="MODULE:FUNCTION",
                        help="with grad: the kernel's backward(q, k, v, d_out, **keywords) -> (dq, dk, dv[, dbias]) "
                             "(default: torch autograd / jax.vjp of the kernel)")
@@ -49,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(target: str) -> object:
+def _load(target: str) -> Callable[..., Any]:
     import importlib
 
     module_name, _, attribute = target.partition(":")
@@ -58,6 +66,8 @@ def _load(target: str) -> object:
     value: object = importlib.import_module(module_name)
     for part in attribute.split("."):
         value = getattr(value, part)
+    if not callable(value):
+        raise SystemExit(f"attention-ref check: {target} is not callable")
     return value
 
 
@@ -66,9 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "verify":
         from .testing.verify import verify
 
-        report = verify(args.backends, max_examples=args.max_examples, seed=args.seed)
+        report = verify(args.backends, max_examples=args.max_examples, seed=args.seed,
+                        properties=args.properties)
         print(report.render())
-        return 1 if report.failed else 0
+        return 0 if report.passed else 1
     if args.command == "check":
         from .testing.check import check
 
@@ -76,17 +87,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = check(_load(args.target), framework=args.framework, supports=supports,
                        layout=args.layout, dtypes=tuple(args.dtypes or ("float32",)),
                        fully_masked=args.fully_masked, max_examples=args.max_examples, seed=args.seed,
-                       name=args.target, backward=None if args.backward is None else _load(args.backward))
-        print(result)
+                       name=args.target, backward=None if args.backward is None else _load(args.backward),
+                       properties=args.properties)
+        print(result.render())
         return 0 if result.passed else 1
     if args.command == "crosscheck":
         from .testing.crosscheck import DEFAULT_DTYPES, crosscheck
 
-        report = crosscheck(device=args.device, dtypes=tuple(args.dtypes or DEFAULT_DTYPES[args.device]),
+        cross_report = crosscheck(device=args.device, dtypes=tuple(args.dtypes or DEFAULT_DTYPES[args.device]),
                             max_examples=args.max_examples, seed=args.seed, only=tuple(args.only or ()),
-                            progress=lambda line: print(line, file=sys.stderr, flush=True))
-        print(report.render())
-        return 1 if args.strict and report.failed else 0
+                                  progress=lambda line: print(line, file=sys.stderr, flush=True))
+        print(cross_report.render())
+        return 1 if args.strict and not cross_report.passed else 0
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -7,8 +7,8 @@ head, L queries, S keys, E q/k head dim, Ev value head dim.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, TypedDict
 
 FLOATING_DTYPES = ("float16", "bfloat16", "float32", "float64")
 COMPUTE_DTYPES = ("float32", "float64")
@@ -34,6 +34,10 @@ class AttentionOptions:
     dropout_p: float = 0.0
     dropout_mask: Any = None
 
+    def as_keywords(self) -> dict[str, Any]:
+        """Every option by its keyword name (arrays not copied)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
     def array_keywords(self) -> dict[str, Any]:
         """mask and bias, and dropout_mask when set (None values included for mask and bias)."""
         arrays = {"mask": self.mask, "bias": self.bias}
@@ -55,6 +59,25 @@ class AttentionOptions:
     def keywords(self) -> dict[str, Any]:
         """Every keyword of the call, for ``attention(q, k, v, **options.keywords())``."""
         return {**self.array_keywords(), **self.scalar_keywords()}
+
+
+#: The options with no keyword given.
+DEFAULT_OPTIONS = AttentionOptions()
+
+
+class AttentionKeywords(TypedDict, total=False):
+    """The fields of ``AttentionOptions`` as keyword arguments, for type checkers
+    (``**options: Unpack[AttentionKeywords]`` in the overloads of ``attention``)."""
+
+    mask: Any
+    bias: Any
+    scale: float | None
+    causal: bool
+    alignment: str
+    softcap: float | None
+    window: tuple[int | None, int | None] | None
+    dropout_p: float
+    dropout_mask: Any
 
 
 @dataclass(frozen=True)

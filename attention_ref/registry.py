@@ -9,10 +9,14 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .frameworks import framework_of
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
 
 ENTRY_POINT_GROUP = "attention_ref.backends"
 
@@ -36,14 +40,14 @@ BUILTIN_BACKENDS = {
 }
 ALIASES = {"np": "numpy", "pytorch": "torch"}
 
-_registered: dict[str, Callable[[], Any]] = {}
-_instances: dict[str, Any] = {}
+_registered: dict[str, Callable[[], Backend]] = {}
+_instances: dict[str, Backend] = {}
 
 
-def register_backend(name: str, factory: Callable[[], Any]) -> None:
-    """Register a backend: ``factory()`` returns an object with ``name``, ``attention``,
-    ``asarray`` and ``to_numpy``. Overrides an entry point of the same name; built-in names
-    and aliases cannot be replaced."""
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+    """Register a backend: ``factory()`` returns an ``attention_ref.Backend`` (a subclass implementing
+    its abstract methods; the front door, signatures and result types come with it). Overrides an
+    entry point of the same name; built-in names and aliases cannot be replaced."""
     if name in BUILTIN_BACKENDS or name in ALIASES:
         raise ValueError(f"{name!r} is a built-in backend and cannot be replaced")
     _registered[name] = factory
@@ -71,7 +75,7 @@ def available_backends() -> list[str]:
     return available + [n for n in known_backends() if n not in BUILTIN_BACKENDS]
 
 
-def get_backend(name: str) -> Any:
+def get_backend(name: str) -> Backend:
     """The backend called ``name`` (``"numpy"``/``"np"``, ``"jax"``, ``"torch"``/``"pytorch"``, or a
     registered one), created on first use and cached.
 
@@ -90,7 +94,7 @@ def get_backend(name: str) -> Any:
                 f"the {name} backend needs {entry.framework_module}, which is not installed; "
                 f"install it with: pip install 'attention_ref[{entry.extra}]'"
             )
-        backend = getattr(importlib.import_module(entry.module), entry.class_name)()
+        backend: Backend = getattr(importlib.import_module(entry.module), entry.class_name)()
     elif name in _registered:
         backend = _registered[name]()
     elif name in (entry_points := _entry_points()):
@@ -104,7 +108,7 @@ def get_backend(name: str) -> Any:
     return backend
 
 
-def backend_for(x: Any) -> Any:
+def backend_for(x: Any) -> Backend:
     """The built-in backend of the framework that array ``x`` belongs to."""
     framework = framework_of(x)
     if framework is None:

@@ -19,8 +19,7 @@ import numpy as np
 
 from .broadcasting import is_broadcastable
 from .frameworks import FRAMEWORKS, device_of, dtype_name, framework_of, shape_of
-
-from .plan import ALIGNMENTS, COMPUTE_DTYPES, FLOATING_DTYPES, AttentionOptions, AttentionPlan
+from .plan import ALIGNMENTS, COMPUTE_DTYPES, DEFAULT_OPTIONS, FLOATING_DTYPES, AttentionOptions, AttentionPlan
 
 __all__ = ["ALIGNMENTS", "COMPUTE_DTYPES", "FLOATING_DTYPES", "AttentionOptions", "AttentionPlan",
            "validate_attention_args", "validate_vjp_args"]
@@ -119,8 +118,8 @@ def _check_window(window: Any) -> tuple[int | None, int | None]:
         return None, None
     if not isinstance(window, (tuple, list)) or len(window) != 2:
         raise TypeError(f"window must be None or a pair (left, right) of ints >= 0 or None, got {window!r}")
-    sides = []
-    for side, value in zip(("left", "right"), window):
+    sides: list[int | None] = []
+    for side, value in zip(("left", "right"), window, strict=True):
         if value is None:
             sides.append(None)
             continue
@@ -153,16 +152,8 @@ def validate_attention_args(
     q: Any,
     k: Any,
     v: Any,
+    options: AttentionOptions = DEFAULT_OPTIONS,
     *,
-    mask: Any = None,
-    bias: Any = None,
-    scale: Any = None,
-    causal: Any = False,
-    alignment: Any = "top_left",
-    softcap: Any = None,
-    window: Any = None,
-    dropout_p: Any = 0.0,
-    dropout_mask: Any = None,
     return_weights: Any = False,
     return_lse: Any = False,
     compute_dtype: Any = None,
@@ -170,10 +161,15 @@ def validate_attention_args(
 ) -> AttentionPlan:
     """Check every argument of ``attention`` (SPEC.md rule 12) and return the plan of the call.
 
+    ``options`` holds the attention keywords (mask, bias, scale, causal, alignment, softcap, window,
+    dropout_p, dropout_mask) exactly as the caller passed them; nothing in it is trusted yet.
+
     ``backend_framework`` is the framework of the backend that will run the call (None: any).
     Raises TypeError for a wrong type or dtype and ValueError for a wrong shape or value; each
     message names the argument and, for shapes, the shapes involved.
     """
+    mask, bias, dropout_mask = options.mask, options.bias, options.dropout_mask
+    scale, causal, alignment, softcap = options.scale, options.causal, options.alignment, options.softcap
     framework = _check_frameworks(
         {"q": q, "k": k, "v": v, "mask": mask, "bias": bias, "dropout_mask": dropout_mask}, backend_framework
     )
@@ -258,8 +254,8 @@ def validate_attention_args(
     causal = _check_flag("causal", causal)
     if not isinstance(alignment, str) or alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
-    window_left, window_right = _check_window(window)
-    resolved_dropout_p = _check_dropout(dropout_p, dropout_mask)
+    window_left, window_right = _check_window(options.window)
+    resolved_dropout_p = _check_dropout(options.dropout_p, dropout_mask)
     return_weights = _check_flag("return_weights", return_weights)
     return_lse = _check_flag("return_lse", return_lse)
 
@@ -290,13 +286,19 @@ def validate_attention_args(
     )
 
 
-def validate_vjp_args(q: Any, k: Any, v: Any, d_out: Any, **kwargs: Any) -> AttentionPlan:
-    """``validate_attention_args`` for ``attention_vjp`` (no return flags), then ``d_out``: an array
-    of the same framework, dtype and device as q, of the output's shape ``(..., Hq, L, Ev)``."""
-    for flag in ("return_weights", "return_lse"):
-        if flag in kwargs:
-            raise TypeError(f"attention_vjp takes no {flag}: it returns the gradients")
-    plan = validate_attention_args(q, k, v, **kwargs)
+def validate_vjp_args(
+    q: Any,
+    k: Any,
+    v: Any,
+    d_out: Any,
+    options: AttentionOptions = DEFAULT_OPTIONS,
+    *,
+    compute_dtype: Any = None,
+    backend_framework: str | None = None,
+) -> AttentionPlan:
+    """``validate_attention_args`` for ``attention_vjp``, then ``d_out``: an array of the same
+    framework, dtype and device as q, of the output's shape ``(..., Hq, L, Ev)``."""
+    plan = validate_attention_args(q, k, v, options, compute_dtype=compute_dtype, backend_framework=backend_framework)
     if framework_of(d_out) != plan.framework:
         got = f"a {framework_of(d_out)} array" if framework_of(d_out) else type(d_out).__name__
         raise TypeError(f"d_out must be an array of q's framework, got {got}")

@@ -87,7 +87,41 @@ def test_bug_is_reported_with_a_shrunk_case() -> None:
     assert not report.passed
     failure = next(o for o in report.outcomes if o.name == "matches_float64_oracle")
     assert failure.status == "FAIL" and "AttentionCase(" in failure.detail
-    assert str(report).splitlines()[-1].endswith("failed") and "FAIL matches_float64_oracle:" in str(report)
+    assert str(report).splitlines()[-1].endswith("failed, 0 errors") and "FAIL matches_float64_oracle:" in str(report)
+
+
+def refuses_causal(q, k, v, *, causal=False, **keywords):
+    """Declares causal, then raises TypeError on it: the property could not run (ERROR, not FAIL)."""
+    if causal:
+        raise TypeError("causal is not implemented")
+    return torch_kernel(q, k, v, **keywords)
+
+
+def returns_two_values(q, k, v, **keywords):
+    """A calling-convention mismatch: (out, weights) where (out, weights, lse) is the convention."""
+    result = torch_kernel(q, k, v, return_weights=True, **keywords)
+    return result.out, result.weights
+
+
+def test_kernel_that_raises_on_a_supported_keyword_is_an_error() -> None:
+    report = check(refuses_causal, framework="torch", supports=("causal", "mask"), max_examples=10, seed=0,
+                   properties=("matches_float64_oracle", "causal_equals_explicit_mask"))
+    statuses = {o.name: o.status for o in report.outcomes}
+    assert statuses["matches_float64_oracle"] == "ERROR" and statuses["causal_equals_explicit_mask"] == "ERROR"
+    assert not report.passed
+    error = next(o for o in report.outcomes if o.status == "ERROR")
+    assert "KernelError: refuses_causal raised TypeError: causal is not implemented" in error.detail
+    assert "causal=True" in error.detail
+    lines = str(report).splitlines()
+    assert lines[-1] == "0 passed, 0 failed, 2 errors"
+    assert "ERROR matches_float64_oracle:" in lines
+
+
+def test_calling_convention_mismatch_is_an_error() -> None:
+    report = check(returns_two_values, framework="torch", supports=("weights",), max_examples=5, seed=0,
+                   properties=("matches_float64_oracle",))
+    outcome = next(o for o in report.outcomes if o.name == "matches_float64_oracle")
+    assert outcome.status == "ERROR" and "returned a tuple of 2 values" in outcome.detail
 
 
 def test_unknown_feature_is_refused() -> None:
@@ -102,6 +136,6 @@ def test_cli_check(capsys: pytest.CaptureFixture[str]) -> None:
                    "--dtype", "float32", "--dtype", "bfloat16", "--max-examples", "10", "--seed", "0"])
     out = capsys.readouterr().out
     assert status == 0, out
-    assert out.splitlines()[-1].endswith("passed, 0 failed")
+    assert out.splitlines()[-1].endswith("passed, 0 failed, 0 errors")
     assert main(["check", "tests.test_check:inverted_mask", "--framework", "torch", "--supports", "mask",
                  "--max-examples", "10", "--seed", "0"]) == 1

@@ -8,17 +8,21 @@ to NumPy arrays.
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Literal, TypeVar, Unpack, overload
 
 import numpy as np
 
+from ..plan import DEFAULT_OPTIONS, AttentionKeywords, AttentionOptions, AttentionPlan
 from ..result import AttentionOutput, Gradients
-from ..plan import AttentionPlan
 from ..validation import validate_attention_args, validate_vjp_args
+
+ArrayT = TypeVar("ArrayT")
 
 
 class Backend(abc.ABC):
-    """One implementation of SPEC.md.
+    """One implementation of SPEC.md: subclass it, set ``name`` and ``framework``, and implement the
+    four abstract methods (the arithmetic for one framework and the conversions to and from NumPy).
+    The public methods validate every argument at the shared front door first.
 
     Shape letters: B... batch dims, Hq query heads, Hkv kv heads, L queries, S keys,
     E q/k head dim, Ev value head dim.
@@ -28,6 +32,20 @@ class Backend(abc.ABC):
     name: str
     #: Framework of the arrays this backend takes and returns.
     framework: str
+
+    @overload
+    def attention(self, q: ArrayT, k: ArrayT, v: ArrayT, *, return_weights: Literal[False] = ...,
+                  return_lse: Literal[False] = ..., compute_dtype: Any = ...,
+                  **options: Unpack[AttentionKeywords]) -> ArrayT: ...
+    @overload
+    def attention(self, q: ArrayT, k: ArrayT, v: ArrayT, *, return_weights: Literal[True], return_lse: bool = ...,
+                  compute_dtype: Any = ..., **options: Unpack[AttentionKeywords]) -> AttentionOutput: ...
+    @overload
+    def attention(self, q: ArrayT, k: ArrayT, v: ArrayT, *, return_weights: bool = ..., return_lse: Literal[True],
+                  compute_dtype: Any = ..., **options: Unpack[AttentionKeywords]) -> AttentionOutput: ...
+    @overload
+    def attention(self, q: ArrayT, k: ArrayT, v: ArrayT, *, return_weights: bool, return_lse: bool,
+                  compute_dtype: Any = ..., **options: Unpack[AttentionKeywords]) -> ArrayT | AttentionOutput: ...
 
     def attention(
         self,
@@ -46,42 +64,70 @@ class Backend(abc.ABC):
         dropout_mask: Any = None,
         return_weights: bool = False,
         return_lse: bool = False,
-        compute_dtype: str | None = None,
+        compute_dtype: Any = None,
     ) -> Any:
         """Scaled dot-product attention as SPEC.md defines it.
 
         q ``(*B, Hq, L, E)``, k ``(*B, Hkv, S, E)``, v ``(*B, Hkv, S, Ev)`` (or rank 2, one head);
         mask (bool, True = may attend), bias and dropout_mask (bool, True = keep) broadcastable to
-        ``(*B, Hq, L, S)``; ``window=(left, right)`` (rule 7); ``dropout_p`` with its mask (rule 13).
+        ``(*B, Hq, L, S)``; ``window=(left, right)`` (rule 7); ``dropout_p`` with its mask (rule 13);
+        ``compute_dtype`` None, "float32" or "float64" (rule 10).
         Returns out ``(*B, Hq, L, Ev)`` in the input dtype, or ``AttentionOutput(out, weights, lse)``
         when ``return_weights`` or ``return_lse`` is set (weights, before dropout, and lse in the
         compute dtype).
         """
-        plan = validate_attention_args(
-            q, k, v, mask=mask, bias=bias, scale=scale, causal=causal, alignment=alignment,
-            softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask,
-            return_weights=return_weights, return_lse=return_lse,
-            compute_dtype=compute_dtype, backend_framework=self.framework,
-        )
-        out, weights, lse = self._attention(plan, q, k, v, mask, bias, dropout_mask)
+        options = AttentionOptions(mask=mask, bias=bias, scale=scale, causal=causal, alignment=alignment,
+                                   softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask)
+        return self.attention_with(q, k, v, options, return_weights=return_weights, return_lse=return_lse,
+                                   compute_dtype=compute_dtype)
+
+    def attention_with(self, q: Any, k: Any, v: Any, options: AttentionOptions = DEFAULT_OPTIONS, *,
+                       return_weights: bool = False, return_lse: bool = False, compute_dtype: Any = None) -> Any:
+        """``attention`` with its keywords as one ``AttentionOptions``."""
+        plan = validate_attention_args(q, k, v, options, return_weights=return_weights, return_lse=return_lse,
+                                       compute_dtype=compute_dtype, backend_framework=self.framework)
+        out, weights, lse = self._attention(plan, q, k, v, options.mask, options.bias, options.dropout_mask)
         if not (plan.return_weights or plan.return_lse):
             return out
-        return AttentionOutput(
-            out, weights if plan.return_weights else None, lse if plan.return_lse else None
-        )
+        return AttentionOutput(out, weights if plan.return_weights else None, lse if plan.return_lse else None)
 
-    def attention_vjp(self, q: Any, k: Any, v: Any, d_out: Any, **keywords: Any) -> Gradients:
+    def attention_vjp(
+        self,
+        q: ArrayT,
+        k: ArrayT,
+        v: ArrayT,
+        d_out: ArrayT,
+        *,
+        mask: Any = None,
+        bias: Any = None,
+        scale: float | None = None,
+        causal: bool = False,
+        alignment: str = "top_left",
+        softcap: float | None = None,
+        window: tuple[int | None, int | None] | None = None,
+        dropout_p: float = 0.0,
+        dropout_mask: Any = None,
+        compute_dtype: Any = None,
+    ) -> Gradients:
         """The gradients of ``sum(attention(q, k, v, **keywords) * d_out)`` (SPEC.md rule 14).
 
-        ``keywords`` are those of ``attention`` without the return flags; d_out has out's shape and
+        The keywords are those of ``attention`` without the return flags; d_out has out's shape and
         q's dtype. Returns ``Gradients(dq, dk, dv, dbias)``: dq, dk, dv in the input dtype, computed
         in the compute dtype; dbias (only when bias is given) in bias's shape and dtype. Excluded
         keys and fully excluded rows get exactly zero gradient.
         """
-        plan = validate_vjp_args(q, k, v, d_out, **keywords, backend_framework=self.framework)
-        mask, bias, dropout_mask = (keywords.get(name) for name in ("mask", "bias", "dropout_mask"))
-        dq, dk, dv, dbias = self._attention_vjp(plan, q, k, v, mask, bias, dropout_mask, d_out)
-        return Gradients(dq, dk, dv, dbias if bias is not None else None)
+        options = AttentionOptions(mask=mask, bias=bias, scale=scale, causal=causal, alignment=alignment,
+                                   softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask)
+        return self.attention_vjp_with(q, k, v, d_out, options, compute_dtype=compute_dtype)
+
+    def attention_vjp_with(self, q: Any, k: Any, v: Any, d_out: Any, options: AttentionOptions = DEFAULT_OPTIONS,
+                           *, compute_dtype: Any = None) -> Gradients:
+        """``attention_vjp`` with its keywords as one ``AttentionOptions``."""
+        plan = validate_vjp_args(q, k, v, d_out, options, compute_dtype=compute_dtype,
+                                 backend_framework=self.framework)
+        dq, dk, dv, dbias = self._attention_vjp(plan, q, k, v, options.mask, options.bias, options.dropout_mask,
+                                                d_out)
+        return Gradients(dq, dk, dv, dbias if options.bias is not None else None)
 
     @abc.abstractmethod
     def _attention(

@@ -15,15 +15,21 @@ boolean keep-mask ``dropout_mask`` broadcastable to ``(B, Hq, L, S)``, True = ke
 lse ``(B, Hq, L)``, ``(B, L, Hq)`` with ``layout="blhd"``). A declared ``fully_masked`` convention
 other than "zero" is checked on out; see ``FULLY_MASKED_EVIDENCE``.
 
-Gradients (``"grad"`` in ``supports``: dq, dk, dv; ``"dbias"``: also the bias's): by default the checker differentiates ``fn`` itself, the
-natural way for its framework: ``torch.autograd.grad`` of out (q, k, v and bias require grad; a custom
-``torch.autograd.Function`` inside ``fn`` is used as it is) and ``jax.vjp`` of ``fn`` (it must be
-traceable). A kernel whose backward pass is a separate function (any framework, NumPy included) passes
-``backward=``: ``backward(q, k, v, d_out, **keywords) -> (dq, dk, dv)`` or ``(dq, dk, dv, dbias)`` (with ``"dbias"``)
-with the forward's keywords (no return flags) and d_out in out's layout. Gradients are held to the
-calibrated gradient rule (``attention_ref.gradient_tolerance``). With a fully-masked convention other
-than "zero", d_out is zero on fully excluded rows, so that gradients do not depend on the convention
-(a NaN fill still gives NaN gradients: NaN times 0).
+Gradients (``"grad"`` in ``supports``: dq, dk, dv; ``"dbias"``: also the bias's): by default the
+checker differentiates ``fn`` itself, the natural way for its framework: ``torch.autograd.grad`` of
+out (q, k, v and bias require grad; a custom ``torch.autograd.Function`` inside ``fn`` is used as it
+is) and ``jax.vjp`` of ``fn`` (it must be traceable). A kernel whose backward pass is a separate
+function (any framework, NumPy included) passes ``backward=``: ``backward(q, k, v, d_out,
+**keywords) -> (dq, dk, dv)`` or ``(dq, dk, dv, dbias)`` (with ``"dbias"``) with the forward's
+keywords (no return flags) and d_out in out's layout. Gradients are held to the calibrated gradient
+rule (``attention_ref.gradient_tolerance``). With a fully-masked convention other than "zero", d_out
+is zero on fully excluded rows, so that gradients do not depend on the convention (a NaN fill still
+gives NaN gradients: NaN times 0).
+
+Outcomes (``attention_ref.testing.report.Status``): a property FAILs when its assertion does not hold;
+it is an ERROR when it could not run: the kernel raised on an input within its declared features
+(``KernelError``), its results break the calling convention, or the checker broke (a property asking
+for an undeclared feature raises ``UnsupportedFeature``).
 """
 
 from __future__ import annotations
@@ -31,17 +37,19 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 from hypothesis import HealthCheck
 from hypothesis import settings as Settings
 
+from ..plan import AttentionKeywords, AttentionOptions
 from ..registry import get_backend
 from ..result import AttentionOutput, Gradients
 from ..tolerance import UNIT_ROUNDOFF, value_size
 from .cases import AttentionCase
 from .properties import PROPERTIES, run_property
+from .report import PropertyOutcome, Status, failure_outcome, failure_sections, render_table, rules_text, summary_line
 from .strategies import KERNEL_FEATURES, Features
 
 LAYOUTS = ("bhld", "blhd")
@@ -51,7 +59,12 @@ FULLY_MASKED_CONVENTIONS = ("zero", "nan", "mean_v", "skip")
 
 
 class UnsupportedFeature(Exception):
-    """A property asked a kernel for a feature outside its ``supports`` (a checker bug)."""
+    """A property asked a kernel for a feature outside its ``supports`` (a checker bug: reported ERROR)."""
+
+
+class KernelError(Exception):
+    """The kernel (or its backward) raised on an input within its declared features: the property could
+    not run (reported ERROR, not FAIL). The message shows the kernel's error and the case."""
 
 
 class KernelImplementation:
@@ -99,53 +112,52 @@ class KernelImplementation:
     def to_numpy(self, x: Any) -> np.ndarray:
         return x if isinstance(x, np.ndarray) else self.backend.to_numpy(x)
 
-    def _keywords(self, mask: Any, bias: Any, scale: Any, causal: bool, alignment: str, softcap: Any,
-                  return_weights: bool, return_lse: bool, window: Any = None, dropout_p: float = 0.0,
-                  dropout_mask: Any = None) -> dict[str, Any]:
+    def _keywords(self, options: AttentionOptions, return_weights: bool = False,
+                  return_lse: bool = False) -> dict[str, Any]:
+        """The keywords the kernel is called with: the options it supports and that are set (any other
+        set option is a checker bug, UnsupportedFeature), and the return flags it supports."""
         keywords: dict[str, Any] = {}
-        for feature, value, used in (("mask", mask, mask is not None), ("bias", bias, bias is not None),
-                                     ("scale", scale, scale is not None), ("causal", causal, causal),
-                                     ("softcap", softcap, softcap is not None), ("window", window, window is not None),
-                                     ("dropout", dropout_mask, dropout_mask is not None)):
-            if used:
-                if feature not in self.features:
-                    raise UnsupportedFeature(f"{self.name} does not support {feature}")
-                if feature == "dropout":
-                    keywords.update(dropout_p=dropout_p, dropout_mask=dropout_mask)
-                else:
-                    keywords[feature] = value
-        positional = causal or window is not None
-        if positional and alignment == "bottom_right" and "bottom_right" not in self.features:
+        used = {"mask": options.mask is not None, "bias": options.bias is not None,
+                "scale": options.scale is not None, "causal": options.causal, "softcap": options.softcap is not None,
+                "window": options.window is not None, "dropout": options.dropout_mask is not None}
+        for feature in (name for name, is_used in used.items() if is_used):
+            if feature not in self.features:
+                raise UnsupportedFeature(f"{self.name} does not support {feature}")
+            if feature == "dropout":
+                keywords.update(dropout_p=options.dropout_p, dropout_mask=options.dropout_mask)
+            else:
+                keywords[feature] = getattr(options, feature)
+        positional = options.causal or options.window is not None
+        if positional and options.alignment == "bottom_right" and "bottom_right" not in self.features:
             raise UnsupportedFeature(f"{self.name} does not support bottom_right")
         if positional and "bottom_right" in self.features:
-            keywords["alignment"] = alignment
+            keywords["alignment"] = options.alignment
         if return_weights and "weights" in self.features:
             keywords["return_weights"] = True
         if return_lse and "lse" in self.features:
             keywords["return_lse"] = True
         return keywords
 
-    def _case(self, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any, **options: Any) -> AttentionCase:
+    def _case(self, q: Any, k: Any, v: Any, options: AttentionOptions) -> AttentionCase:
         """The call as an AttentionCase (NumPy arrays), for the report and the fully-masked rows."""
-        return AttentionCase(*(self.to_numpy(x) for x in (q, k, v)),
-                             mask=None if mask is None else self.to_numpy(mask),
-                             bias=None if bias is None else self.to_numpy(bias),
-                             dropout_mask=None if dropout_mask is None else self.to_numpy(dropout_mask), **options)
+        arrays = {name: None if x is None else self.to_numpy(x) for name, x in options.array_keywords().items()}
+        return AttentionCase(*(self.to_numpy(x) for x in (q, k, v)), **{**options.as_keywords(), **arrays})
 
-    def attention(self, q: Any, k: Any, v: Any, *, mask: Any = None, bias: Any = None, scale: Any = None,
-                  causal: bool = False, alignment: str = "top_left", softcap: Any = None, window: Any = None,
-                  dropout_p: float = 0.0, dropout_mask: Any = None,
-                  return_weights: bool = False, return_lse: bool = False) -> AttentionOutput:
-        keywords = self._keywords(mask, bias, scale, causal, alignment, softcap, return_weights, return_lse,
-                                  window, dropout_p, dropout_mask)
-        case = self._case(q, k, v, mask, bias, dropout_mask, scale=scale, causal=causal, alignment=alignment,
-                          softcap=softcap, window=window, dropout_p=dropout_p)
+    def attention(self, q: Any, k: Any, v: Any, *, return_weights: bool = False, return_lse: bool = False,
+                  **keywords: Unpack[AttentionKeywords]) -> AttentionOutput:
+        """The kernel's results as NumPy arrays in the spec's layout and fully-masked convention."""
+        options = AttentionOptions(**keywords)
+        kernel_keywords = self._keywords(options, return_weights, return_lse)
+        case = self._case(q, k, v, options)
         if self.layout == "blhd":
             q, k, v = (x.swapaxes(1, 2) for x in (q, k, v))
         try:
-            result = self.fn(q, k, v, **keywords)
-        except Exception as error:  # a kernel that refuses an input within its declared features fails
-            raise AssertionError(f"{self.name} raised {type(error).__name__}: {error}\n  case: {case!r}") from error
+            result = self.fn(q, k, v, **kernel_keywords)
+        except Exception as error:  # a kernel that refuses an input within its declared features: ERROR
+            raise KernelError(f"{self.name} raised {type(error).__name__}: {error}\n  case: {case!r}") from error
+        if isinstance(result, tuple) and len(result) != 3:
+            raise KernelError(f"{self.name} returned a tuple of {len(result)} values; the calling convention is "
+                              f"out, or (out, weights, lse) when a return flag is passed\n  case: {case!r}")
         out, weights, lse = result if isinstance(result, tuple) else (result, None, None)
         out, weights, lse = (None if x is None else self.to_numpy(x) for x in (out, weights, lse))
         if self.layout == "blhd":
@@ -153,17 +165,14 @@ class KernelImplementation:
             lse = None if lse is None else lse.swapaxes(1, 2)
         return self._normalise_fully_masked(case, AttentionOutput(out, weights, lse))
 
-    def attention_vjp(self, q: Any, k: Any, v: Any, d_out: Any, *, mask: Any = None, bias: Any = None,
-                      scale: Any = None, causal: bool = False, alignment: str = "top_left", softcap: Any = None,
-                      window: Any = None, dropout_p: float = 0.0, dropout_mask: Any = None) -> Gradients:
+    def attention_vjp(self, q: Any, k: Any, v: Any, d_out: Any, **keywords: Unpack[AttentionKeywords]) -> Gradients:
         """The kernel's gradients (``backward``, or the framework's autodiff of ``fn``) as NumPy arrays
         in the spec's layout; see the module docstring."""
         if "grad" not in self.features:
             raise UnsupportedFeature(f"{self.name} does not support grad")
-        keywords = self._keywords(mask, bias, scale, causal, alignment, softcap, False, False, window, dropout_p,
-                                  dropout_mask)
-        case = self._case(q, k, v, mask, bias, dropout_mask, scale=scale, causal=causal, alignment=alignment,
-                          softcap=softcap, window=window, dropout_p=dropout_p)
+        options = AttentionOptions(**keywords)
+        kernel_keywords = self._keywords(options)
+        case = self._case(q, k, v, options)
         if self.fully_masked != "zero":
             rows = ~case.allowed().any(axis=-1)
             if rows.any():
@@ -174,13 +183,14 @@ class KernelImplementation:
         if self.layout == "blhd":
             q, k, v, d_out = (x.swapaxes(1, 2) for x in (q, k, v, d_out))
         try:
-            grads = tuple(self._gradients(q, k, v, d_out, keywords))
-        except Exception as error:  # noqa: BLE001 - a kernel that refuses a supported input fails
-            raise AssertionError(f"{self.name} backward raised {type(error).__name__}: {error}\n  case: {case!r}") from error
+            grads = tuple(self._gradients(q, k, v, d_out, kernel_keywords))
+        except Exception as error:  # a kernel whose backward refuses a supported input: ERROR
+            raise KernelError(f"{self.name} backward raised {type(error).__name__}: {error}\n"
+                              f"  case: {case!r}") from error
         dq, dk, dv = (self.to_numpy(x) for x in grads[:3])
         if self.layout == "blhd":
             dq, dk, dv = (x.swapaxes(1, 2) for x in (dq, dk, dv))
-        dbias = grads[3] if len(grads) > 3 and bias is not None and "dbias" in self.features else None
+        dbias = grads[3] if len(grads) > 3 and options.bias is not None and "dbias" in self.features else None
         return Gradients(dq, dk, dv, None if dbias is None else self.to_numpy(dbias))
 
     def _gradients(self, q: Any, k: Any, v: Any, d_out: Any, keywords: dict[str, Any]) -> tuple[Any, ...]:
@@ -202,7 +212,7 @@ class KernelImplementation:
                 out = out_of(self.fn(*inputs[:3], **keywords, **({} if bias is None else {"bias": inputs[3]})))
                 wanted = [x for x in inputs if x.requires_grad]
                 grads = torch.autograd.grad(out, wanted, d_out, allow_unused=True)
-            return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(wanted, grads))
+            return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(wanted, grads, strict=True))
         import jax
 
         differentiated_bias = bias if "dbias" in self.features else None
@@ -284,16 +294,8 @@ ZEROED_COTANGENT_EVIDENCE = ("fully excluded rows: d_out set to 0 there for the 
 
 
 @dataclass
-class PropertyOutcome:
-    name: str
-    rules: tuple[int, ...]
-    status: str  # "pass", "FAIL", "convention differs", "n/a" or "not run"
-    detail: str = ""
-
-
-@dataclass
 class CheckReport:
-    """The outcome of ``check``: per property its status and, on failure, the shrunk failing case."""
+    """The outcome of ``check``: per property its status and, for FAIL and ERROR, the shrunk failing case."""
 
     target: str
     outcomes: list[PropertyOutcome] = field(default_factory=list)
@@ -301,29 +303,19 @@ class CheckReport:
 
     @property
     def passed(self) -> bool:
-        return not any(o.status == "FAIL" for o in self.outcomes)
+        """No property failed or errored."""
+        return all(o.status.ok for o in self.outcomes)
 
-    def __str__(self) -> str:
-        width = max(len("property"), *(len(o.name) for o in self.outcomes))
-        lines = [f"{self.target}", f"{'property'.ljust(width)}  rules             status"]
-        lines += [f"{o.name.ljust(width)}  {','.join(map(str, o.rules)).ljust(16)}  {o.status}" for o in self.outcomes]
-        for o in self.outcomes:
-            if o.detail:
-                lines += ["", f"{o.status} {o.name}:", o.detail]
-        counted = [o for o in self.outcomes if o.status not in ("n/a", "not run")]
-        failed = sum(o.status == "FAIL" for o in counted)
-        lines += ["", f"{len(counted) - failed} passed, {failed} failed"]
-        return "\n".join(lines)
+    def summary(self) -> str:
+        return summary_line(o.status for o in self.outcomes)
 
+    def render(self) -> str:
+        rows = [(o.name, rules_text(o.rules), o.status) for o in self.outcomes]
+        lines = [self.target, *render_table(("property", "rules", "status"), rows)]
+        lines += failure_sections(("", o) for o in self.outcomes)
+        return "\n".join([*lines, "", self.summary()])
 
-def describe_failure(error: BaseException) -> str:
-    """The first failure of a (possibly grouped) Hypothesis error: its message, which shows the shrunk
-    case (in full when small) and the other values drawn with it; Hypothesis' long reprint of the
-    example is left out (``check`` with the same seed reproduces the run)."""
-    while getattr(error, "exceptions", None):
-        error = error.exceptions[0]
-    notes = [note for note in getattr(error, "__notes__", []) if note.startswith("drawn with the case")]
-    return "\n".join([f"{type(error).__name__}: {error}", *notes])
+    __str__ = render
 
 
 def check(
@@ -372,20 +364,20 @@ def check(
                          f"{max_examples} examples, seed {seed})", dtypes=tuple(dtypes))
     for prop in PROPERTIES:
         if (fail_fast and not report.passed) or (properties is not None and prop.name not in properties):
-            report.outcomes.append(PropertyOutcome(prop.name, prop.rules, "not run"))
+            report.outcomes.append(PropertyOutcome(prop.name, prop.rules, Status.NOT_RUN))
             continue
         if not prop.applies_to(features):
-            report.outcomes.append(PropertyOutcome(prop.name, prop.rules, "n/a"))
+            report.outcomes.append(PropertyOutcome(prop.name, prop.rules, Status.NOT_APPLICABLE))
             continue
         try:
             impl.observed.clear()
             run_property(prop, impl, run_settings, seed=seed, features=features)
-        except Exception as error:  # noqa: BLE001 - every failure goes in the report
-            report.outcomes.append(PropertyOutcome(prop.name, prop.rules, "FAIL", describe_failure(error)))
+        except Exception as error:  # every failure and error goes in the report
+            report.outcomes.append(failure_outcome(prop.name, prop.rules, error))
         else:
             if impl.observed:  # passed given a declared convention, which was exercised and verified
                 evidence = "\n".join(f"{what} [{count} rows]" for what, count in impl.observed.items())
-                report.outcomes.append(PropertyOutcome(prop.name, prop.rules, "convention differs", evidence))
+                report.outcomes.append(PropertyOutcome(prop.name, prop.rules, Status.CONVENTION_DIFFERS, evidence))
             else:
-                report.outcomes.append(PropertyOutcome(prop.name, prop.rules, "pass"))
+                report.outcomes.append(PropertyOutcome(prop.name, prop.rules, Status.PASS))
     return report

@@ -2,10 +2,10 @@
 
 Each built-in target of ``attention_ref.testing.adapters`` is run through ``check`` with its
 declared features and conventions. The matrix has one row per property and one column per target;
-a cell is ``pass``, ``FAIL``, ``differs [n,...]`` (passed given the declared conventions [n,...], which were
-exercised and verified) or ``n/a`` (the target lacks a feature the property needs). Under the
-matrix: each target's declared conventions, the evidence for every "differs" and the shrunk
-failing case of every FAIL.
+a cell is ``pass``, ``FAIL``, ``ERROR`` (the property could not run), ``differs [n,...]`` (passed
+given the declared conventions [n,...], which were exercised and verified) or ``n/a`` (the target
+lacks a feature the property needs). Under the matrix: each target's declared conventions, the
+evidence for every "differs" and the shrunk failing case of every FAIL and ERROR.
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from .adapters import Target, available_targets
 from .check import CheckReport, check
 from .properties import PROPERTIES
+from .report import Status, render_table, summary_line
 
 #: The dtypes checked by default: float32 on the CPU (under two minutes), half precision too on CUDA.
 DEFAULT_DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16", "float32")}
 
-_CELLS = {"pass": "pass", "FAIL": "FAIL", "n/a": "n/a", "not run": "-"}
+#: A matrix cell per status ("convention differs" becomes "differs [n,...]" with its footnotes).
+_CELLS = {Status.PASS: "pass", Status.FAIL: "FAIL", Status.ERROR: "ERROR", Status.NOT_APPLICABLE: "n/a",
+          Status.NOT_RUN: "-"}
 
 
 @dataclass
@@ -33,8 +36,12 @@ class CrosscheckReport:
     results: list[tuple[Target, CheckReport, float]] = field(default_factory=list)
 
     @property
-    def failed(self) -> int:
-        return sum(o.status == "FAIL" for _, report, _ in self.results for o in report.outcomes)
+    def passed(self) -> bool:
+        """No target failed or errored on any property."""
+        return all(report.passed for _, report, _ in self.results)
+
+    def summary(self) -> str:
+        return summary_line(o.status for _, report, _ in self.results for o in report.outcomes)
 
     def render(self) -> str:
         if not self.results:
@@ -44,7 +51,7 @@ class CrosscheckReport:
         for _, report, _ in self.results:
             cells = {}
             for outcome in report.outcomes:
-                if outcome.status == "convention differs":  # one footnote per line of evidence
+                if outcome.status == Status.CONVENTION_DIFFERS:  # one footnote per line of evidence
                     conventions = [re.sub(r" \[\d+ rows\]", "", line) for line in outcome.detail.splitlines()]
                     footnotes += [c for c in dict.fromkeys(conventions) if c not in footnotes]
                     numbers = ",".join(str(footnotes.index(c) + 1) for c in dict.fromkeys(conventions))
@@ -53,30 +60,23 @@ class CrosscheckReport:
                     cells[outcome.name] = _CELLS[outcome.status]
             columns.append(cells)
         names = [target.name for target, _, _ in self.results]
-        widths = [max(len(name), 12) for name in names]
-        first = max(len(p.name) for p in PROPERTIES)
+        rows = [(prop.name, *(cells.get(prop.name, "n/a") for cells in columns)) for prop in PROPERTIES]
         lines = [f"crosscheck on {self.device}: {len(names)} framework kernels against SPEC.md", "",
-                 "  ".join(["property".ljust(first), *(n.ljust(w) for n, w in zip(names, widths))])]
-        for prop in PROPERTIES:
-            row = [cells.get(prop.name, "n/a").ljust(w) for cells, w in zip(columns, widths)]
-            lines.append("  ".join([prop.name.ljust(first), *row]).rstrip())
+                 *render_table(("property", *names), rows, min_width=12)]
         lines += ["", "Declared conventions (exercised by the property):"]
         lines += [f"  [{i}] {text}" for i, text in enumerate(footnotes, 1)]
         for target, report, seconds in self.results:
-            counted = [o for o in report.outcomes if o.status not in ("n/a", "not run")]
-            failed = sum(o.status == "FAIL" for o in counted)
             lines += ["", f"{target.name} ({target.framework}, {target.layout}, dtypes {', '.join(report.dtypes)}; "
-                          f"{len(counted) - failed} passed, {failed} failed, {seconds:.1f} s)",
+                          f"{report.summary()}, {seconds:.1f} s)",
                       f"  supports: {', '.join(target.supports)}"]
             lines += [f"  note: {note}" for note in target.notes]
             for outcome in report.outcomes:
-                if outcome.status == "FAIL":
+                if not outcome.status.ok:
                     detail = "\n".join("    " + line for line in outcome.detail.splitlines())
-                    lines += [f"  FAIL {outcome.name}:", detail]
-        cells = [o.status for _, report, _ in self.results for o in report.outcomes]
-        lines += ["", f"{cells.count('pass')} passed, {cells.count('convention differs')} convention differs, "
-                      f"{cells.count('FAIL')} failed"]
-        return "\n".join(lines)
+                    lines += [f"  {outcome.status} {outcome.name}:", detail]
+        return "\n".join([*lines, "", self.summary()])
+
+    __str__ = render
 
 
 def crosscheck(

@@ -6,70 +6,70 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from hypothesis import HealthCheck, settings
+
 from ..registry import available_backends, get_backend
+from . import PROPERTIES, run_property
+from .report import PropertyOutcome, Status, failure_outcome, failure_sections, render_table, rules_text, summary_line
 
 
 @dataclass
 class VerifyReport:
-    """Outcome per (property, backend): None when it passed, else the failure text."""
+    """Per backend, an outcome for every property of ``PROPERTIES`` (in their order)."""
 
     backends: list[str]
-    properties: list[tuple[str, tuple[int, ...]]]
-    failures: dict[tuple[str, str], str | None] = field(default_factory=dict)
+    outcomes: dict[str, list[PropertyOutcome]] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
-    def passed(self) -> int:
-        return sum(1 for failure in self.failures.values() if failure is None)
+    def passed(self) -> bool:
+        """No property failed or errored on any backend."""
+        return all(o.status.ok for outcomes in self.outcomes.values() for o in outcomes)
 
-    @property
-    def failed(self) -> int:
-        return len(self.failures) - self.passed
+    def summary(self) -> str:
+        return summary_line(o.status for outcomes in self.outcomes.values() for o in outcomes)
 
     def render(self) -> str:
-        name_width = max(len("property"), *(len(name) for name, _ in self.properties))
-        rules_width = max(len("rules"), *(len(_rules(rules)) for _, rules in self.properties))
-        widths = [max(4, len(b)) for b in self.backends]
-        lines = ["  ".join(["property".ljust(name_width), "rules".ljust(rules_width),
-                            *(b.ljust(w) for b, w in zip(self.backends, widths))])]
-        for name, rules in self.properties:
-            cells = ["pass" if self.failures[(name, b)] is None else "FAIL" for b in self.backends]
-            lines.append("  ".join([name.ljust(name_width), _rules(rules).ljust(rules_width),
-                                    *(c.ljust(w) for c, w in zip(cells, widths))]))
-        for (name, backend), failure in self.failures.items():
-            if failure is not None:
-                lines += ["", f"FAILED {name} on {backend}:", failure]
-        lines += ["", f"{self.passed} passed, {self.failed} failed ({self.seconds:.1f} s)"]
-        return "\n".join(line.rstrip() for line in lines)
+        columns = [self.outcomes[name] for name in self.backends]
+        rows = [(first.name, rules_text(first.rules), *(column[i].status for column in columns))
+                for i, first in enumerate(columns[0])] if columns else []
+        lines = render_table(("property", "rules", *self.backends), rows, min_width=4)
+        lines += failure_sections((f" on {name}", o) for name in self.backends for o in self.outcomes[name])
+        return "\n".join([*lines, "", f"{self.summary()} ({self.seconds:.1f} s)"])
 
-
-def _rules(rules: tuple[int, ...]) -> str:
-    return ",".join(str(r) for r in rules)
+    __str__ = render
 
 
 def verify(
-    backends: Sequence[str] | None = None, *, max_examples: int = 50, seed: int | None = None
+    backends: Sequence[str] | None = None,
+    *,
+    max_examples: int = 50,
+    seed: int | None = None,
+    properties: Sequence[str] | None = None,
 ) -> VerifyReport:
     """Run every property of ``attention_ref.testing.PROPERTIES`` on each backend (default: all
-    installed) with ``max_examples`` Hypothesis examples each."""
-    from hypothesis import HealthCheck, settings
-
-    from . import PROPERTIES, run_property
-    from .check import describe_failure
-
+    installed) with ``max_examples`` Hypothesis examples each; ``properties`` names the ones to run
+    (default: all; the others are reported "not run")."""
+    unknown = set(properties or ()) - {p.name for p in PROPERTIES}
+    if unknown:
+        raise ValueError(f"unknown properties {sorted(unknown)}")
     names = list(backends) if backends else available_backends()
     run_settings = settings(max_examples=max_examples, deadline=None, database=None, print_blob=True,
                             suppress_health_check=[HealthCheck.too_slow])
-    report = VerifyReport(names, [(p.name, p.rules) for p in PROPERTIES])
+    report = VerifyReport(names)
     start = time.perf_counter()
     for backend_name in names:
         impl = get_backend(backend_name)
+        outcomes = report.outcomes.setdefault(backend_name, [])
         for prop in PROPERTIES:
+            if properties is not None and prop.name not in properties:
+                outcomes.append(PropertyOutcome(prop.name, prop.rules, Status.NOT_RUN))
+                continue
             try:
                 run_property(prop, impl, run_settings, seed=seed)
-            except Exception as error:  # noqa: BLE001 - every failure goes in the report
-                report.failures[(prop.name, backend_name)] = describe_failure(error)
+            except Exception as error:  # every failure and error goes in the report
+                outcomes.append(failure_outcome(prop.name, prop.rules, error))
             else:
-                report.failures[(prop.name, backend_name)] = None
+                outcomes.append(PropertyOutcome(prop.name, prop.rules, Status.PASS))
     report.seconds = time.perf_counter() - start
     return report

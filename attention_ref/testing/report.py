@@ -1,0 +1,105 @@
+"""The one report model of ``check``, ``verify`` and ``crosscheck``: a status per property run, one
+table renderer and one summary line.
+
+A property run ends in one :class:`Status`. FAIL and ERROR are distinct, as in pytest: FAIL means the
+property's assertion did not hold (a finding about the implementation under test); ERROR means the
+property could not run (a bug in the checker, a kernel that raised on an input within its declared
+features, a calling-convention mismatch such as a wrong number of returned values).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+
+class Status(enum.StrEnum):
+    """The outcome of one property on one implementation (its value is what tables print)."""
+
+    PASS = "pass"
+    FAIL = "FAIL"
+    ERROR = "ERROR"
+    #: Passed given a declared convention, which was exercised and verified (the evidence is kept).
+    CONVENTION_DIFFERS = "convention differs"
+    #: The implementation lacks a feature the property needs.
+    NOT_APPLICABLE = "n/a"
+    #: Skipped on request (``fail_fast`` after a failure, or not among the selected properties).
+    NOT_RUN = "not run"
+
+    @property
+    def counted(self) -> bool:
+        """Whether the property ran (pass, FAIL, ERROR or convention differs)."""
+        return self not in (Status.NOT_APPLICABLE, Status.NOT_RUN)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the outcome lets a report pass."""
+        return self not in (Status.FAIL, Status.ERROR)
+
+
+@dataclass(frozen=True)
+class PropertyOutcome:
+    """One property's outcome: its name, the SPEC.md rules it proves, the status and, for FAIL and
+    ERROR, the shrunk failing case (for convention differs, the evidence)."""
+
+    name: str
+    rules: tuple[int, ...]
+    status: Status
+    detail: str = ""
+
+
+def summary_line(statuses: Iterable[Status]) -> str:
+    """``N passed, N failed, N errors`` (with ``N convention differs`` after passed when there are any)."""
+    counts = {status: 0 for status in Status}
+    for status in statuses:
+        counts[status] += 1
+    parts = [f"{counts[Status.PASS]} passed"]
+    if counts[Status.CONVENTION_DIFFERS]:
+        parts.append(f"{counts[Status.CONVENTION_DIFFERS]} convention differs")
+    parts += [f"{counts[Status.FAIL]} failed", f"{counts[Status.ERROR]} errors"]
+    return ", ".join(parts)
+
+
+def render_table(header: Sequence[str], rows: Iterable[Sequence[str]], *, min_width: int = 0) -> list[str]:
+    """Left-aligned columns two spaces apart, each as wide as its widest cell (and ``min_width``)."""
+    rows = [list(row) for row in rows]
+    widths = [max(min_width, len(title), *(len(row[i]) for row in rows)) for i, title in enumerate(header)]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in [list(header), *rows]]
+
+
+def rules_text(rules: tuple[int, ...]) -> str:
+    return ",".join(str(rule) for rule in rules)
+
+
+def failure_sections(outcomes: Iterable[tuple[str, PropertyOutcome]]) -> list[str]:
+    """The detail of every FAIL, ERROR and convention differs, each headed ``STATUS name[ where]:``."""
+    lines: list[str] = []
+    for where, outcome in outcomes:
+        if outcome.detail:
+            lines += ["", f"{outcome.status} {outcome.name}{where}:", outcome.detail]
+    return lines
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    nested = getattr(error, "exceptions", None)
+    if not nested:
+        return [error]
+    return [leaf for inner in nested for leaf in _leaves(inner)]
+
+
+def failure_outcome(name: str, rules: tuple[int, ...], error: BaseException) -> PropertyOutcome:
+    """The outcome of a property that raised ``error`` (possibly a group of Hypothesis failures).
+
+    FAIL when one of the errors is an AssertionError (the property's assertion), ERROR otherwise. The
+    detail is that error's message, which shows the shrunk case (in full when small) and the other
+    values drawn with it; Hypothesis' long reprint of the example is left out (the same seed
+    reproduces the run).
+    """
+    leaves = _leaves(error)
+    assertions = [leaf for leaf in leaves if isinstance(leaf, AssertionError)]
+    status = Status.FAIL if assertions else Status.ERROR
+    first = (assertions or leaves)[0]
+    notes = [note for note in getattr(first, "__notes__", []) if note.startswith("drawn with the case")]
+    return PropertyOutcome(name, rules, status, "\n".join([f"{type(first).__name__}: {first}", *notes]))
