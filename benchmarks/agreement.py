@@ -6,7 +6,7 @@ out, weights and lse against the float64 oracle on the same rounded inputs, and 
 of error to the tolerance rule's bound (must stay <= 1); then the largest difference between
 backends.
 
-    python benchmarks/agreement.py [--cases 20] [--seed 0]
+    python -m benchmarks.agreement [--cases 20] [--seed 0]
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def main() -> None:
                     with np.errstate(invalid="ignore"):  # -inf - -inf on fully excluded rows
                         error = np.where(got == want, 0.0, np.abs(got - want))
                     errors.append(error.max(initial=0.0))
-                    ratio = max(ratio, (error / np.where(getattr(bounds, name) > 0, getattr(bounds, name), np.inf)).max(initial=0.0))
+                    bound = getattr(bounds, name)
+                    ratio = max(ratio, (error / np.where(bound > 0, bound, np.inf)).max(initial=0.0))
                 worst[backend.name] = np.maximum(worst[backend.name], [*errors, ratio])
             for a, b in between:
                 between[(a, b)] = max(between[(a, b)], np.abs(outs[a] - outs[b]).max(initial=0.0))

@@ -1,7 +1,7 @@
 """Measure gradient agreement: each backend's dq, dk, dv, dbias against the float64 oracle, per
 dtype, and float64 gradients against finite differences.
 
-    python benchmarks/gradients.py [--examples 200] [--seed 0]
+    python -m benchmarks.gradients [--examples 200] [--seed 0]
 
 Per backend and dtype it prints the error of each gradient relative to its largest exact entry
 (``max|g - exact| / max|exact|``, median and 90th percentile over the gradients of all drawn
@@ -9,27 +9,24 @@ cases whose largest entry is at least 1024 times the dtype's smallest normal num
 ones sit at the flush-to-zero floor, where relative errors mean nothing) and the largest
 ratio of error to the derived bound (must stay <= 1); for float64, ``|analytic - finite difference|``
 relative to ``|analytic|`` (median, 99th percentile) and the largest ratio to the finite-difference
-tolerance (``properties.directional_derivatives``).
+tolerance (``attention_ref.testing.finite_differences.directional_derivatives``).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import attention_ref as ar  # noqa: E402
-from attention_ref.testing.cases import call_vjp, random_cotangent  # noqa: E402
-from attention_ref.testing.properties import directional_derivatives  # noqa: E402
-from attention_ref.testing.strategies import attention_cases  # noqa: E402
-from attention_ref.tolerance import SMALLEST_NORMAL  # noqa: E402
+import attention_ref as ar
+from attention_ref.testing.cases import call_vjp, random_cotangent
+from attention_ref.testing.finite_differences import directional_derivatives
+from attention_ref.testing.implementation import Subject
+from attention_ref.testing.strategies import attention_cases
+from attention_ref.tolerance import SMALLEST_NORMAL
 
 BACKENDS = ("numpy", "jax", "torch")
 
@@ -54,7 +51,7 @@ def main() -> None:
         bounds = case.gradient_bounds(d_out, expected)
         for name in BACKENDS:
             grads = call_vjp(ar.get_backend(name), case, d_out)
-            for got, want, bound in zip(grads, expected, (bounds.dq, bounds.dk, bounds.dv, bounds.dbias)):
+            for got, want, bound in zip(grads, expected, (bounds.dq, bounds.dk, bounds.dv, bounds.dbias), strict=True):
                 if want is None or np.size(want) == 0:
                     continue
                 error = np.abs(np.asarray(got, np.float64) - want)
@@ -69,7 +66,7 @@ def main() -> None:
                                       f"{worst} (got {np.asarray(got, np.float64)[worst]!r}, exact {want[worst]!r}) "
                                       f"for d_out seed {draw_seed}\n  {case!r}")
             if case.dtype == "float64":
-                analytic, finite, tolerance = directional_derivatives(ar.get_backend(name), case, draw_seed)
+                analytic, finite, tolerance = directional_derivatives(Subject(ar.get_backend(name)), case, draw_seed)
                 if analytic != 0:
                     fd_relative[name].append(abs(analytic - finite) / abs(analytic))
                 if tolerance > 0:

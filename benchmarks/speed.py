@@ -1,6 +1,6 @@
 """Time each backend at realistic sizes (median wall time per call, after a warm-up call).
 
-    python benchmarks/speed.py [--repeats 5]
+    python -m benchmarks.speed [--repeats 5]
 
 torch SDPA (math backend, bottom-right causal) and jax.nn.dot_product_attention (causal when
 L == S) are timed alongside for scale; they are yardsticks, not references.
@@ -9,9 +9,11 @@ L == S) are timed alongside for scale; they are yardsticks, not references.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +36,11 @@ def median_seconds(run: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def _timed_call(backend: Any, arrays: list[Any], block: Callable[[Any], Any]) -> object:
+    """One bottom-right causal call, waited for (``block``)."""
+    return block(backend.attention(*arrays, causal=True, alignment="bottom_right"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -49,8 +56,7 @@ def main() -> None:
                 backend = ar.get_backend(name)
                 arrays = [backend.asarray(x) for x in (q, k, v)]
                 block = (lambda x: x.block_until_ready()) if name == "jax" else (lambda x: x)
-                seconds = median_seconds(lambda: block(backend.attention(*arrays, causal=True,
-                                                                         alignment="bottom_right")), args.repeats)
+                seconds = median_seconds(functools.partial(_timed_call, backend, arrays, block), args.repeats)
                 print(f"{label:52} {name:8} {seconds * 1e3:9.1f} ms", flush=True)
             yardsticks(q, k, v, label, args.repeats)
 

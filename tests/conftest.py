@@ -1,8 +1,10 @@
 """Shared fixtures: Hypothesis profiles and the backends under test.
 
-The Hypothesis profile comes from ``--hypothesis-profile`` (CI: ``attention_ref.ci``); the default
-for local runs is ``attention_ref.dev``. A backend whose framework is not installed is skipped,
-unless ``ATTENTION_REF_REQUIRE_ALL_BACKENDS=1`` (set by CI), where it fails.
+The Hypothesis profile is ``attention_ref.ci`` (what CI runs) unless ``--hypothesis-profile`` names
+another (``attention_ref.dev`` or ``attention_ref.thorough`` for longer searches), which Hypothesis'
+pytest plugin then loads. A backend whose framework is not installed is skipped, unless
+``ATTENTION_REF_REQUIRE_ALL_BACKENDS=1`` (set by CI), where it fails: every test that needs a
+framework gets it through ``import_or_skip`` or ``BACKENDS``.
 """
 
 from __future__ import annotations
@@ -16,9 +18,17 @@ import pytest
 from hypothesis import settings
 
 from attention_ref.testing import register_profiles
+from attention_ref.testing.profiles import DEFAULT_PROFILE
 
 register_profiles()
-settings.load_profile("attention_ref.dev")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Load the default profile unless the command line names one (Hypothesis' plugin loads that)."""
+    if not config.getoption("--hypothesis-profile", default=None):
+        settings.load_profile(DEFAULT_PROFILE)
+
 
 BACKEND_NAMES = ("numpy", "jax", "torch")
 REQUIRE_ALL = os.environ.get("ATTENTION_REF_REQUIRE_ALL_BACKENDS") == "1"

@@ -1,7 +1,10 @@
 """SPEC.md transcribed literally, one query at a time, in Python floats (float64, math.fsum).
 
 Deliberately naive and independent of every backend: no broadcasting tricks, no vectorised softmax.
-It is the check on the NumPy oracle itself.
+It is the check on the NumPy oracle itself. It transcribes the forward computation only: the inputs
+are assumed valid (rule 12: the front door rejects the others before any computation), and no
+gradient is transcribed (rule 14: gradients are checked against the NumPy backend's analytic
+backward pass and against finite differences, ``attention_ref.testing.finite_differences``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from attention_ref.testing import AttentionCase
 
 
 def transcribed_attention(case: AttentionCase) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(out, weights, lse) of SPEC.md for the case, in float64."""
+    """(out, weights, lse) of SPEC.md for the case (rule 11: the three results), computed in float64
+    on the inputs as given (rule 10: a float64 answer on the same rounded inputs, as the oracle is)."""
+    # rule 12: the case is assumed valid (shapes, dtypes, options); nothing here re-checks it.
     q, k, v = (np.asarray(x, np.float64) for x in (case.q, case.k, case.v))
     if q.ndim == 2:  # rule 1: a rank-2 input is one head
         q, k, v = q[None], k[None], v[None]
@@ -37,7 +42,8 @@ def transcribed_attention(case: AttentionCase) -> tuple[np.ndarray, np.ndarray, 
         for i in range(length):
             logits, attended = [], []
             for j in range(keys):
-                logit = scale * math.fsum(a * b for a, b in zip(q[index][i], k[kv_index][j]))
+                # rule 10: float64 products, each sum correctly rounded (math.fsum)
+                logit = scale * math.fsum(a * b for a, b in zip(q[index][i], k[kv_index][j], strict=True))
                 if case.softcap is not None:  # rule 4
                     logit = case.softcap * math.tanh(logit / case.softcap)
                 if bias is not None:  # rule 5
@@ -55,8 +61,9 @@ def transcribed_attention(case: AttentionCase) -> tuple[np.ndarray, np.ndarray, 
                 attended.append(allowed)
             if not any(attended):
                 continue  # rule 8: out 0, weights 0, lse -inf
-            top = max(x for x, a in zip(logits, attended) if a)
-            exps = [math.exp(x - top) if a else 0.0 for x, a in zip(logits, attended)]
+            # rule 9: the row max over the attended keys only, subtracted before exp
+            top = max(x for x, a in zip(logits, attended, strict=True) if a)
+            exps = [math.exp(x - top) if a else 0.0 for x, a in zip(logits, attended, strict=True)]
             total = math.fsum(exps)
             for j in range(keys):
                 weights[index][i, j] = exps[j] / total
@@ -65,7 +72,7 @@ def transcribed_attention(case: AttentionCase) -> tuple[np.ndarray, np.ndarray, 
                        for j in range(keys)]
             for c in range(value_dim):
                 out[index][i, c] = math.fsum(dropped[j] * v[kv_index][j, c] for j in range(keys))
-            lse[index][i] = top + math.log(total)
+            lse[index][i] = top + math.log(total)  # rule 11: natural-log log-sum-exp of the final logits
     shape = case.logits_shape[:-2]
     return (out.reshape((*shape, length, value_dim)), weights.reshape(case.logits_shape),
             lse.reshape((*shape, length)))

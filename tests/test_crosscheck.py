@@ -95,9 +95,9 @@ def test_jax_nn_nan_gradients_when_a_bias_row_is_all_neg_inf() -> None:
     import_or_skip("jax")
     import numpy as np
 
+    from attention_ref.testing.assertions import assert_gradients_close
     from attention_ref.testing.cases import AttentionCase, call_vjp
     from attention_ref.testing.check import KernelImplementation
-    from attention_ref.testing.properties import assert_gradients_close
     from attention_ref.testing.strategies import Features
 
     impl = KernelImplementation(jax_nn("xla"), framework="jax", layout="blhd", fully_masked="mean_v",
@@ -151,7 +151,7 @@ def test_torch_math_dropout_mask_follows_the_spec() -> None:
 
     import attention_ref as ar
     from attention_ref.testing import AttentionCase, assert_attention_close, assert_gradients_close
-    from attention_ref.testing.properties import assert_within
+    from attention_ref.testing.assertions import assert_within
 
     rng = np.random.default_rng(0)
     case = AttentionCase(*(rng.standard_normal(shape) for shape in ((2, 4, 3, 5), (2, 2, 6, 5), (2, 2, 6, 3))),

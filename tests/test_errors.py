@@ -1,4 +1,6 @@
-"""Rule 12: the same bad input raises the same error type and message on every backend."""
+"""Rule 12 beyond the catalogue of bad inputs (whose every entry the property
+``bad_inputs_raise_the_spec_errors`` raises on every backend, with the front door's message): arrays of
+mixed frameworks and devices, messages that name the shapes, dtype objects as compute dtypes."""
 
 from __future__ import annotations
 
@@ -8,28 +10,8 @@ import numpy as np
 import pytest
 
 import attention_ref as ar
-from attention_ref.testing import BAD_INPUTS
-from attention_ref.testing.bad_inputs import _raised
 
 from .conftest import TESTED_BACKEND_NAMES, import_or_skip
-
-
-def _error(backend_name: str, bad: object) -> tuple[type, str]:
-    impl = ar.get_backend(backend_name)
-    convert = lambda x: impl.asarray(x) if isinstance(x, np.ndarray) else x  # noqa: E731
-    kwargs = {name: convert(value) for name, value in bad.kwargs.items()}
-    error = _raised(lambda: impl.attention(convert(bad.q), convert(bad.k), convert(bad.v), **kwargs))
-    assert error is not None, f"{bad.name}: {backend_name} raised nothing"
-    return type(error), str(error)
-
-
-@pytest.mark.parametrize("bad", BAD_INPUTS, ids=lambda b: b.name)
-def test_every_backend_raises_the_same_error(bad: object) -> None:
-    errors = {name: _error(name, bad) for name in TESTED_BACKEND_NAMES}
-    assert len(set(errors.values())) == 1, errors
-    error_type, message = next(iter(errors.values()))
-    assert error_type is bad.error
-    assert all(word in message for word in bad.mentions), message
 
 
 def test_mixed_frameworks_are_refused() -> None:
@@ -38,7 +20,8 @@ def test_mixed_frameworks_are_refused() -> None:
         a, b = ar.get_backend(first), ar.get_backend(second)
         with pytest.raises(TypeError) as info:
             a.attention(a.asarray(x), b.asarray(x), a.asarray(x))
-        assert str(info.value) == f"all arrays must come from one framework, got q is {first}, k is {second}, v is {first}"
+        assert str(info.value) == (f"all arrays must come from one framework, got q is {first}, k is {second}, "
+                                   f"v is {first}")
         with pytest.raises(TypeError, match=f"the {first} backend takes {first} arrays, got {second} arrays"):
             a.attention(*(b.asarray(x) for _ in range(3)))
         mask = b.asarray(np.ones((3, 3), bool))

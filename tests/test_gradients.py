@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 
 import attention_ref as ar
 from attention_ref.frameworks import numpy_dtype
-from attention_ref.testing.cases import call_vjp, random_cotangent
-from attention_ref.testing.properties import assert_within
+from attention_ref.testing.assertions import assert_within
+from attention_ref.testing.cases import AttentionCase, call_vjp, random_cotangent
 from attention_ref.testing.strategies import attention_cases
 
-from .conftest import TESTED_BACKEND_NAMES
+from .conftest import TESTED_BACKEND_NAMES, import_or_skip
 
 
 @given(attention_cases(), st.integers(0, 2**32 - 1))
@@ -36,13 +36,14 @@ def test_backends_agree_on_gradients(case, seed: int) -> None:
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 def test_gradient_types_and_shapes(backend, dtype: str) -> None:
     rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal(shape).astype(numpy_dtype(dtype)) for shape in ((2, 4, 3, 5), (2, 2, 6, 5), (2, 2, 6, 7)))
+    q, k, v = (rng.standard_normal(shape).astype(numpy_dtype(dtype))
+               for shape in ((2, 4, 3, 5), (2, 2, 6, 5), (2, 2, 6, 7)))
     bias = rng.standard_normal((4, 1, 6)).astype(np.float32 if dtype != "float64" else np.float64)
     d_out = rng.standard_normal((2, 4, 3, 7)).astype(numpy_dtype(dtype))
     convert = backend.asarray
     grads = backend.attention_vjp(convert(q), convert(k), convert(v), convert(d_out), bias=convert(bias), causal=True)
     assert isinstance(grads, ar.Gradients)
-    for got, like in zip(grads, (q, k, v, bias)):
+    for got, like in zip(grads, (q, k, v, bias), strict=True):
         got = backend.to_numpy(got)
         assert got.shape == like.shape and got.dtype == like.dtype
     without_bias = backend.attention_vjp(convert(q), convert(k), convert(v), convert(d_out))
@@ -51,23 +52,23 @@ def test_gradient_types_and_shapes(backend, dtype: str) -> None:
 
 def test_float64_compute_for_float32_inputs(backend) -> None:
     """compute_dtype='float64' gives float32 gradients computed in float64: within the float64 bound."""
-    from attention_ref.testing.cases import AttentionCase
-
     rng = np.random.default_rng(1)
-    case = AttentionCase(*(rng.standard_normal(s).astype(np.float32) for s in ((1, 2, 4, 3), (1, 2, 5, 3), (1, 2, 5, 3))),
+    case = AttentionCase(*(rng.standard_normal(s).astype(np.float32)
+                           for s in ((1, 2, 4, 3), (1, 2, 5, 3), (1, 2, 5, 3))),
                          softcap=2.0, window=(1, 2))
     d_out = rng.standard_normal((1, 2, 4, 3)).astype(np.float32)
     convert = backend.asarray
     grads = backend.attention_vjp(convert(case.q), convert(case.k), convert(case.v), convert(d_out),
-                                  **case.options(), compute_dtype="float64")
+                                  **case.scalar_keywords(), compute_dtype="float64")
     expected = case.oracle_gradients(d_out)
     bounds = case.gradient_bounds(d_out, expected, compute_dtype="float64")
     for name in ("dq", "dk", "dv"):
-        assert_within(name, backend.to_numpy(getattr(grads, name)), getattr(expected, name), getattr(bounds, name), case)
+        assert_within(name, backend.to_numpy(getattr(grads, name)), getattr(expected, name), getattr(bounds, name),
+                      case)
 
 
 def test_torch_vjp_leaves_the_callers_graph_alone() -> None:
-    torch = pytest.importorskip("torch")
+    torch = import_or_skip("torch")
     q, k, v = (torch.randn(1, 2, 3, 4, requires_grad=True) for _ in range(3))
     grads = ar.attention_vjp(q, k, v, torch.ones(1, 2, 3, 4))
     assert q.grad is None and not grads.dq.requires_grad
@@ -77,7 +78,7 @@ def test_torch_vjp_leaves_the_callers_graph_alone() -> None:
 
 
 def test_jax_vjp_under_jit() -> None:
-    jax = pytest.importorskip("jax")
+    jax = import_or_skip("jax")
     rng = np.random.default_rng(2)
     q, k, v = (jax.numpy.asarray(rng.standard_normal((2, 3, 4)).astype(np.float32)) for _ in range(3))
     d_out = jax.numpy.ones((2, 3, 4), np.float32)
@@ -103,8 +104,6 @@ def test_dropout_mask_is_the_same_everywhere() -> None:
 def test_window_conventions() -> None:
     """Rule 7's worked examples: window (1, 0) with L=2, S=4 is jax's top-left [[1,0,0,0],[1,1,0,0]]
     and FlashAttention's bottom-right [[0,1,1,0],[0,0,1,1]]; causal is window (None, 0)."""
-    from attention_ref.testing.cases import AttentionCase
-
     q, k = np.zeros((2, 1)), np.zeros((4, 1))
     top_left = AttentionCase(q, k, k, window=(1, 0)).positional_pattern()
     bottom_right = AttentionCase(q, k, k, window=(1, 0), alignment="bottom_right").positional_pattern()

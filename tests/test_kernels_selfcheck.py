@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import attention_ref as ar  # noqa: E402
 from attention_ref.result import AttentionOutput  # noqa: E402
 from attention_ref.testing import AttentionCase  # noqa: E402
-from attention_ref.testing.properties import assert_matches  # noqa: E402
+from attention_ref.testing.assertions import assert_matches  # noqa: E402
 
 from .kernels import ALL_FEATURES, BUGGY_KERNELS, CORRECT_KERNELS  # noqa: E402
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import attention_ref as ar
 from attention_ref.testing import PROPERTIES, run_property
+from attention_ref.testing import properties as property_modules
 
 from .conftest import BACKENDS
 
@@ -19,3 +22,19 @@ def test_property(backend_name: str, prop: object) -> None:
 def test_every_spec_rule_has_a_property() -> None:
     covered = {rule for prop in PROPERTIES for rule in prop.rules}
     assert covered == set(range(1, 15))
+
+
+def test_properties_are_registered_by_rule_module_in_rule_order() -> None:
+    """The oracle first, then one module per rule: a property of module ``ruleNN_...`` names rule NN,
+    and the registry lists the modules in the order of the package (rule order)."""
+    order = list(property_modules.__all__)
+    rule_numbers = [int(m[4:6]) for m in order if m.startswith("rule")]
+    assert order[0] == "oracle" and rule_numbers == sorted(set(rule_numbers))
+    modules = [prop.check.__module__.rsplit(".", 1)[-1] for prop in PROPERTIES]
+    assert modules == sorted(modules, key=order.index)
+    for prop, module in zip(PROPERTIES, modules, strict=True):
+        if module.startswith("rule"):
+            assert int(module[4:6]) in prop.rules, (prop.name, module)
+    for name in order:
+        docstring = getattr(property_modules, name).__doc__
+        assert re.search(r"rule \d+: ", docstring), name

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 
 import attention_ref as ar
-from attention_ref.testing import AttentionCase, attention_cases, call
 from attention_ref.result import AttentionOutput
-from attention_ref.testing.properties import assert_matches
+from attention_ref.testing import AttentionCase, attention_cases, call
+from attention_ref.testing.assertions import assert_matches
 
 from .conftest import BACKENDS
 from .spec_transcription import transcribed_attention

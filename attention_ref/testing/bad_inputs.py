@@ -6,12 +6,17 @@ its message must contain (the argument and the shapes involved).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..plan import AttentionOptions
 from ..validation import validate_attention_args, validate_vjp_args
+
+if TYPE_CHECKING:
+    from .implementation import Implementation
 
 
 def _array(*shape: int, dtype: str = "float32") -> np.ndarray:
@@ -31,16 +36,20 @@ class BadInput:
 
 BAD_INPUTS: tuple[BadInput, ...] = (
     BadInput("q of rank 1", ValueError, ("q", "rank", "(4,)"), _array(4), _array(4), _array(4)),
-    BadInput("ranks differ", ValueError, ("rank", "(2, 3, 4)", "(3, 4)"), _array(2, 3, 4), _array(3, 4), _array(3, 4)),
+    BadInput("ranks differ", ValueError, ("rank", "(2, 3, 4)", "(3, 4)"),
+             _array(2, 3, 4), _array(3, 4), _array(3, 4)),
     BadInput("batch dims differ", ValueError, ("batch dims", "(2, 1, 3, 4)", "(3, 1, 5, 4)"),
              _array(2, 1, 3, 4), _array(3, 1, 5, 4), _array(3, 1, 5, 4)),
     BadInput("k and v heads differ", ValueError, ("Hkv", "(2, 5, 8)", "(1, 5, 8)"),
              _array(4, 3, 8), _array(2, 5, 8), _array(1, 5, 8)),
     BadInput("query heads not a multiple of kv heads", ValueError, ("Hq=3", "Hkv=2", "(3, 3, 8)"),
              _array(3, 3, 8), _array(2, 5, 8), _array(2, 5, 8)),
-    BadInput("no kv heads", ValueError, ("at least one head", "(0, 5, 8)"), _array(2, 3, 8), _array(0, 5, 8), _array(0, 5, 8)),
-    BadInput("k and v key counts differ", ValueError, ("keys S", "(5, 8)", "(6, 4)"), _array(3, 8), _array(5, 8), _array(6, 4)),
-    BadInput("q and k head dims differ", ValueError, ("head dim E", "(3, 8)", "(5, 7)"), _array(3, 8), _array(5, 7), _array(5, 7)),
+    BadInput("no kv heads", ValueError, ("at least one head", "(0, 5, 8)"),
+             _array(2, 3, 8), _array(0, 5, 8), _array(0, 5, 8)),
+    BadInput("k and v key counts differ", ValueError, ("keys S", "(5, 8)", "(6, 4)"),
+             _array(3, 8), _array(5, 8), _array(6, 4)),
+    BadInput("q and k head dims differ", ValueError, ("head dim E", "(3, 8)", "(5, 7)"),
+             _array(3, 8), _array(5, 7), _array(5, 7)),
     BadInput("empty head dim", ValueError, ("head dim E", "(3, 0)"), _array(3, 0), _array(5, 0), _array(5, 4)),
     BadInput("integer q", TypeError, ("q", "int32"), _array(3, 8, dtype="int32"), _array(5, 8, dtype="int32"),
              _array(5, 4, dtype="int32")),
@@ -100,42 +109,65 @@ BAD_D_OUT: tuple[tuple[str, Any, type[Exception], tuple[str, ...]], ...] = (
 )
 
 
-def _raised(call: Any) -> BaseException | None:
+def _raised(call: Callable[[], Any]) -> BaseException | None:
+    """The exception ``call()`` raises, or None."""
     try:
         call()
-    except Exception as error:  # noqa: BLE001 - the error is the result
+    except Exception as error:  # the error is the result
         return error
     return None
 
 
 def front_door_error(bad: BadInput) -> BaseException | None:
     """What the shared front door raises for this input (NumPy arrays, no backend)."""
-    return _raised(lambda: validate_attention_args(bad.q, bad.k, bad.v, **bad.kwargs))
+    flags = {name: value for name, value in bad.kwargs.items() if name in _CALL_FLAGS}
+    options = {name: value for name, value in bad.kwargs.items() if name not in _CALL_FLAGS}
+    return _raised(lambda: validate_attention_args(bad.q, bad.k, bad.v, AttentionOptions(**options), **flags))
 
 
-def check_bad_inputs(impl: Any) -> None:
+#: The keywords of ``attention`` that are not options (``AttentionOptions``).
+_CALL_FLAGS = ("return_weights", "return_lse", "compute_dtype")
+
+
+def check_bad_inputs(impl: Implementation, *, vjp: bool = True) -> None:
     """Every catalogued bad input raises, through ``impl``, the catalogued type with the front door's
-    message, which names the argument and shapes."""
+    message, which names the argument and shapes; with ``vjp``, so does every bad cotangent of
+    ``impl.attention_vjp``."""
     __tracebackhide__ = True
     for bad in BAD_INPUTS:
-        convert = lambda x: impl.asarray(x) if isinstance(x, np.ndarray) else x  # noqa: E731
-        kwargs = {name: convert(value) for name, value in bad.kwargs.items()}
-        error = _raised(lambda: impl.attention(convert(bad.q), convert(bad.k), convert(bad.v), **kwargs))
-        expected = front_door_error(bad)
-        assert type(error) is bad.error and type(expected) is bad.error, (
-            f"{bad.name}: raised {error!r}, expected {bad.error.__name__} (front door: {expected!r})")
-        assert str(error) == str(expected), f"{bad.name}: message {str(error)!r} differs from {str(expected)!r}"
-        missing = [word for word in bad.mentions if word not in str(error)]
-        assert not missing, f"{bad.name}: message {str(error)!r} does not mention {missing}"
-    if not hasattr(impl, "attention_vjp"):
-        return
+        _check_bad_input(impl, bad)
+    if vjp:
+        for name, d_out, error_type, mentions in BAD_D_OUT:
+            _check_bad_cotangent(impl, name, d_out, error_type, mentions)
+
+
+def _converter(impl: Implementation) -> Callable[[Any], Any]:
+    """NumPy arrays to ``impl``'s arrays; anything else unchanged."""
+    return lambda x: impl.asarray(x) if isinstance(x, np.ndarray) else x
+
+
+def _check_bad_input(impl: Implementation, bad: BadInput) -> None:
+    __tracebackhide__ = True
+    convert = _converter(impl)
+    kwargs = {name: convert(value) for name, value in bad.kwargs.items()}
+    error = _raised(lambda: impl.attention(convert(bad.q), convert(bad.k), convert(bad.v), **kwargs))
+    expected = front_door_error(bad)
+    assert type(error) is bad.error and type(expected) is bad.error, (
+        f"{bad.name}: raised {error!r}, expected {bad.error.__name__} (front door: {expected!r})")
+    assert str(error) == str(expected), f"{bad.name}: message {str(error)!r} differs from {str(expected)!r}"
+    missing = [word for word in bad.mentions if word not in str(error)]
+    assert not missing, f"{bad.name}: message {str(error)!r} does not mention {missing}"
+
+
+def _check_bad_cotangent(impl: Implementation, name: str, d_out: Any, error_type: type[Exception],
+                         mentions: tuple[str, ...]) -> None:
+    __tracebackhide__ = True
     q, k, v = (impl.asarray(_array(*shape)) for shape in ((3, 8), (5, 8), (5, 4)))
-    for name, d_out, error_type, mentions in BAD_D_OUT:
-        converted = impl.asarray(d_out) if isinstance(d_out, np.ndarray) else d_out
-        error = _raised(lambda: impl.attention_vjp(q, k, v, converted))
-        expected = _raised(lambda: validate_vjp_args(_array(3, 8), _array(5, 8), _array(5, 4), d_out))
-        assert type(error) is error_type and type(expected) is error_type, (
-            f"{name}: raised {error!r}, expected {error_type.__name__} (front door: {expected!r})")
-        assert str(error) == str(expected), f"{name}: message {str(error)!r} differs from {str(expected)!r}"
-        missing = [word for word in mentions if word not in str(error)]
-        assert not missing, f"{name}: message {str(error)!r} does not mention {missing}"
+    converted = _converter(impl)(d_out)
+    error = _raised(lambda: impl.attention_vjp(q, k, v, converted))
+    expected = _raised(lambda: validate_vjp_args(_array(3, 8), _array(5, 8), _array(5, 4), d_out))
+    assert type(error) is error_type and type(expected) is error_type, (
+        f"{name}: raised {error!r}, expected {error_type.__name__} (front door: {expected!r})")
+    assert str(error) == str(expected), f"{name}: message {str(error)!r} differs from {str(expected)!r}"
+    missing = [word for word in mentions if word not in str(error)]
+    assert not missing, f"{name}: message {str(error)!r} does not mention {missing}"

@@ -2,51 +2,72 @@
 
 ``AttentionCase`` holds the inputs of one call in the input dtype. The helpers here derive, from
 SPEC.md directly and in float64, the facts the properties need: which keys each query attends
-(rule 8), the kv heads repeated to the query heads (rule 2), the float64 oracle, and the error
-bounds of ``attention_ref.tolerance``.
+(rule 8), the kv heads repeated to the query heads (rule 2), the float64 oracle (computed once per
+case), and the error bounds of ``attention_ref.tolerance``. ``call``, ``call_vjp`` and
+``full_results`` run an implementation on a case.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from ..broadcasting import reduce_to_shape
+from ..frameworks import numpy_dtype
+from ..plan import AttentionOptions
 from ..result import AttentionOutput, Gradients
-from ..gradient_tolerance import (
+from ..tolerance import (
+    ErrorBounds,
     GradientBounds,
     GradientProblem,
+    calibrated_error_bounds,
     calibrated_gradient_bounds,
+    error_bounds,
     gradient_error_bounds,
+    row_sizes,
 )
-from ..tolerance import ErrorBounds, calibrated_error_bounds, error_bounds, row_sizes
+
+if TYPE_CHECKING:
+    from .implementation import Implementation
+
+_T = TypeVar("_T")
 
 #: Largest case (elements of q, k, v) whose arrays are printed in full in ``repr``.
 _REPR_FULL_LIMIT = 256
 
 
 @dataclass(frozen=True, eq=False)
-class AttentionCase:
+class AttentionCase(AttentionOptions):
     """Inputs of one attention call: q ``(*B, Hq, L, E)``, k ``(*B, Hkv, S, E)``,
-    v ``(*B, Hkv, S, Ev)`` (or rank 2), a boolean mask and a bias broadcastable to ``(*B, Hq, L, S)``,
-    all NumPy arrays in the input dtype (bias too), and the keyword options."""
+    v ``(*B, Hkv, S, Ev)`` (or rank 2), and the keyword options of ``AttentionOptions`` (keyword-only:
+    ``AttentionCase(q, k, v, mask=...)``), whose mask, bias (in its own floating dtype) and dropout
+    keep-mask are NumPy arrays broadcastable to ``(*B, Hq, L, S)``, or None.
+
+    Cases compare and hash by identity (arrays have no single truth value). The float64 oracle of a
+    case is computed once and kept with it (read-only arrays); ``replace`` makes a new case.
+    """
 
     q: np.ndarray
     k: np.ndarray
     v: np.ndarray
-    mask: np.ndarray | None = None
-    bias: np.ndarray | None = None
-    scale: float | None = None
-    causal: bool = False
-    alignment: str = "top_left"
-    softcap: float | None = None
-    window: tuple[int | None, int | None] | None = None
-    dropout_p: float = 0.0
-    #: Boolean keep-mask broadcastable to ``(*B, Hq, L, S)`` (rule 13), or None.
-    dropout_mask: np.ndarray | None = None
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def _cached(self, key: Any, compute: Callable[[], _T]) -> _T:
+        """``compute()``, once per case and ``key`` (a private cache: the dataclass is frozen)."""
+        cache: dict[Any, Any] | None = self.__dict__.get("_cache")
+        if cache is None:
+            cache = {}
+            object.__setattr__(self, "_cache", cache)
+        if key not in cache:
+            cache[key] = compute()
+        return cache[key]
 
     # ---- shape --------------------------------------------------------------------------------
     @property
@@ -99,24 +120,6 @@ class AttentionCase:
         return "float64" if self.dtype == "float64" else "float32"
 
     # ---- derived ------------------------------------------------------------------------------
-    def options(self) -> dict[str, Any]:
-        """The keyword arguments of the call, arrays excluded (window and dropout_p only when set,
-        so that implementations without them are called as before)."""
-        options: dict[str, Any] = dict(scale=self.scale, causal=self.causal, alignment=self.alignment,
-                                       softcap=self.softcap)
-        if self.window is not None:
-            options["window"] = self.window
-        if self.dropout_p:
-            options["dropout_p"] = self.dropout_p
-        return options
-
-    def arrays(self) -> dict[str, np.ndarray | None]:
-        """The array keyword arguments: mask, bias, and dropout_mask when set."""
-        arrays = {"mask": self.mask, "bias": self.bias}
-        if self.dropout_mask is not None:
-            arrays["dropout_mask"] = self.dropout_mask
-        return arrays
-
     def dropout_multiplier(self) -> np.ndarray | float:
         """``keep / (1 - dropout_p)`` broadcast to ``(*B, Hq, L, S)`` (float64), or 1.0 without a
         dropout mask: what the probabilities are multiplied by before P·V (rule 13)."""
@@ -183,24 +186,40 @@ class AttentionCase:
             logits = logits + np.asarray(self.bias, np.float64)
         return logits
 
+    def _float64_call(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """q, k, v converted (exactly) to float64, and the keywords with the bias in float64."""
+        q, k, v = (np.asarray(x, np.float64) for x in (self.q, self.k, self.v))
+        bias = None if self.bias is None else np.asarray(self.bias, np.float64)
+        return q, k, v, {**self.array_keywords(), "bias": bias, **self.scalar_keywords()}
+
     def oracle(self) -> AttentionOutput:
         """The float64 oracle: the NumPy backend on the inputs converted (exactly) to float64, so
-        that out, weights and lse are all float64, never rounded to the input dtype."""
-        from ..registry import get_backend
+        that out, weights and lse are all float64, never rounded to the input dtype. Computed once
+        per case (the arrays are read-only)."""
 
-        q, k, v, bias = (None if x is None else np.asarray(x, np.float64) for x in (self.q, self.k, self.v, self.bias))
-        return get_backend("numpy").attention(
-            q, k, v, **{**self.arrays(), "bias": bias}, **self.options(), return_weights=True, return_lse=True,
-        )
+        def compute() -> AttentionOutput:
+            from ..registry import get_backend
+
+            q, k, v, keywords = self._float64_call()
+            return AttentionOutput(*_read_only(get_backend("numpy").attention(
+                q, k, v, **keywords, return_weights=True, return_lse=True)))
+
+        return self._cached("oracle", compute)
 
     def oracle_gradients(self, d_out: np.ndarray) -> Gradients:
         """The float64 oracle's gradients (the NumPy backend's analytic backward pass in float64) for
-        the cotangent ``d_out``; dbias is float64 too."""
-        from ..registry import get_backend
+        the cotangent ``d_out``; dbias is float64 too. Computed once per case and cotangent (the
+        arrays are read-only)."""
+        d_out = np.asarray(d_out)
 
-        q, k, v, bias, d = (None if x is None else np.asarray(x, np.float64)
-                            for x in (self.q, self.k, self.v, self.bias, d_out))
-        return get_backend("numpy").attention_vjp(q, k, v, d, **{**self.arrays(), "bias": bias}, **self.options())
+        def compute() -> Gradients:
+            from ..registry import get_backend
+
+            q, k, v, keywords = self._float64_call()
+            return Gradients(*_read_only(get_backend("numpy").attention_vjp(
+                q, k, v, np.asarray(d_out, np.float64), **keywords)))
+
+        return self._cached(("oracle_gradients", d_out.dtype.str, d_out.shape, d_out.tobytes()), compute)
 
     def bounds(
         self,
@@ -240,14 +259,16 @@ class AttentionCase:
 
     def gradient_bounds(self, d_out: np.ndarray, expected: Gradients, *, compute_dtype: str | None = None,
                         oracle: AttentionOutput | None = None, calibrated: bool = False) -> GradientBounds:
-        """``attention_ref.gradient_tolerance`` bounds for this case's gradients (default: the spec's
+        """``attention_ref.tolerance.gradients`` bounds for this case's gradients (default: the spec's
         compute dtype, results in the input dtype and dbias in bias's dtype); ``expected`` is the
         oracle's ``Gradients``; with ``calibrated``, the calibrated rule for other people's kernels."""
         problem = self.gradient_problem(d_out, oracle)
         dot_size, bias_size = row_sizes(problem.q, problem.k, allowed=problem.allowed, bias=problem.bias,
                                         scale=self.resolved_scale)
-        derived = gradient_error_bounds(problem, tuple(expected), compute_dtype=compute_dtype or self.default_compute_dtype,
-                                        out_dtype=self.dtype, bias_dtype=None if self.bias is None else self.bias.dtype.name,
+        derived = gradient_error_bounds(problem, tuple(expected),
+                                        compute_dtype=compute_dtype or self.default_compute_dtype,
+                                        out_dtype=self.dtype,
+                                        bias_dtype=None if self.bias is None else self.bias.dtype.name,
                                         dot_size=dot_size, bias_size=bias_size)
         if not calibrated:
             return derived
@@ -258,20 +279,20 @@ class AttentionCase:
         excluded rows, dk and dv of keys that no query of the kv head's group attends or keeps (dropout),
         dbias wherever every entry it is summed over is excluded."""
         allowed = self.allowed()
-        contributes = allowed if self.dropout_mask is None else allowed & np.broadcast_to(self.dropout_mask, self.logits_shape)
-        dq = np.broadcast_to(~allowed.any(axis=-1)[..., None], self.q.shape)
-        used = allowed.any(axis=-2)  # (*B, Hq, S): some query attends the key (gradients through dk)
-        kept = contributes.any(axis=-2)  # ... and keeps it (gradients through dv)
+        contributes = allowed
+        if self.dropout_mask is not None:
+            contributes = allowed & np.broadcast_to(self.dropout_mask, self.logits_shape)
+        dq = np.broadcast_to(~np.asarray(allowed.any(axis=-1))[..., None], self.q.shape)
+        used = np.asarray(allowed.any(axis=-2))  # (*B, Hq, S): some query attends the key (gradients through dk)
+        kept = np.asarray(contributes.any(axis=-2))  # ... and keeps it (gradients through dv)
         if self.has_head_axis:
             group = self.num_q_heads // self.num_kv_heads
-            used, kept = (x.reshape(*x.shape[:-2], self.num_kv_heads, group, self.kv_len).any(axis=-2)
+            used, kept = (np.asarray(x.reshape(*x.shape[:-2], self.num_kv_heads, group, self.kv_len).any(axis=-2))
                           for x in (used, kept))
         dk = np.broadcast_to(~used[..., None], self.k.shape)
         dv = np.broadcast_to(~kept[..., None], self.v.shape)
         dbias = None
         if self.bias is not None:
-            from ..broadcasting import reduce_to_shape
-
             dbias = reduce_to_shape(allowed.astype(np.int64), self.bias.shape) == 0
         return Gradients(dq, dk, dv, dbias)
 
@@ -285,7 +306,7 @@ class AttentionCase:
                 return f"np.array({body}, dtype={x.dtype.name!r})"
             return f"<{x.dtype.name} array {x.shape}>"
 
-        options = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        options = ", ".join(f"{k}={v!r}" for k, v in self.scalar_keywords().items())
         dropout = "" if self.dropout_mask is None else f", dropout_mask={show(self.dropout_mask)}"
         return (
             f"AttentionCase(q={show(self.q)}, k={show(self.k)}, v={show(self.v)}, "
@@ -294,38 +315,49 @@ class AttentionCase:
         )
 
 
+def _read_only(arrays: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The arrays (or None), marked read-only: cached results that no caller may change."""
+    for x in arrays:
+        if isinstance(x, np.ndarray):
+            x.setflags(write=False)
+    return arrays
+
+
 def random_cotangent(case: AttentionCase, seed: int) -> np.ndarray:
     """A standard-normal cotangent d_out of out's shape ``(*B, Hq, L, Ev)``, in the input dtype."""
-    from ..frameworks import numpy_dtype
-
     shape = (*case.logits_shape[:-1], case.value_dim)
     return np.asarray(np.random.default_rng(seed).standard_normal(shape)).astype(numpy_dtype(case.dtype))
 
 
-def _converted(impl: Any, case: AttentionCase) -> dict[str, Any]:
+def _converted(impl: Implementation, case: AttentionCase) -> dict[str, Any]:
     """q, k, v and the case's array keywords as ``impl``'s arrays."""
     return {name: None if x is None else impl.asarray(x)
-            for name, x in (("q", case.q), ("k", case.k), ("v", case.v), *case.arrays().items())}
+            for name, x in (("q", case.q), ("k", case.k), ("v", case.v), *case.array_keywords().items())}
 
 
-def call_vjp(impl: Any, case: AttentionCase, d_out: np.ndarray) -> Gradients:
+def call_vjp(impl: Implementation, case: AttentionCase, d_out: np.ndarray) -> Gradients:
     """Run ``impl.attention_vjp`` on the case and the cotangent ``d_out`` (converted with
     ``impl.asarray``); returns NumPy gradients."""
     arrays = _converted(impl, case)
     result = impl.attention_vjp(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), impl.asarray(d_out), **arrays,
-                                **case.options())
+                                **case.scalar_keywords())
     return Gradients(*(None if x is None else impl.to_numpy(x) for x in result))
 
 
-def call(impl: Any, case: AttentionCase, **kwargs: Any) -> AttentionOutput:
+def call(impl: Implementation, case: AttentionCase, **kwargs: Any) -> AttentionOutput:
     """Run ``impl.attention`` on the case converted with ``impl.asarray``; returns NumPy results.
 
     ``kwargs`` override the case's options and add flags (``return_weights``...). When the call
     returns a bare array it is wrapped as ``AttentionOutput(out, None, None)``.
     """
     arrays = _converted(impl, case)
-    options = {**case.options(), **kwargs}
+    options = {**case.scalar_keywords(), **kwargs}
     result = impl.attention(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), **arrays, **options)
     if not isinstance(result, AttentionOutput):
         return AttentionOutput(impl.to_numpy(result))
     return AttentionOutput(*(None if x is None else impl.to_numpy(x) for x in result))
+
+
+def full_results(impl: Implementation, case: AttentionCase, **kwargs: Any) -> AttentionOutput:
+    """``call`` with out, weights and lse requested (``kwargs`` as for ``call``)."""
+    return call(impl, case, return_weights=True, return_lse=True, **kwargs)

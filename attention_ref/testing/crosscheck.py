@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from .adapters import Target, available_targets
 from .check import CheckReport, check
-from .properties import PROPERTIES
 from .report import Status, render_table, summary_line
+from .runner import PROPERTIES
 
 #: The dtypes checked by default: float32 on the CPU (under two minutes), half precision too on CUDA.
 DEFAULT_DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16", "float32")}

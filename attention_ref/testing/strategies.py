@@ -156,14 +156,15 @@ def attention_cases(
 
     Shapes reach rank 2, up to ``max_batch_dims`` batch dims, ``Hq = Hkv * group`` with Hkv > 1
     and group > 1 (GQA; ``gqa=True`` forces group > 1, ``False`` group = 1), L and S from 0 and
-    either larger, E != Ev (unless ``value_dim_equals_head_dim``). ``mask``: a random boolean mask in a broadcast shape, with
-    ``fully_masked_rows`` forced in some examples (mask and bias of rank at least
-    ``min_mask_rank``); ``bias``: random values with ``-inf`` entries
+    either larger, E != Ev (unless ``value_dim_equals_head_dim``). ``mask``: a random boolean mask
+    in a broadcast shape, with ``fully_masked_rows`` forced in some examples (mask and bias of rank
+    at least ``min_mask_rank``); ``bias``: random values with ``-inf`` entries
     (``neg_inf_bias``); ``scale``: an explicit scale (zero and negative included) instead of the
     default; ``causal`` with a drawn alignment; ``softcap``; ``window`` (left, right), each side
     unbounded or from 0 to beyond the lengths, at the drawn alignment; ``dropout``: a probability
-    (0 included) with a keep-mask from ``attention_ref.dropout_mask`` in a broadcast shape. With ``long_kv_len``, S is drawn from
-    129 to ``long_kv_len`` in about one example in eight (several tiles of a tiled kernel).
+    (0 included) with a keep-mask from ``attention_ref.dropout_mask`` in a broadcast shape. With
+    ``long_kv_len``, S is drawn from 129 to ``long_kv_len`` in about one example in eight (several
+    tiles of a tiled kernel).
     ``few_shapes`` draws every size (and window side) from the small menu ``FEW_SHAPES`` (within the
     bounds), for kernels that compile once per shape.
     """

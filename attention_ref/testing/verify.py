@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, settings
 
 from ..registry import available_backends, get_backend
-from . import PROPERTIES, run_property
 from .report import PropertyOutcome, Status, failure_outcome, failure_sections, render_table, rules_text, summary_line
+from .runner import PROPERTIES, run_property
 
 
 @dataclass

@@ -1,12 +1,12 @@
 """The tolerance rule for gradients (SPEC.md rule 14): how far dq, dk, dv and dbias may lie from the
-exact answer. The forward rule is in ``attention_ref.tolerance``; this module extends it with the
+exact answer. The forward rule is in ``attention_ref.tolerance.forward``; this module extends it with the
 same method, and every gradient comparison asks ``gradient_error_bounds`` (ours) or
 ``calibrated_gradient_bounds`` (other people's kernels) for its bounds.
 
 **Derived bound.** A first-order forward error analysis of the softmax backward pass, evaluated on
 the actual data, with ``u`` the unit roundoff of the compute dtype, P the exact weights, Z the dropout
 multiplier (1 without dropout), dO the cotangent, and the per-row weight error ``rho`` and logit error
-``delta`` of ``attention_ref.tolerance``. Writing ``|x|`` elementwise and ``n u`` for an n-term sum:
+``delta`` of ``attention_ref.tolerance.forward``. Writing ``|x|`` elementwise and ``n u`` for an n-term sum:
 
 * ``dP_err = rho P + tiny`` (each weight), ``(PZ)_err = Z (dP_err + 2 u P)`` (the multiplier and the
   product rounded);
@@ -48,12 +48,14 @@ row reduction D), and 4 under a softcap (one more, as for the forward).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from .broadcasting import reduce_to_shape
-from .tolerance import SMALLEST_NORMAL, TRANSCENDENTAL_ERROR, UNIT_ROUNDOFF, _row_error, same_dtype_baseline
+from ..broadcasting import reduce_to_shape
+from ..frameworks import numpy_dtype
+from .forward import SMALLEST_NORMAL, TRANSCENDENTAL_ERROR, UNIT_ROUNDOFF, row_error, same_dtype_baseline
 
 #: The calibrated rule's factor for gradients, and with a softcap.
 GRADIENT_BASELINE_FACTOR = 3
@@ -69,7 +71,7 @@ class GradientBounds:
     dk: np.ndarray
     dv: np.ndarray
     dbias: np.ndarray | None
-    derivation: str = "derived first-order bound for gradients (attention_ref/gradient_tolerance.py)"
+    derivation: str = "derived first-order bound for gradients (attention_ref/tolerance/gradients.py)"
 
     def __mul__(self, factor: float) -> GradientBounds:
         return GradientBounds(self.dq * factor, self.dk * factor, self.dv * factor,
@@ -161,26 +163,28 @@ def _compute_error(problem: GradientProblem, u: float, tiny: float, delta: np.nd
     dbias = None
     if problem.bias_shape is not None:
         terms = np.prod(ds.shape) // max(int(np.prod(problem.bias_shape)), 1)
-        dbias = (reduce_to_shape(ds_err, problem.bias_shape) + terms * u * reduce_to_shape(np.abs(ds), problem.bias_shape)
-                 + terms * tiny)
+        dbias = (reduce_to_shape(ds_err, problem.bias_shape)
+                 + terms * u * reduce_to_shape(np.abs(ds), problem.bias_shape) + terms * tiny)
     return dq, dk, dv, dbias
 
 
-def gradient_error_bounds(problem: GradientProblem, expected: tuple[np.ndarray, ...], *, compute_dtype: str,
+def gradient_error_bounds(problem: GradientProblem, expected: tuple[np.ndarray | None, ...], *, compute_dtype: str,
                           out_dtype: str, bias_dtype: str | None, dot_size: np.ndarray,
                           bias_size: np.ndarray) -> GradientBounds:
     """Bounds on ``|g - exact|`` for gradients computed in ``compute_dtype`` and returned in
     ``out_dtype`` (dbias in ``bias_dtype``), plus the float64 oracle's own error. ``expected`` is the
     oracle's ``(dq, dk, dv, dbias)``; ``dot_size`` and ``bias_size`` are the per-row sizes of
-    ``attention_ref.tolerance`` (they give the logit and weight errors)."""
+    ``attention_ref.tolerance.forward`` (they give the logit and weight errors)."""
     head_dim, keys = problem.q.shape[-1], problem.k.shape[-2]
-    total = None
+    total: tuple[np.ndarray | None, ...] | None = None
     for u in (UNIT_ROUNDOFF[compute_dtype], UNIT_ROUNDOFF["float64"]):
-        delta, _, rho = _row_error(u, dot_size=dot_size, bias_size=bias_size, softcap=problem.softcap,
-                                   head_dim=head_dim, keys=keys, extra_logit_error=0.0)
+        delta, _, rho = row_error(u, dot_size=dot_size, bias_size=bias_size, softcap=problem.softcap,
+                                  head_dim=head_dim, keys=keys, extra_logit_error=0.0)
         tiny = SMALLEST_NORMAL[compute_dtype] if u == UNIT_ROUNDOFF[compute_dtype] else SMALLEST_NORMAL["float64"]
         errors = _compute_error(problem, u, tiny, delta, rho)
-        total = errors if total is None else tuple(None if a is None else a + b for a, b in zip(total, errors))
+        total = errors if total is None else tuple(None if a is None or b is None else a + b
+                                                   for a, b in zip(total, errors, strict=True))
+    assert total is not None
 
     def rounded(err: np.ndarray | None, exact: np.ndarray | None, dtype: str | None) -> np.ndarray | None:
         if err is None or exact is None or dtype is None:
@@ -189,18 +193,18 @@ def gradient_error_bounds(problem: GradientProblem, expected: tuple[np.ndarray, 
         return u_out * np.abs(np.asarray(exact, np.float64)) + (1 + u_out) * err + SMALLEST_NORMAL[dtype]
 
     dq, dk, dv, dbias = (rounded(e, x, d) for e, x, d in
-                         zip(total, expected, (out_dtype, out_dtype, out_dtype, bias_dtype)))
+                         zip(total, expected, (out_dtype, out_dtype, out_dtype, bias_dtype), strict=True))
+    assert dq is not None and dk is not None and dv is not None
     return GradientBounds(dq, dk, dv, dbias,
                           f"derived first-order bound for gradients, {compute_dtype} compute, {out_dtype} result "
-                          "(attention_ref/gradient_tolerance.py)")
+                          "(attention_ref/tolerance/gradients.py)")
 
 
-def same_dtype_baseline_gradients(problem: GradientProblem, dtype: str) -> tuple[np.ndarray, ...]:
+def same_dtype_baseline_gradients(problem: GradientProblem, dtype: str) -> tuple[np.ndarray | None, ...]:
     """``(dq, dk, dv, dbias)`` of the textbook backward pass with every stored intermediate rounded
     to ``dtype`` and every sum exact, on the forward baseline's weights (float64 arrays)."""
-    from .frameworks import numpy_dtype
 
-    def rounder(name: str):  # noqa: ANN202
+    def rounder(name: str) -> Callable[[np.ndarray], np.ndarray]:
         rounding = numpy_dtype(name)
         return lambda x: np.asarray(x, np.float64).astype(rounding).astype(np.float64)
 
@@ -229,17 +233,19 @@ def same_dtype_baseline_gradients(problem: GradientProblem, dtype: str) -> tuple
     return dq, dk, dv, dbias
 
 
-def calibrated_gradient_bounds(derived: GradientBounds, problem: GradientProblem, expected: tuple[np.ndarray, ...],
-                               dtype: str) -> GradientBounds:
+def calibrated_gradient_bounds(derived: GradientBounds, problem: GradientProblem,
+                               expected: tuple[np.ndarray | None, ...], dtype: str) -> GradientBounds:
     """The calibrated rule (module docstring): per gradient, the larger of ``derived`` and
     ``factor * (e_baseline + u_in * max|g|)`` for the same-dtype baseline in ``dtype`` (the input dtype)."""
     baseline = same_dtype_baseline_gradients(problem, dtype)
     dtypes = (dtype, dtype, dtype, problem.bias_dtype or dtype)
     factor = GRADIENT_BASELINE_FACTOR if problem.softcap is None else GRADIENT_BASELINE_FACTOR_SOFTCAP
-    bounds, notes = [], []
+    bounds: list[np.ndarray | None] = []
+    notes: list[str] = []
+    derived_bounds = (derived.dq, derived.dk, derived.dv, derived.dbias)
     for name, derived_bound, base, exact, result_dtype in zip(
-            ("dq", "dk", "dv", "dbias"), (derived.dq, derived.dk, derived.dv, derived.dbias), baseline, expected, dtypes):
-        if derived_bound is None or exact is None:
+            ("dq", "dk", "dv", "dbias"), derived_bounds, baseline, expected, dtypes, strict=True):
+        if derived_bound is None or exact is None or base is None:
             bounds.append(None)
             continue
         exact = np.asarray(exact, np.float64)
@@ -251,4 +257,6 @@ def calibrated_gradient_bounds(derived: GradientBounds, problem: GradientProblem
         notes.append(f"{name} {error:.3g}")
     derivation = (f"max of [{derived.derivation}] and {factor} × (largest error of the same-dtype {dtype} backward "
                   f"baseline: {', '.join(notes)}; + u_{dtype} × max|g|)")
-    return GradientBounds(*bounds, derivation=derivation)
+    dq, dk, dv, dbias = bounds
+    assert dq is not None and dk is not None and dv is not None
+    return GradientBounds(dq, dk, dv, dbias, derivation=derivation)

@@ -1,7 +1,7 @@
 """The tolerance rule (SPEC.md rule 10, "Accuracy"): how far a result may lie from the exact answer.
 
 This is the one place where tolerances of attention results are defined (its extension to
-gradients, by the same method, is ``attention_ref.gradient_tolerance``). Every comparison in the
+gradients, by the same method, is ``attention_ref.tolerance.gradients``). Every comparison in the
 property tests asks ``error_bounds`` (or ``gradient_error_bounds``) for its bounds; none picks a
 number of its own.
 
@@ -65,6 +65,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..frameworks import numpy_dtype
+
 #: Unit roundoff (half the machine epsilon) per dtype.
 UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53}
 #: Smallest positive normal number per dtype. Subnormal results may be flushed to zero (XLA on the
@@ -96,7 +98,7 @@ class ErrorBounds:
     out: np.ndarray
     weights: np.ndarray
     lse: np.ndarray
-    derivation: str = "derived first-order bound (attention_ref/tolerance.py)"
+    derivation: str = "derived first-order bound (attention_ref/tolerance/forward.py)"
 
     def __mul__(self, factor: float) -> ErrorBounds:
         return ErrorBounds(self.out * factor, self.weights * factor, self.lse * factor,
@@ -110,7 +112,7 @@ class ErrorBounds:
                            f"[{self.derivation}] + [{other.derivation}]")
 
 
-def _row_error(
+def row_error(
     u: float,
     *,
     dot_size: np.ndarray,
@@ -120,7 +122,8 @@ def _row_error(
     keys: int,
     extra_logit_error: np.ndarray | float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(delta, eta, rho)`` per row for unit roundoff u (see the module docstring)."""
+    """``(delta, eta, rho)`` per row for unit roundoff u (see the module docstring): the logit error, the
+    relative error of each exponential and of each weight. The gradient bounds use them too."""
     t, d = TRANSCENDENTAL_ERROR, DIVISION_ERROR
     capped_size = dot_size if softcap is None else np.minimum(dot_size, softcap)
     delta = (head_dim + 1) * u * dot_size + 4 * u * (capped_size + bias_size) + extra_logit_error
@@ -177,7 +180,7 @@ def error_bounds(
     lse_bound = np.zeros(dot_size.shape)
     finite_lse = np.where(np.isfinite(expected_lse), np.abs(expected_lse), 0.0)
     for u in (UNIT_ROUNDOFF[compute_dtype], UNIT_ROUNDOFF["float64"]):
-        delta, eta, rho = _row_error(u, **row)
+        delta, eta, rho = row_error(u, **row)
         rho_dropped = rho + 2 * u if has_dropout else rho
         compute_out_error = compute_out_error + (rho_dropped + keys * u * (1 + rho_dropped))[..., None] * values
         weights_bound = weights_bound + rho[..., None] * np.asarray(expected_weights, np.float64)
@@ -187,7 +190,7 @@ def error_bounds(
                  + tiny_out + keys * tiny_compute)
     return ErrorBounds(out=out_bound, weights=weights_bound, lse=lse_bound,
                        derivation=f"derived first-order bound for {compute_dtype} compute, {out_dtype} out "
-                                  "(attention_ref/tolerance.py)")
+                                  "(attention_ref/tolerance/forward.py)")
 
 
 def row_sizes(q64: np.ndarray, k64: np.ndarray, *, allowed: np.ndarray, bias: np.ndarray | None,
@@ -229,11 +232,9 @@ def same_dtype_baseline(
 
     Shapes as for ``error_bounds``; fully excluded rows give out 0, weights 0 and lse -inf.
     """
-    from .frameworks import numpy_dtype
-
     rounding = numpy_dtype(dtype)
 
-    def rnd(x: np.ndarray) -> np.ndarray:
+    def rnd(x: np.ndarray | float) -> np.ndarray:
         return np.asarray(x, np.float64).astype(rounding).astype(np.float64)
 
     q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
@@ -293,7 +294,8 @@ def calibrated_error_bounds(
     multiplier = np.broadcast_to(np.asarray(dropout_multiplier, np.float64), allowed.shape)
     values = value_size(np.asarray(v, np.float64), allowed) * multiplier.max(axis=-1, initial=1.0)[..., None]
     out = np.maximum(derived.out, factor * (out_error + u_in * values))
-    weights = np.maximum(derived.weights, np.where(allowed, factor * ((weights_error + u_in) * want_weights + tiny_in), 0))
+    weights = np.maximum(derived.weights,
+                         np.where(allowed, factor * ((weights_error + u_in) * want_weights + tiny_in), 0))
     lse = np.maximum(derived.lse, factor * (lse_error + u_in * np.where(np.isfinite(want_lse), np.abs(want_lse), 0.0)))
     derivation = (f"max of [{derived.derivation}] and {factor} × (largest error of the same-dtype {dtype} "
                   f"baseline: out {out_error:.3g}, weights {weights_error:.3g} relative, lse {lse_error:.3g}; "

@@ -1,0 +1,123 @@
+"""The registry of conformance properties and the runner that checks one against an implementation.
+
+A :class:`Property` names the SPEC.md rules it proves, builds a Hypothesis strategy of examples for
+the features of an implementation, and has a check that raises AssertionError on a violation.
+``attention_property`` registers a check in ``PROPERTIES``; the modules of
+``attention_ref.testing.properties`` (one per rule, in rule order) register every property when
+imported, which importing ``attention_ref.testing`` does. ``run_property`` runs one property with
+Hypothesis against an :class:`~attention_ref.testing.implementation.Implementation`, seen by the
+check as a :class:`~attention_ref.testing.implementation.Subject`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import hypothesis
+from hypothesis import given
+from hypothesis import settings as Settings
+from hypothesis import strategies as st
+
+from .implementation import Implementation, Subject
+from .strategies import ALL_FEATURES, Features, feature_cases
+
+
+@dataclass(frozen=True)
+class Property:
+    """One property of SPEC.md: ``check(subject, example)`` for examples drawn from
+    ``strategy(features)``, or ``check(subject)`` once when the property draws no examples."""
+
+    name: str
+    rules: tuple[int, ...]
+    description: str
+    requires: frozenset[str]
+    build: Callable[[Features], st.SearchStrategy[Any] | None] | None
+    check: Callable[..., None]
+
+    def strategy(self, features: Features = ALL_FEATURES) -> st.SearchStrategy[Any] | None:
+        return None if self.build is None else self.build(features)
+
+    def applies_to(self, features: Features) -> bool:
+        """Whether an implementation with these features can be checked by this property."""
+        return self.requires <= features.supports and (self.build is None or self.strategy(features) is not None)
+
+
+#: Every registered property, in registration order (rule order: ``attention_ref.testing.properties``).
+PROPERTIES: list[Property] = []
+
+
+def attention_property(
+    name: str,
+    rules: tuple[int, ...],
+    *,
+    cases: dict[str, Any] | None = None,
+    extra: tuple[st.SearchStrategy[Any], ...] = (),
+    requires: tuple[str, ...] = (),
+    strategy: Callable[[Features], st.SearchStrategy[Any] | None] | None = None,
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register ``check`` as a property; its docstring's first line is the description.
+
+    Examples are ``feature_cases(features, **cases)``, followed in a tuple by draws from ``extra``;
+    or ``strategy(features)``; with neither, the check runs once without examples. ``requires``
+    names the features (``attention_ref.testing.strategies.SPEC_FEATURES``) it cannot do without.
+    """
+
+    def build(features: Features) -> st.SearchStrategy[Any] | None:
+        if strategy is not None:
+            return strategy(features)
+        base = feature_cases(features, **(cases or {}))
+        return None if base is None else (st.tuples(base, *extra) if extra else base)
+
+    def register(check: Callable[..., None]) -> Callable[..., None]:
+        description = (check.__doc__ or name).strip().splitlines()[0]
+        draws = cases is not None or extra or strategy is not None
+        PROPERTIES.append(Property(name, rules, description, frozenset(requires), build if draws else None, check))
+        return check
+
+    return register
+
+
+def get_property(name: str) -> Property:
+    for prop in PROPERTIES:
+        if prop.name == name:
+            return prop
+    raise KeyError(name)
+
+
+def run_property(
+    prop: Property,
+    impl: Implementation,
+    settings: Settings | None = None,
+    seed: int | None = None,
+    features: Features = ALL_FEATURES,
+    calibrated: bool = False,
+) -> None:
+    """Run one property against ``impl`` with Hypothesis (current profile unless ``settings``;
+    ``seed`` fixes Hypothesis' random choices), drawing only cases within ``features``; with
+    ``calibrated``, ``impl`` is held to the calibrated tolerance rule (other people's kernels)."""
+    if not prop.applies_to(features):
+        raise ValueError(f"{prop.name} does not apply to an implementation supporting {sorted(features.supports)}")
+    subject = Subject(impl, features, calibrated)
+    strategy = prop.strategy(features)
+    if strategy is None:
+        prop.check(subject)
+        return
+
+    def test(example: Any) -> None:
+        try:
+            prop.check(subject, example)
+        except AssertionError as error:
+            if isinstance(example, tuple) and len(example) > 1:  # the case's messages show the case only
+                error.add_note(f"drawn with the case: {example[1:]!r}")
+            raise
+
+    # Distinct Hypothesis database keys per property and implementation.
+    test._hypothesis_internal_add_digest = f"{prop.name}:{impl.name}".encode()  # type: ignore[attr-defined]
+    wrapped = given(strategy)(test)
+    if settings is not None:
+        wrapped = settings(wrapped)
+    if seed is not None:
+        wrapped = hypothesis.seed(seed)(wrapped)
+    wrapped()
