@@ -7,6 +7,7 @@ head, L queries, S keys, E q/k head dim, Ev value head dim.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, TypedDict
 
@@ -154,8 +155,49 @@ class AttentionPlan:
 
     @property
     def out_shape(self) -> tuple[int, ...]:
+        """``(*B, Hq, L, Ev)``: the shape of out."""
         return (*self.heads_shape, self.q_len, self.value_dim)
 
     @property
     def lse_shape(self) -> tuple[int, ...]:
+        """``(*B, Hq, L)``: the shape of lse."""
         return (*self.heads_shape, self.q_len)
+
+    # The grouped layout of the backends (rule 2): query head h = kv head h // G, so the query heads
+    # of kv head g are the G consecutive heads g*G ... g*G + G-1, and ``(*B, Hq)`` reshapes to
+    # ``(*B, Hkv, G)``. Rank-2 inputs are one head here: Hkv = G = 1.
+
+    def grouped_shape(self, last: int) -> tuple[int, ...]:
+        """``(*B, Hkv, G, L, last)``: q (``last = E``) with its query heads grouped by kv head."""
+        return (*self.batch_shape, self.num_kv_heads, self.group_size, self.q_len, last)
+
+    @property
+    def grouped_logits_shape(self) -> tuple[int, ...]:
+        """``(*B, Hkv, G, L, S)``: the logits, mask, bias and dropout mask, grouped by kv head."""
+        return self.grouped_shape(self.kv_len)
+
+    def stacked_shape(self, last: int) -> tuple[int, ...]:
+        """``(*B, Hkv, G*L, last)``: the G query heads of a kv head stacked along the query axis, so
+        that one matmul per kv head serves them all (q with ``last = E``, weights with ``last = S``,
+        out and d_out with ``last = Ev``)."""
+        return (*self.batch_shape, self.num_kv_heads, self.group_size * self.q_len, last)
+
+    def kv_shape(self, last: int) -> tuple[int, ...]:
+        """``(*B, Hkv, S, last)``: k (``last = E``) and v (``last = Ev``), with a head axis even for
+        rank-2 inputs."""
+        return (*self.batch_shape, self.num_kv_heads, self.kv_len, last)
+
+    def grouped_kv_shape(self, last: int) -> tuple[int, ...]:
+        """``(*B, Hkv, G, S, last)``: a k- or v-shaped value per query head (dk, dv of each query head
+        before the sum over its group)."""
+        return (*self.batch_shape, self.num_kv_heads, self.group_size, self.kv_len, last)
+
+    @property
+    def num_rows(self) -> int:
+        """``prod(B) * Hq``: one row per batch element and query head (1 for rank-2 inputs)."""
+        return math.prod(self.batch_shape) * self.num_q_heads
+
+    def rows_shape(self, *tail: int) -> tuple[int, ...]:
+        """``(prod(B) * Hq, *tail)``: one head per row, batch dims and heads flattened in order (q
+        ``(rows, L, E)``, logits ``(rows, L, S)``, lse ``(rows, L)``)."""
+        return (self.num_rows, *tail)

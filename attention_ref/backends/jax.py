@@ -1,20 +1,33 @@
-"""The JAX backend: SPEC.md in jax.numpy, jitted, on whatever device holds the inputs.
+"""The JAX backend: SPEC.md in jax.numpy, jitted, on whatever device holds the inputs; gradients by
+``jax.vjp`` of the jitted forward pass (rule 14).
 
-Precision: every matmul runs at ``Precision.HIGHEST`` (true float32 on GPU/TPU, no TF32 or bf16
-passes). float64 inputs, and ``compute_dtype="float64"``, run inside a scoped ``jax.enable_x64``;
-the global x64 flag is never changed.
+Shape letters: B... batch dims, Hq query heads, Hkv kv heads, G = Hq // Hkv query heads per kv head,
+L queries, S keys, E q/k head dim, Ev value head dim. The steps work on the grouped layout of
+``AttentionPlan`` (rule 2): q ``(*B, Hkv, G, L, E)``, k ``(*B, Hkv, S, E)``, v ``(*B, Hkv, S, Ev)``,
+logits, mask, bias and dropout mask ``(*B, Hkv, G, L, S)``, lse ``(*B, Hkv, G, L)``.
 
-Compilation: the computation is jitted once per shape and static options and reused. Small
-problems on the CPU (at most ``BUCKET_MAX_LOGITS`` logits after padding) are laid out on the host
-as one head per row (batch dims and heads flattened, kv heads repeated per rule 2, inputs widened
-exactly to the compute dtype) and padded to a bucket shape (each dim rounded up to a power of two,
-at least ``BUCKET_MIN_ROWS`` rows and ``BUCKET_MIN_LENGTH`` for L, S, E and Ev), with the padded keys
-excluded and the padded rows, queries and channels cut from the results, so that one compiled
-program per compute dtype (and softcap on/off) serves all nearby shapes. Padding is exact: padded
-head-dim channels are zeros (they add exact zeros to q·kᵀ), padded keys get weight exactly 0, and
-the scale comes from the true E. The output is then rounded to the input dtype on the host
-(round-to-nearest-even, as XLA's convert). Larger problems, arrays on accelerators and calls under a jax transformation
+Dtypes: q, k, v are float16, bfloat16, float32 or float64, converted exactly to the compute dtype
+(float32 or float64, rule 10) in which every step runs; out, dq, dk and dv are rounded to the input
+dtype (to nearest even), weights and lse stay in the compute dtype, dbias is in bias's dtype. Every
+matmul runs at ``Precision.HIGHEST`` (true float32 on GPU/TPU, no TF32 or bf16 passes). float64 inputs,
+and ``compute_dtype="float64"``, run inside a scoped ``jax.enable_x64``; the global flag is never
+changed.
+
+Compilation: one program per plan, with its scale, softcap and dropout scale traced (not compiled
+in). Small problems on the CPU (at most ``BUCKET_MAX_LOGITS`` logits after padding) run the program
+of a padded plan instead (``_bucket_plan``): laid out on the host as one head per row (batch dims and
+heads flattened, kv heads repeated per rule 2, inputs widened exactly to the compute dtype), each dim
+rounded up to a power of two (at least ``BUCKET_MIN_ROWS`` rows and ``BUCKET_MIN_LENGTH`` for L, S, E
+and Ev), the key bounds of causal and window traced, so that one program per compute dtype (and
+softcap on/off) serves all nearby shapes. Padding is exact: padded head-dim channels are zeros (they
+add exact zeros to q·kᵀ), padded keys are excluded (weight exactly 0), the scale comes from the true
+E, and padded rows, queries and channels are cut from the results, which are rounded to the input
+dtype on the host. Larger problems, arrays on accelerators and calls under a jax transformation
 (tracers) run the unpadded program.
+
+The numpy and torch backends have the same steps under the same names: ``grouped_inputs``,
+``grouped_view``, ``logits``, ``allowed_keys``, ``softmax``, ``dropout``, ``results``, ``forward``
+and ``attention_backward``.
 """
 
 from __future__ import annotations
@@ -29,8 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..plan import AttentionPlan
 from ..broadcasting import reduce_to_shape
+from ..plan import AttentionPlan
 from .base import Backend
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -42,145 +55,189 @@ BUCKET_MIN_LENGTH = 16
 BUCKET_MIN_ROWS = 8
 
 
-def _grouped_attention(
-    q5: jax.Array,
-    k5: jax.Array,
-    v5: jax.Array,
-    mask5: jax.Array | None,
-    bias5: jax.Array | None,
-    keep5: jax.Array | None,
-    scale: jax.Array,
-    softcap: jax.Array | None,
-    dropout_scale: jax.Array | None,
-    key_low: jax.Array | int | None,
-    key_high: jax.Array | int | None,
-    kv_valid: jax.Array | None,
-    *,
-    compute_dtype: str,
-    out_dtype: str,
+def grouped_inputs(
+    plan: AttentionPlan, q: jax.Array, k: jax.Array, v: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """SPEC.md on grouped arrays: q5 ``(B, Hkv, G, L, E)``, k5 ``(B, Hkv, 1, S, E)``,
-    v5 ``(B, Hkv, 1, S, Ev)``; mask5, bias5 and keep5 (dropout keep-mask) broadcastable to
-    ``(B, Hkv, G, L, S)``.
+    """q ``(*B, Hq, L, E)`` as ``(*B, Hkv, G, L, E)``, k as ``(*B, Hkv, S, E)`` and v as
+    ``(*B, Hkv, S, Ev)`` (rank-2 inputs gain their one head), in the compute dtype."""
+    compute = jnp.dtype(plan.compute_dtype)
+    q, k, v = (x.astype(compute) for x in (q, k, v))  # rule 10: exact, every step runs in the compute dtype
+    k = k.reshape(plan.kv_shape(plan.head_dim))  # rule 1: heads first, a rank-2 input is one head
+    v = v.reshape(plan.kv_shape(plan.value_dim))
+    return q.reshape(plan.grouped_shape(plan.head_dim)), k, v  # rule 2: query head h uses kv head h // G
 
-    Query i may attend key j only if ``key_low <= j - i <= key_high`` (None: unbounded; causal and
-    window combined, ``AttentionPlan.key_range``); ``kv_valid`` None means every key is real, else
-    keys ``j >= kv_valid`` are padding and excluded. Differentiable: the row max is a constant for
-    autodiff (the softmax does not depend on it), so excluded keys get exactly zero gradient.
-    """
-    compute = jnp.dtype(compute_dtype)
-    length, keys = q5.shape[-2], k5.shape[-2]
-    q5, k5, v5 = q5.astype(compute), k5.astype(compute), v5.astype(compute)
 
-    logits = jnp.matmul(q5, jnp.swapaxes(k5, -1, -2), precision=_HIGHEST) * scale.astype(compute)
+def grouped_view(plan: AttentionPlan, x: jax.Array | None) -> jax.Array | None:
+    """A mask, bias or dropout mask broadcastable to ``(*B, Hq, L, S)``, as ``(*B, Hkv, G, L, S)``;
+    None stays None."""
+    if x is None:
+        return None
+    return jnp.broadcast_to(x, plan.logits_shape).reshape(plan.grouped_logits_shape)  # rule 2: h // G
+
+
+def logits(
+    plan: AttentionPlan, q: jax.Array, k: jax.Array, scale: jax.Array, softcap: jax.Array | None,
+    bias: jax.Array | None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """The logits ``(*B, Hkv, G, L, S)`` of q ``(*B, Hkv, G, L, E)`` and k ``(*B, Hkv, S, E)``:
+    scaled, capped (softcap None: no cap) and biased (bias ``(*B, Hkv, G, L, S)`` or None). scale,
+    softcap and bias are in the compute dtype. Also returns ``tanh(raw / softcap)`` (None without a
+    softcap), which jax.vjp differentiates."""
+    # rule 10: the matmul runs in the compute dtype at HIGHEST precision, k broadcast over G
+    raw = jnp.matmul(q, jnp.swapaxes(k, -1, -2)[..., None, :, :], precision=_HIGHEST)
+    x = raw.reshape(plan.grouped_logits_shape) * scale  # rule 3
+    capped = None
     if softcap is not None:
-        cap = softcap.astype(compute)
-        logits = cap * jnp.tanh(logits / cap)
-    if bias5 is not None:
-        logits = logits + bias5.astype(compute)
+        capped = jnp.tanh(x / softcap)  # rule 4
+        x = softcap * capped
+    if bias is not None:
+        x = x + bias  # rule 5: after the softcap
+    return x, capped
 
-    allowed = logits != -jnp.inf
-    if mask5 is not None:
-        allowed = allowed & mask5
-    key_index = jnp.arange(keys)
-    key_minus_query = key_index - jnp.arange(length)[:, None]
-    if key_low is not None:
-        allowed = allowed & (key_minus_query >= key_low)
-    if key_high is not None:
-        allowed = allowed & (key_minus_query <= key_high)
-    if kv_valid is not None:
-        allowed = allowed & (key_index < kv_valid)
 
-    masked = jnp.where(allowed, logits, -jnp.inf)
-    row_max = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True, initial=-jnp.inf))
+def allowed_keys(
+    plan: AttentionPlan, x: jax.Array, mask: jax.Array | None, key_range: tuple[Any, Any]
+) -> jax.Array:
+    """Boolean ``(*B, Hkv, G, L, S)``: the keys each query attends. x the logits, mask
+    ``(*B, Hkv, G, L, S)`` or None, ``key_range = (low, high)`` as ``plan.key_range`` (query i may
+    attend key j only if ``low <= j - i <= high``; None: unbounded), ints or traced int arrays."""
+    allowed = x != -jnp.inf  # rule 8: a -inf logit excludes its key
+    if mask is not None:
+        allowed = allowed & mask  # rule 6
+    low, high = key_range  # rule 7: causal and window, combined by plan.key_range
+    key_minus_query = jnp.arange(plan.kv_len) - jnp.arange(plan.q_len)[:, None]
+    if low is not None:
+        allowed = allowed & (key_minus_query >= low)
+    if high is not None:
+        allowed = allowed & (key_minus_query <= high)
+    return allowed
+
+
+def softmax(x: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """weights ``(..., L, S)`` and lse ``(..., L)`` of the logits x ``(..., L, S)`` over the allowed
+    keys; the row max is a constant for autodiff (the softmax does not depend on it), so excluded keys
+    get exactly zero gradient."""
+    masked = jnp.where(allowed, x, -jnp.inf)
+    row_max = jnp.max(masked, axis=-1, keepdims=True, initial=-jnp.inf)  # rule 9: over attended keys only
+    row_max = jax.lax.stop_gradient(row_max)
     row_max = jnp.where(row_max == -jnp.inf, 0, row_max)
-    unnormalized = jnp.exp(masked - row_max)
+    unnormalized = jnp.exp(masked - row_max)  # rule 9: the row max subtracted
     denominator = unnormalized.sum(axis=-1, keepdims=True)
-    fully_excluded = denominator == 0
+    fully_excluded = denominator == 0  # rule 8: weights 0 and lse -inf
     safe_denominator = jnp.where(fully_excluded, 1, denominator)
     weights = unnormalized / safe_denominator
-    lse = jnp.where(fully_excluded, -jnp.inf, row_max + jnp.log(safe_denominator))[..., 0]
-
-    dropped = weights
-    if keep5 is not None:
-        dropped = weights * jnp.where(keep5, dropout_scale.astype(compute), jnp.zeros((), compute))
-    out = jnp.matmul(dropped, v5, precision=_HIGHEST).astype(out_dtype)
-    return out, weights, lse
+    lse = jnp.where(fully_excluded, -jnp.inf, row_max + jnp.log(safe_denominator))
+    return weights, lse[..., 0]
 
 
-_grouped_attention_jit = jax.jit(_grouped_attention, static_argnames=("compute_dtype", "out_dtype"))
+def dropout(
+    weights: jax.Array, keep: jax.Array | None, dropout_scale: jax.Array
+) -> tuple[jax.Array, jax.Array | None]:
+    """``(dropped, multiplier)``: the weights ``(..., L, S)`` times ``multiplier = keep / (1 - p)``
+    (keep broadcastable to them; dropout_scale ``1 / (1 - p)`` in the compute dtype). Without a keep
+    mask, the weights themselves and None."""
+    if keep is None:
+        return weights, None
+    multiplier = jnp.where(keep, dropout_scale, jnp.zeros((), weights.dtype))  # rule 13: keep / (1 - p)
+    return weights * multiplier, multiplier
 
 
-@partial(jax.jit, static_argnames=("compute_dtype", "out_dtype"))
-def _grouped_attention_vjp(
-    q5: jax.Array, k5: jax.Array, v5: jax.Array, mask5: jax.Array, bias5: jax.Array, keep5: jax.Array,
-    scale: jax.Array, softcap: jax.Array | None, dropout_scale: jax.Array, key_low: jax.Array,
-    key_high: jax.Array, kv_valid: jax.Array, d_out: jax.Array, *, compute_dtype: str, out_dtype: str,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``(dq5, dk5, dv5, dbias5)`` of ``_grouped_attention`` for the cotangent d_out (padded layout)."""
-
-    def forward(q5: jax.Array, k5: jax.Array, v5: jax.Array, bias5: jax.Array) -> jax.Array:
-        return _grouped_attention(q5, k5, v5, mask5, bias5, keep5, scale, softcap, dropout_scale, key_low,
-                                  key_high, kv_valid, compute_dtype=compute_dtype, out_dtype=out_dtype)[0]
-
-    _, pullback = jax.vjp(forward, q5, k5, v5, bias5)
-    return pullback(d_out)
-
-
-def _direct_forward(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, bias: jax.Array | None,
-    dropout_mask: jax.Array | None, scale: jax.Array, softcap: jax.Array | None, dropout_scale: jax.Array,
-    plan: AttentionPlan,
+def results(
+    plan: AttentionPlan, p: jax.Array, v: jax.Array, weights: jax.Array, lse: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The unpadded computation for one plan (its scale, softcap and dropout scale come traced)."""
-    lead, hkv, group = plan.batch_shape, plan.num_kv_heads, plan.group_size
-    grouped = (*lead, hkv, group, plan.q_len, plan.kv_len)
-    q5 = q.reshape(*lead, hkv, group, plan.q_len, plan.head_dim)
-    k5 = k.reshape(*lead, hkv, 1, plan.kv_len, plan.head_dim)
-    v5 = v.reshape(*lead, hkv, 1, plan.kv_len, plan.value_dim)
-
-    def grouped_view(x: jax.Array | None) -> jax.Array | None:
-        return None if x is None else jnp.broadcast_to(x, plan.logits_shape).reshape(grouped)
-
-    if bias is not None:  # widened before the broadcast, so that its gradient is summed in the compute dtype
-        bias = bias.astype(plan.compute_dtype)
-
-    low, high = plan.key_range
-    out, weights, lse = _grouped_attention(
-        q5, k5, v5, grouped_view(mask), grouped_view(bias), grouped_view(dropout_mask), scale, softcap,
-        dropout_scale, low, high, None, compute_dtype=plan.compute_dtype, out_dtype=plan.dtype,
+    """``(out, weights, lse)`` in the plan's shapes, from the grouped (dropped) probabilities p and
+    the weights ``(*B, Hkv, G, L, S)``, v ``(*B, Hkv, S, Ev)`` and lse ``(*B, Hkv, G, L)``: out
+    ``(*B, Hq, L, Ev)`` in ``plan.dtype``, weights and lse in the compute dtype."""
+    out = jnp.matmul(p, v[..., None, :, :], precision=_HIGHEST)  # rule 11: out = P·V, compute dtype
+    return (
+        out.astype(plan.dtype).reshape(plan.out_shape),  # rule 11: rounded to plan.dtype
+        weights.reshape(plan.logits_shape),  # rule 1: the layout of the inputs
+        lse.reshape(plan.lse_shape),
     )
-    return out.reshape(plan.out_shape), weights.reshape(plan.logits_shape), lse.reshape(plan.lse_shape)
+
+
+def forward(
+    plan: AttentionPlan, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+    bias: jax.Array | None, dropout_mask: jax.Array | None, scale: jax.Array, softcap: jax.Array | None,
+    dropout_scale: jax.Array, key_range: tuple[jax.Array, jax.Array] | None = None,
+    kv_valid: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """SPEC.md's forward pass for a plan: ``results`` of q, k, v, mask, bias and dropout_mask in the
+    plan's shapes (None when absent). Jit-able with the plan static: scale, softcap (None: none) and
+    dropout_scale come as arrays (the plan's own are not read), so that one program serves them all.
+
+    ``key_range`` (traced bounds) replaces ``plan.key_range`` when given; ``kv_valid`` None means
+    every key is real, else keys ``j >= kv_valid`` are padding and excluded (the padded bucket plan).
+    """
+    compute = jnp.dtype(plan.compute_dtype)
+    q, k, v = grouped_inputs(plan, q, k, v)
+    # The bias is widened before the broadcast, so that its gradient is summed in the compute dtype.
+    biased = None if bias is None else grouped_view(plan, bias.astype(compute))  # rule 5: converted exactly
+    scale = scale.astype(compute)  # rule 10: scalars in the compute dtype
+    x, _ = logits(plan, q, k, scale, None if softcap is None else softcap.astype(compute), biased)
+    allowed = allowed_keys(plan, x, grouped_view(plan, mask), plan.key_range if key_range is None else key_range)
+    if kv_valid is not None:
+        allowed = allowed & (jnp.arange(plan.kv_len) < kv_valid)  # padded keys are no keys of the problem
+    weights, lse = softmax(x, allowed)
+    dropped, _ = dropout(weights, grouped_view(plan, dropout_mask), dropout_scale.astype(compute))
+    return results(plan, dropped, v, weights, lse)
+
+
+def attention_backward(
+    plan: AttentionPlan, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+    bias: jax.Array | None, dropout_mask: jax.Array | None, d_out: jax.Array, scale: jax.Array,
+    softcap: jax.Array | None, dropout_scale: jax.Array, key_range: tuple[jax.Array, jax.Array] | None = None,
+    kv_valid: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """``(dq, dk, dv, dbias)``: the gradients of ``sum(out * d_out)`` (d_out of out's shape) by
+    jax.vjp of ``forward`` (the same arguments), in the shapes and dtypes of q, k, v and bias (dbias
+    None without a bias)."""
+
+    def out_of(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None) -> jax.Array:
+        return forward(plan, q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale, key_range,
+                       kv_valid)[0]
+
+    _, pullback = jax.vjp(out_of, q, k, v, bias)  # rule 14: jax.vjp of the forward pass
+    dq, dk, dv, d_bias = pullback(d_out)
+    return dq, dk, dv, d_bias
 
 
 @partial(jax.jit, static_argnames=("plan",))
 def _direct_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, bias: jax.Array | None,
-    dropout_mask: jax.Array | None, scale: jax.Array, softcap: jax.Array | None, dropout_scale: jax.Array, *,
-    plan: AttentionPlan,
+    plan: AttentionPlan, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, bias: jax.Array | None,
+    dropout_mask: jax.Array | None, scale: jax.Array, softcap: jax.Array | None, dropout_scale: jax.Array,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-    """The unpadded program for one plan."""
-    out, weights, lse = _direct_forward(q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale, plan)
+    """The unpadded program of a plan: ``forward``, without the results that were not requested."""
+    out, weights, lse = forward(plan, q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale)
     return out, weights if plan.return_weights else None, lse if plan.return_lse else None
 
 
-@partial(jax.jit, static_argnames=("plan",))
-def _direct_attention_vjp(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, bias: jax.Array | None,
-    dropout_mask: jax.Array | None, scale: jax.Array, softcap: jax.Array | None, dropout_scale: jax.Array,
-    d_out: jax.Array, *, plan: AttentionPlan,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
-    """jax.vjp of the unpadded program: ``(dq, dk, dv, dbias)``."""
-
-    def forward(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None) -> jax.Array:
-        return _direct_forward(q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale, plan)[0]
-
-    _, pullback = jax.vjp(forward, q, k, v, bias)
-    return pullback(d_out)
+#: The program of a padded bucket plan: ``forward`` with traced key bounds and kv_valid.
+_bucket_attention = jax.jit(forward, static_argnames=("plan",))
+_grouped_attention_jit = _bucket_attention  # the name tests/test_jax_backend.py counts compilations by
+#: ``attention_backward``, one program per plan (padded or not).
+_attention_backward = jax.jit(attention_backward, static_argnames=("plan",))
 
 
 def _bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def _bucket_plan(plan: AttentionPlan) -> AttentionPlan:
+    """The padded problem of a plan: ``rows_b`` single heads (``prod(B) * Hq`` rounded up, one head per
+    row, no batch dims, Hkv = Hq), L, S, E and Ev rounded up, computed and returned in the compute
+    dtype, with a mask, a bias and a dropout mask (all-allowing where the call has none). Its scale,
+    softcap, dropout scale and key bounds are traced; everything else is the same for all plans of
+    the bucket, so that they share one program."""
+    rows = _bucket(plan.num_rows, BUCKET_MIN_ROWS)
+    return AttentionPlan(
+        framework=plan.framework, batch_shape=(), has_head_axis=True, num_q_heads=rows, num_kv_heads=rows,
+        q_len=_bucket(plan.q_len, BUCKET_MIN_LENGTH), kv_len=_bucket(plan.kv_len, BUCKET_MIN_LENGTH),
+        head_dim=_bucket(plan.head_dim, BUCKET_MIN_LENGTH), value_dim=_bucket(plan.value_dim, BUCKET_MIN_LENGTH),
+        dtype=plan.compute_dtype, compute_dtype=plan.compute_dtype, scale=0.0,
+        softcap=None if plan.softcap is None else 0.0, causal=False, alignment="top_left", has_mask=True,
+        has_bias=True, return_weights=True, return_lse=True, has_dropout_mask=True,
+    )
 
 
 def _pad_to(x: np.ndarray, shape: tuple[int, ...], fill: Any = 0) -> np.ndarray:
@@ -202,26 +259,28 @@ class JaxBackend(Backend):
     def _attention(
         self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any
     ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+        # rule 12: the front door (validation.py) has checked every argument before this hook runs
         with self._precision_scope(plan):
             if self._uses_buckets(plan, (q, k, v, mask, bias, dropout_mask)):
                 return self._bucketed(plan, q, k, v, mask, bias, dropout_mask)
-            return _direct_attention(q, k, v, mask, bias, dropout_mask, *self._traced_scalars(plan),
-                                     plan=self._static_plan(plan))
+            return _direct_attention(self._static_plan(plan), q, k, v, mask, bias, dropout_mask,
+                                     *self._traced_scalars(plan))
 
     def _attention_vjp(
         self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any, d_out: Any
     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+        # rule 12: the front door (validation.py) has checked every argument, d_out included
         with self._precision_scope(plan):
             if self._uses_buckets(plan, (q, k, v, mask, bias, dropout_mask, d_out)):
-                return self._bucketed(plan, q, k, v, mask, bias, dropout_mask, d_out=d_out)
-            return _direct_attention_vjp(q, k, v, mask, bias, dropout_mask, *self._traced_scalars(plan), d_out,
-                                         plan=self._static_plan(plan))
+                return self._bucketed_vjp(plan, q, k, v, mask, bias, dropout_mask, d_out)
+            return _attention_backward(self._static_plan(plan), q, k, v, mask, bias, dropout_mask, d_out,
+                                       *self._traced_scalars(plan))
 
     @staticmethod
     def _traced_scalars(plan: AttentionPlan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """scale, softcap and dropout scale as compute-dtype arrays: traced, not compiled in."""
         compute = np.dtype(plan.compute_dtype)
-        softcap = None if plan.softcap is None else np.asarray(plan.softcap, compute)
+        softcap = None if plan.softcap is None else np.asarray(plan.softcap, compute)  # rule 10: rounded once
         return np.asarray(plan.scale, compute), softcap, np.asarray(plan.dropout_scale, compute)
 
     @staticmethod
@@ -231,6 +290,7 @@ class JaxBackend(Backend):
 
     @staticmethod
     def _precision_scope(plan: AttentionPlan) -> contextlib.AbstractContextManager[Any]:
+        """rule 10: float64 is computed inside a scoped ``jax.enable_x64``, the global flag untouched."""
         needs_x64 = plan.compute_dtype == "float64" or plan.dtype == "float64"
         return jax.enable_x64(True) if needs_x64 else contextlib.nullcontext()
 
@@ -242,99 +302,92 @@ class JaxBackend(Backend):
                 continue
             if isinstance(x, jax.core.Tracer) or any(d.platform != "cpu" for d in x.devices()):
                 return False
-        rows, length, keys = self._bucket_shape(plan)
-        return rows * length * keys <= BUCKET_MAX_LOGITS
+        return math.prod(_bucket_plan(plan).logits_shape) <= BUCKET_MAX_LOGITS
 
-    @staticmethod
-    def _bucket_shape(plan: AttentionPlan) -> tuple[int, int, int]:
-        """``(rows, L, S)`` of the padded problem, rows = ``prod(B) * Hq`` rounded up."""
-        rows = math.prod(plan.batch_shape) * plan.num_q_heads
-        return (
-            _bucket(rows, BUCKET_MIN_ROWS),
-            _bucket(plan.q_len, BUCKET_MIN_LENGTH),
-            _bucket(plan.kv_len, BUCKET_MIN_LENGTH),
-        )
-
-    def _bucketed(
-        self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any,
-        d_out: Any = None,
-    ) -> tuple[jax.Array, ...]:
-        """Pad on the host to ``(rows, L, S)`` buckets, one head per row (kv heads repeated), inputs
-        widened to the compute dtype; run the bucket's program; cut and round the results.
-
-        With ``d_out``, run the bucket's vjp instead and return ``(dq, dk, dv, dbias)``: padded
-        rows, queries and channels get zero cotangents, padded keys zero weight, so the padding adds
-        exact zeros; the gradients of repeated kv heads are summed over their query heads on the
-        host in the compute dtype.
-        """
+    def _bucket_arguments(
+        self, plan: AttentionPlan, bucket: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any,
+        dropout_mask: Any,
+    ) -> tuple[Any, ...]:
+        """The arguments of the bucket's program after its plan: q, k, v, mask, bias and dropout mask
+        padded on the host to the bucket's shapes, one head per row (kv heads repeated), widened to the
+        compute dtype; the traced scalars, the key range and kv_valid."""
         compute = np.dtype(plan.compute_dtype)
-        rows = math.prod(plan.batch_shape) * plan.num_q_heads
-        length, keys, group = plan.q_len, plan.kv_len, plan.group_size
-        rows_b, length_b, keys_b = self._bucket_shape(plan)
-        e_b = _bucket(plan.head_dim, BUCKET_MIN_LENGTH)
-        ev_b = _bucket(plan.value_dim, BUCKET_MIN_LENGTH)
+        device = next(iter(q.devices()))
 
-        def per_head(x: Any, last: int, repeat: int = 1) -> np.ndarray:  # (*B, H, n, last) -> (rows, n, last)
-            x = np.asarray(x).astype(compute)
+        def per_row(x: Any, last: int, repeat: int = 1) -> np.ndarray:  # (*B, H, n, last) -> (rows, n, last)
+            x = np.asarray(x).astype(compute)  # rule 10: widened exactly
             if repeat != 1:
-                x = np.repeat(x, repeat, axis=-3)
-            return x.reshape(rows, x.shape[-2], last)
-
-        q3 = _pad_to(per_head(q, plan.head_dim), (rows_b, length_b, e_b))
-        k3 = _pad_to(per_head(k, plan.head_dim, group), (rows_b, keys_b, e_b))
-        v3 = _pad_to(per_head(v, plan.value_dim, group), (rows_b, keys_b, ev_b))
-        per_row = (rows, length, keys)
-        padded_logits = (rows_b, length_b, keys_b)
+                x = np.repeat(x, repeat, axis=-3)  # rule 2: kv heads repeated, repeat_interleave order
+            return x.reshape(plan.rows_shape(x.shape[-2], last))
 
         def per_row_padded(x: Any, default: Any, fill: Any) -> np.ndarray:
             x = np.asarray(default) if x is None else np.asarray(x)
-            return _pad_to(np.broadcast_to(x, plan.logits_shape).reshape(per_row), padded_logits, fill)
+            return _pad_to(np.broadcast_to(x, plan.logits_shape).reshape(plan.rows_shape(plan.q_len, plan.kv_len)),
+                           bucket.logits_shape, fill)
 
-        mask3 = per_row_padded(mask, np.ones((), bool), False)
-        bias3 = per_row_padded(None if bias is None else np.asarray(bias).astype(compute), np.zeros((), compute), 0)
-        keep3 = per_row_padded(dropout_mask, np.ones((), bool), False)
-
+        arrays = (
+            _pad_to(per_row(q, plan.head_dim), bucket.rows_shape(bucket.q_len, bucket.head_dim)),
+            _pad_to(per_row(k, plan.head_dim, plan.group_size), bucket.kv_shape(bucket.head_dim)),
+            _pad_to(per_row(v, plan.value_dim, plan.group_size), bucket.kv_shape(bucket.value_dim)),
+            per_row_padded(mask, np.ones((), bool), False),
+            per_row_padded(None if bias is None else np.asarray(bias).astype(compute), np.zeros((), compute), 0),
+            per_row_padded(dropout_mask, np.ones((), bool), False),
+        )
         # Bounds that exclude nothing stand in for an unbounded side: -L_b <= j - i <= S_b always holds.
         low, high = plan.key_range
-        scale, softcap, dropout_scale = self._traced_scalars(plan)
+        key_range = (np.asarray(-bucket.q_len if low is None else low, np.int32),
+                     np.asarray(bucket.kv_len if high is None else high, np.int32))
+        return (*(jax.device_put(x, device) for x in arrays), *self._traced_scalars(plan), key_range,
+                np.asarray(plan.kv_len, np.int32))
+
+    def _bucketed(
+        self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+        """Run the bucket's program on the padded inputs (``_bucket_arguments``); cut and round the
+        results."""
+        bucket = _bucket_plan(plan)
+        q_b, k_b, v_b, mask_b, bias_b, keep_b, scale, softcap, dropout_scale, key_range, kv_valid = (
+            self._bucket_arguments(plan, bucket, q, k, v, mask, bias, dropout_mask))
+        out, weights, lse = _bucket_attention(bucket, q_b, k_b, v_b, mask_b, bias_b, keep_b, scale, softcap,
+                                              dropout_scale, key_range, kv_valid)
         device = next(iter(q.devices()))
-        arguments = (
-            *(jax.device_put(x[None, :, None], device) for x in (q3, k3, v3, mask3, bias3, keep3)),
-            scale, softcap, dropout_scale,
-            np.asarray(-length_b if low is None else low, np.int32),
-            np.asarray(keys_b if high is None else high, np.int32),
-            np.asarray(keys, np.int32),
+        return (
+            # The cast to the input dtype rounds to nearest even, as XLA's convert does.
+            _cut(out, plan.rows_shape(plan.q_len, plan.value_dim), plan.out_shape, q.dtype, device),
+            _cut(weights, plan.rows_shape(plan.q_len, plan.kv_len), plan.logits_shape, plan.compute_dtype, device)
+            if plan.return_weights else None,
+            _cut(lse, plan.rows_shape(plan.q_len), plan.lse_shape, plan.compute_dtype, device)
+            if plan.return_lse else None,
         )
-        dtypes = dict(compute_dtype=plan.compute_dtype, out_dtype=plan.compute_dtype)
 
-        def cut(x: jax.Array, shape: tuple[int, ...], final: tuple[int, ...], dtype: Any) -> jax.Array:
-            x = np.asarray(x)[0, :, 0][tuple(slice(0, n) for n in shape)]
-            return jax.device_put(np.ascontiguousarray(x).reshape(final).astype(dtype), device)
-
-        if d_out is None:
-            out, weights, lse = _grouped_attention_jit(*arguments, **dtypes)
-            return (
-                # The cast to the input dtype rounds to nearest even, as XLA's convert does.
-                cut(out, (rows, length, plan.value_dim), plan.out_shape, q.dtype),
-                cut(weights, per_row, plan.logits_shape, compute) if plan.return_weights else None,
-                cut(lse, per_row[:-1], plan.lse_shape, compute) if plan.return_lse else None,
-            )
-
-        d_out3 = _pad_to(per_head(d_out, plan.value_dim), (rows_b, length_b, ev_b))
-        dq, dk, dv, dbias = _grouped_attention_vjp(*arguments, jax.device_put(d_out3[None, :, None], device),
-                                                   **dtypes)
-        kv_heads = (*plan.batch_shape, plan.num_kv_heads, group)
+    def _bucketed_vjp(
+        self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any, d_out: Any
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+        """Run the bucket's ``attention_backward`` and return ``(dq, dk, dv, dbias)``: padded rows,
+        queries and channels get zero cotangents, padded keys zero weight, so the padding adds exact
+        zeros; the gradients of repeated kv heads are summed over their query heads on the host in the
+        compute dtype."""
+        bucket = _bucket_plan(plan)
+        q_b, k_b, v_b, mask_b, bias_b, keep_b, scale, softcap, dropout_scale, key_range, kv_valid = (
+            self._bucket_arguments(plan, bucket, q, k, v, mask, bias, dropout_mask))
+        compute = np.dtype(plan.compute_dtype)
+        device = next(iter(q.devices()))
+        d_out_rows = np.asarray(d_out).astype(compute).reshape(plan.rows_shape(plan.q_len, plan.value_dim))
+        d_out_b = jax.device_put(_pad_to(d_out_rows, bucket.out_shape), device)
+        dq, dk, dv, dbias = _attention_backward(bucket, q_b, k_b, v_b, mask_b, bias_b, keep_b, d_out_b, scale,
+                                                softcap, dropout_scale, key_range, kv_valid)
 
         def summed_over_group(x: jax.Array, last: int, like: Any) -> jax.Array:
-            x = np.asarray(x)[0, :rows, 0, :keys, :last].reshape(*kv_heads, keys, last).sum(axis=-3)
-            return jax.device_put(x.reshape(like.shape).astype(like.dtype), device)
+            per_head = np.asarray(x)[: plan.num_rows, : plan.kv_len, :last].reshape(plan.grouped_kv_shape(last))
+            summed = per_head.sum(axis=-3)  # rule 2: dk, dv summed over the query heads of each kv head
+            return jax.device_put(summed.reshape(like.shape).astype(like.dtype), device)
 
         d_bias = None
         if bias is not None:
-            full = np.asarray(dbias)[0, :rows, 0, :length, :keys].reshape(plan.logits_shape)
+            full = np.asarray(dbias)[: plan.num_rows, : plan.q_len, : plan.kv_len].reshape(plan.logits_shape)
             d_bias = jax.device_put(reduce_to_shape(full, bias.shape).astype(bias.dtype), device)
         return (
-            cut(dq, (rows, length, plan.head_dim), q.shape, q.dtype),
+            _cut(dq, plan.rows_shape(plan.q_len, plan.head_dim), q.shape, q.dtype, device),
             summed_over_group(dk, plan.head_dim, k),
             summed_over_group(dv, plan.value_dim, v),
             d_bias,
@@ -347,3 +400,9 @@ class JaxBackend(Backend):
 
     def to_numpy(self, x: jax.Array) -> np.ndarray:
         return np.asarray(x)
+
+
+def _cut(x: jax.Array, shape: tuple[int, ...], final: tuple[int, ...], dtype: Any, device: Any) -> jax.Array:
+    """The ``shape`` corner of a padded result, reshaped to ``final`` and cast to dtype on the host."""
+    cut = np.asarray(x)[tuple(slice(0, n) for n in shape)]
+    return jax.device_put(np.ascontiguousarray(cut).reshape(final).astype(dtype), device)

@@ -1,5 +1,19 @@
-"""The NumPy backend: SPEC.md in plain NumPy (bfloat16 inputs through ml_dtypes), with its own
-analytic backward pass (the standard softmax backward, rule 14; no autodiff library)."""
+"""The NumPy backend: SPEC.md in plain NumPy, with its own analytic backward pass (rule 14, no
+autodiff library).
+
+Shape letters: B... batch dims, Hq query heads, Hkv kv heads, G = Hq // Hkv query heads per kv head,
+L queries, S keys, E q/k head dim, Ev value head dim. The steps work on the grouped layout of
+``AttentionPlan`` (rule 2): q ``(*B, Hkv, G, L, E)``, k ``(*B, Hkv, S, E)``, v ``(*B, Hkv, S, Ev)``,
+logits, mask, bias and dropout mask ``(*B, Hkv, G, L, S)``, lse ``(*B, Hkv, G, L)``.
+
+Dtypes: q, k, v are float16, bfloat16 (ml_dtypes), float32 or float64, converted exactly to the
+compute dtype (float32 or float64, rule 10) in which every step runs; out, dq, dk and dv are rounded
+to the input dtype, weights and lse stay in the compute dtype, dbias is in bias's dtype.
+
+The torch and jax backends have the same steps under the same names: ``grouped_inputs``,
+``grouped_view``, ``logits``, ``allowed_keys``, ``softmax``, ``dropout``, ``results``, ``forward``
+and ``attention_backward``.
+"""
 
 from __future__ import annotations
 
@@ -8,77 +22,175 @@ from typing import Any
 
 import numpy as np
 
-from ..plan import AttentionPlan
 from ..broadcasting import reduce_to_shape
+from ..frameworks import numpy_dtype
+from ..plan import AttentionPlan
 from .base import Backend
 
 
-@dataclass
-class _Forward:
-    """The forward pass on grouped arrays (``(*B, Hkv, G, L, S)`` for logits-shaped ones), kept for
-    the backward pass. ``multiplier`` is the dropout multiplier ``keep / (1 - p)``, or None without a
-    dropout mask."""
-
-    q4: np.ndarray  # (*B, Hkv, G*L, E), compute dtype
-    k4: np.ndarray  # (*B, Hkv, S, E)
-    v4: np.ndarray  # (*B, Hkv, S, Ev)
-    capped: np.ndarray | None  # tanh(raw / cap) with a softcap
-    weights: np.ndarray
-    dropped: np.ndarray  # weights after dropout (the weights themselves without)
-    multiplier: np.ndarray | None
-    lse: np.ndarray
-    out: np.ndarray  # (*B, Hkv, G*L, Ev), compute dtype
-
-
-def _forward(plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any) -> _Forward:
+def grouped_inputs(plan: AttentionPlan, q: Any, k: Any, v: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q ``(*B, Hq, L, E)`` as ``(*B, Hkv, G, L, E)``, k as ``(*B, Hkv, S, E)`` and v as
+    ``(*B, Hkv, S, Ev)`` (rank-2 inputs gain their one head), in the compute dtype."""
     compute = np.dtype(plan.compute_dtype)
-    lead, hkv, group = plan.batch_shape, plan.num_kv_heads, plan.group_size
-    length, keys = plan.q_len, plan.kv_len
-    grouped = (*lead, hkv, group, length, keys)  # GQA: q head h = kv head h // group
+    q, k, v = (x.astype(compute) for x in (q, k, v))  # rule 10: exact, every step runs in the compute dtype
+    k = k.reshape(plan.kv_shape(plan.head_dim))  # rule 1: heads first, a rank-2 input is one head
+    v = v.reshape(plan.kv_shape(plan.value_dim))
+    return q.reshape(plan.grouped_shape(plan.head_dim)), k, v  # rule 2: query head h uses kv head h // G
 
-    # The query heads of one kv head are stacked along the query axis: one matmul per kv head.
-    q4 = q.astype(compute).reshape(*lead, hkv, group * length, plan.head_dim)
-    k4 = k.astype(compute).reshape(*lead, hkv, keys, plan.head_dim)
-    v4 = v.astype(compute).reshape(*lead, hkv, keys, plan.value_dim)
 
-    logits = np.matmul(q4, np.swapaxes(k4, -1, -2)).reshape(grouped) * compute.type(plan.scale)
+def grouped_view(plan: AttentionPlan, x: Any) -> np.ndarray | None:
+    """A mask, bias or dropout mask broadcastable to ``(*B, Hq, L, S)``, as ``(*B, Hkv, G, L, S)``;
+    None stays None."""
+    if x is None:
+        return None
+    return np.broadcast_to(x, plan.logits_shape).reshape(plan.grouped_logits_shape)  # rule 2: h // G
+
+
+def logits(
+    plan: AttentionPlan, q: np.ndarray, k: np.ndarray, scale: np.generic, softcap: np.generic | None,
+    bias: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The logits ``(*B, Hkv, G, L, S)`` of q ``(*B, Hkv, G, L, E)`` and k ``(*B, Hkv, S, E)``:
+    scaled, capped (softcap None: no cap) and biased (bias ``(*B, Hkv, G, L, S)`` or None). scale,
+    softcap and bias are in the compute dtype. Also returns ``tanh(raw / softcap)`` (None without a
+    softcap), which the backward pass needs."""
+    # rule 10: the matmul runs in the compute dtype; the G query heads of a kv head share one matmul
+    raw = np.matmul(q.reshape(plan.stacked_shape(plan.head_dim)), np.swapaxes(k, -1, -2))
+    x = raw.reshape(plan.grouped_logits_shape) * scale  # rule 3
     capped = None
-    if plan.softcap is not None:
-        cap = compute.type(plan.softcap)
-        capped = np.tanh(logits / cap)
-        logits = cap * capped
+    if softcap is not None:
+        capped = np.tanh(x / softcap)  # rule 4
+        x = softcap * capped
     if bias is not None:
-        logits = logits + np.broadcast_to(bias.astype(compute), plan.logits_shape).reshape(grouped)
+        x = x + bias  # rule 5: after the softcap
+    return x, capped
 
-    allowed = logits != -np.inf
+
+def allowed_keys(
+    plan: AttentionPlan, x: np.ndarray, mask: np.ndarray | None, key_range: tuple[Any, Any]
+) -> np.ndarray:
+    """Boolean ``(*B, Hkv, G, L, S)``: the keys each query attends. x the logits, mask
+    ``(*B, Hkv, G, L, S)`` or None, ``key_range = (low, high)`` as ``plan.key_range`` (query i may
+    attend key j only if ``low <= j - i <= high``; None: unbounded)."""
+    allowed = x != -np.inf  # rule 8: a -inf logit excludes its key
     if mask is not None:
-        allowed &= np.broadcast_to(mask, plan.logits_shape).reshape(grouped)
-    low, high = plan.key_range
-    key_minus_query = np.arange(keys) - np.arange(length)[:, None]
+        allowed &= mask  # rule 6
+    low, high = key_range  # rule 7: causal and window, combined by plan.key_range
+    key_minus_query = np.arange(plan.kv_len) - np.arange(plan.q_len)[:, None]
     if low is not None:
         allowed &= key_minus_query >= low
     if high is not None:
         allowed &= key_minus_query <= high
+    return allowed
 
-    masked = np.where(allowed, logits, -np.inf)
-    row_max = np.max(masked, axis=-1, keepdims=True, initial=-np.inf)
+
+def softmax(x: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """weights ``(..., L, S)`` and lse ``(..., L)`` of the logits x ``(..., L, S)`` over the allowed keys."""
+    masked = np.where(allowed, x, -np.inf)
+    row_max = np.max(masked, axis=-1, keepdims=True, initial=-np.inf)  # rule 9: over attended keys only
     row_max = np.where(row_max == -np.inf, 0, row_max)
-    unnormalized = np.exp(masked - row_max)
+    unnormalized = np.exp(masked - row_max)  # rule 9: the row max subtracted
     denominator = unnormalized.sum(axis=-1, keepdims=True)
-    fully_excluded = denominator == 0
+    fully_excluded = denominator == 0  # rule 8: weights 0 and lse -inf
     safe_denominator = np.where(fully_excluded, 1, denominator)
     weights = unnormalized / safe_denominator
     lse = np.where(fully_excluded, -np.inf, row_max + np.log(safe_denominator))
+    return weights, lse[..., 0]
 
-    multiplier = None
-    dropped = weights
-    if dropout_mask is not None:
-        keep = np.broadcast_to(dropout_mask, plan.logits_shape).reshape(grouped)
-        multiplier = np.where(keep, compute.type(plan.dropout_scale), compute.type(0))
-        dropped = weights * multiplier
 
-    out = np.matmul(dropped.reshape(*lead, hkv, group * length, keys), v4)
-    return _Forward(q4, k4, v4, capped, weights, dropped, multiplier, lse, out)
+def dropout(
+    weights: np.ndarray, keep: np.ndarray | None, dropout_scale: np.generic
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(dropped, multiplier)``: the weights ``(..., L, S)`` times ``multiplier = keep / (1 - p)``
+    (keep broadcastable to them; dropout_scale ``1 / (1 - p)`` in the compute dtype). Without a keep
+    mask, the weights themselves and None."""
+    if keep is None:
+        return weights, None
+    multiplier = np.where(keep, dropout_scale, weights.dtype.type(0))  # rule 13: keep / (1 - p)
+    return weights * multiplier, multiplier
+
+
+def results(
+    plan: AttentionPlan, p: np.ndarray, v: np.ndarray, weights: np.ndarray, lse: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(out, weights, lse)`` in the plan's shapes, from the grouped (dropped) probabilities p and
+    the weights ``(*B, Hkv, G, L, S)``, v ``(*B, Hkv, S, Ev)`` and lse ``(*B, Hkv, G, L)``: out
+    ``(*B, Hq, L, Ev)`` in the input dtype, weights and lse in the compute dtype."""
+    out = np.matmul(p.reshape(plan.stacked_shape(plan.kv_len)), v)  # rule 11: out = P·V, compute dtype
+    return (
+        out.astype(numpy_dtype(plan.dtype)).reshape(plan.out_shape),  # rule 11: rounded to the input dtype
+        weights.reshape(plan.logits_shape),  # rule 1: the layout of the inputs
+        lse.reshape(plan.lse_shape),
+    )
+
+
+@dataclass
+class Forward:
+    """One forward pass on grouped arrays, in the compute dtype, kept for the backward pass: q
+    ``(*B, Hkv, G, L, E)``, k ``(*B, Hkv, S, E)``, v ``(*B, Hkv, S, Ev)``; ``(*B, Hkv, G, L, S)``
+    for the rest, lse ``(*B, Hkv, G, L)``."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    capped: np.ndarray | None  # tanh(raw / softcap), with a softcap
+    weights: np.ndarray
+    dropped: np.ndarray  # weights * multiplier (the weights themselves without a dropout mask)
+    multiplier: np.ndarray | None  # keep / (1 - p), with a dropout mask
+    lse: np.ndarray
+
+
+def forward(plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any) -> Forward:
+    """SPEC.md's forward pass for a validated plan, on q, k, v, mask, bias and dropout_mask as given
+    to ``attention`` (None when absent)."""
+    compute = np.dtype(plan.compute_dtype)
+    q, k, v = grouped_inputs(plan, q, k, v)
+    softcap = None if plan.softcap is None else compute.type(plan.softcap)  # rule 10: scalars in the compute dtype
+    biased = None if bias is None else grouped_view(plan, bias.astype(compute))  # rule 5: converted exactly
+    x, capped = logits(plan, q, k, compute.type(plan.scale), softcap, biased)
+    allowed = allowed_keys(plan, x, grouped_view(plan, mask), plan.key_range)
+    weights, lse = softmax(x, allowed)
+    dropped, multiplier = dropout(weights, grouped_view(plan, dropout_mask), compute.type(plan.dropout_scale))
+    return Forward(q, k, v, capped, weights, dropped, multiplier, lse)
+
+
+def attention_backward(
+    plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any, d_out: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(dq, dk, dv, dbias)``: the gradients of ``sum(out * d_out)``, d_out ``(*B, Hq, L, Ev)``,
+    computed analytically in the compute dtype. dq, dk, dv have the shapes and dtype of q, k, v;
+    dbias (None without a bias) bias's shape and dtype.
+
+    With P the weights and Z the dropout multiplier (1 without): dV = (P Z)ᵀ dO, dW = Z (dO Vᵀ),
+    dS = P (dW - rowsum(P dW)) (= dbias, summed to bias's shape), dR = dS (1 - tanh²) under a
+    softcap, dQ = scale dR K, dK = scale dRᵀ Q; dK and dV summed over the query heads of a kv head.
+    """
+    f = forward(plan, q, k, v, mask, bias, dropout_mask)
+    compute = np.dtype(plan.compute_dtype)
+    stacked = plan.stacked_shape(plan.kv_len)
+
+    # rule 14: the softmax backward pass, in the compute dtype
+    d_out = d_out.astype(compute).reshape(plan.stacked_shape(plan.value_dim))
+    dv = np.matmul(np.swapaxes(f.dropped.reshape(stacked), -1, -2), d_out)
+    d_weights = np.matmul(d_out, np.swapaxes(f.v, -1, -2)).reshape(plan.grouped_logits_shape)
+    if f.multiplier is not None:
+        d_weights = d_weights * f.multiplier
+    row_dot = (f.weights * d_weights).sum(axis=-1, keepdims=True)
+    d_logits = f.weights * (d_weights - row_dot)  # exactly 0 wherever the weight is 0
+    d_bias = None
+    if bias is not None:
+        d_bias = np.asarray(reduce_to_shape(d_logits.reshape(plan.logits_shape), bias.shape).astype(bias.dtype))
+    if f.capped is not None:
+        d_logits = d_logits * (1 - f.capped * f.capped)
+    d_raw = d_logits.reshape(stacked) * compute.type(plan.scale)
+    dq = np.matmul(d_raw, f.k)
+    dk = np.matmul(np.swapaxes(d_raw, -1, -2), f.q.reshape(plan.stacked_shape(plan.head_dim)))
+    return (
+        dq.astype(q.dtype).reshape(q.shape),
+        dk.astype(k.dtype).reshape(k.shape),
+        dv.astype(v.dtype).reshape(v.shape),
+        d_bias,
+    )
 
 
 class NumpyBackend(Backend):
@@ -88,47 +200,15 @@ class NumpyBackend(Backend):
     def _attention(
         self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        f = _forward(plan, q, k, v, mask, bias, dropout_mask)
-        return (
-            f.out.astype(q.dtype).reshape(plan.out_shape),
-            f.weights.reshape(plan.logits_shape),
-            f.lse.reshape(plan.lse_shape),
-        )
+        # rule 12: the front door (validation.py) has checked every argument before this hook runs
+        f = forward(plan, q, k, v, mask, bias, dropout_mask)
+        return results(plan, f.dropped, f.v, f.weights, f.lse)
 
     def _attention_vjp(
         self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any, d_out: Any
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-        """The softmax backward pass: with P the weights, Z the dropout multiplier (1 without),
-        dV = (P Z)ᵀ dO, dP = Z (dO Vᵀ), dS = P (dP - rowsum(P dP)), dLogits = dS (1 - tanh²) under a
-        softcap, dQ = scale dLogits K, dK = scale dLogitsᵀ Q; sums over the query heads of a kv head."""
-        f = _forward(plan, q, k, v, mask, bias, dropout_mask)
-        compute = np.dtype(plan.compute_dtype)
-        lead, hkv, group = plan.batch_shape, plan.num_kv_heads, plan.group_size
-        length, keys = plan.q_len, plan.kv_len
-        grouped = (*lead, hkv, group, length, keys)
-        stacked = (*lead, hkv, group * length, keys)
-
-        d_out4 = d_out.astype(compute).reshape(*lead, hkv, group * length, plan.value_dim)
-        dv = np.matmul(np.swapaxes(f.dropped.reshape(stacked), -1, -2), d_out4)
-        d_weights = np.matmul(d_out4, np.swapaxes(f.v4, -1, -2)).reshape(grouped)
-        if f.multiplier is not None:
-            d_weights = d_weights * f.multiplier
-        row_dot = (f.weights * d_weights).sum(axis=-1, keepdims=True)
-        d_logits = f.weights * (d_weights - row_dot)  # exactly 0 wherever the weight is 0
-        d_bias = None
-        if bias is not None:
-            d_bias = np.asarray(reduce_to_shape(d_logits.reshape(plan.logits_shape), bias.shape).astype(bias.dtype))
-        if f.capped is not None:
-            d_logits = d_logits * (1 - f.capped * f.capped)
-        d_raw = d_logits.reshape(stacked) * compute.type(plan.scale)
-        dq = np.matmul(d_raw, f.k4)
-        dk = np.matmul(np.swapaxes(d_raw, -1, -2), f.q4)
-        return (
-            dq.astype(q.dtype).reshape(q.shape),
-            dk.astype(k.dtype).reshape(k.shape),
-            dv.astype(v.dtype).reshape(v.shape),
-            d_bias,
-        )
+        # rule 12: the front door (validation.py) has checked every argument, d_out included
+        return attention_backward(plan, q, k, v, mask, bias, dropout_mask, d_out)
 
     def asarray(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(x)

@@ -1,7 +1,20 @@
-"""The PyTorch backend: SPEC.md in torch ops, on the device of the input tensors.
+"""The PyTorch backend: SPEC.md in torch ops, on the device of the input tensors; gradients by
+``torch.autograd`` through the forward pass (rule 14).
 
-On CUDA, float32 matmuls run as IEEE float32 for the duration of the call (TF32 off), whatever the
-process-wide setting; the setting is restored afterwards.
+Shape letters: B... batch dims, Hq query heads, Hkv kv heads, G = Hq // Hkv query heads per kv head,
+L queries, S keys, E q/k head dim, Ev value head dim. The steps work on the grouped layout of
+``AttentionPlan`` (rule 2): q ``(*B, Hkv, G, L, E)``, k ``(*B, Hkv, S, E)``, v ``(*B, Hkv, S, Ev)``,
+logits, mask, bias and dropout mask ``(*B, Hkv, G, L, S)``, lse ``(*B, Hkv, G, L)``.
+
+Dtypes: q, k, v are float16, bfloat16, float32 or float64, converted exactly to the compute dtype
+(float32 or float64, rule 10) in which every step runs; out, dq, dk and dv are rounded to the input
+dtype, weights and lse stay in the compute dtype, dbias is in bias's dtype. On CUDA, float32 matmuls
+run as IEEE float32 for the duration of the call (TF32 off), whatever the process-wide setting, which
+is restored afterwards.
+
+The numpy and jax backends have the same steps under the same names: ``grouped_inputs``,
+``grouped_view``, ``logits``, ``allowed_keys``, ``softmax``, ``dropout``, ``results``, ``forward``
+and ``attention_backward``.
 """
 
 from __future__ import annotations
@@ -33,6 +46,145 @@ def ieee_float32_matmul(device: torch.device) -> Iterator[None]:
         setattr(matmul, setting, previous)
 
 
+def grouped_inputs(
+    plan: AttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q ``(*B, Hq, L, E)`` as ``(*B, Hkv, G, L, E)``, k as ``(*B, Hkv, S, E)`` and v as
+    ``(*B, Hkv, S, Ev)`` (rank-2 inputs gain their one head), in the compute dtype."""
+    compute = getattr(torch, plan.compute_dtype)
+    q, k, v = (x.to(compute) for x in (q, k, v))  # rule 10: exact, every step runs in the compute dtype
+    k = k.reshape(plan.kv_shape(plan.head_dim))  # rule 1: heads first, a rank-2 input is one head
+    v = v.reshape(plan.kv_shape(plan.value_dim))
+    return q.reshape(plan.grouped_shape(plan.head_dim)), k, v  # rule 2: query head h uses kv head h // G
+
+
+def grouped_view(plan: AttentionPlan, x: torch.Tensor | None) -> torch.Tensor | None:
+    """A mask, bias or dropout mask broadcastable to ``(*B, Hq, L, S)``, as ``(*B, Hkv, G, L, S)``;
+    None stays None."""
+    if x is None:
+        return None
+    return x.broadcast_to(plan.logits_shape).reshape(plan.grouped_logits_shape)  # rule 2: h // G
+
+
+def logits(
+    plan: AttentionPlan, q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, softcap: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The logits ``(*B, Hkv, G, L, S)`` of q ``(*B, Hkv, G, L, E)`` and k ``(*B, Hkv, S, E)``:
+    scaled, capped (softcap None: no cap) and biased (bias ``(*B, Hkv, G, L, S)`` or None). scale,
+    softcap and bias are in the compute dtype. Also returns ``tanh(raw / softcap)`` (None without a
+    softcap), which autograd differentiates."""
+    # rule 10: the matmul runs in the compute dtype; the G query heads of a kv head share one matmul
+    raw = torch.matmul(q.reshape(plan.stacked_shape(plan.head_dim)), k.transpose(-1, -2))
+    x = raw.reshape(plan.grouped_logits_shape) * scale  # rule 3
+    capped = None
+    if softcap is not None:
+        capped = torch.tanh(x / softcap)  # rule 4
+        x = softcap * capped
+    if bias is not None:
+        x = x + bias  # rule 5: after the softcap
+    return x, capped
+
+
+def allowed_keys(
+    plan: AttentionPlan, x: torch.Tensor, mask: torch.Tensor | None, key_range: tuple[Any, Any]
+) -> torch.Tensor:
+    """Boolean ``(*B, Hkv, G, L, S)``: the keys each query attends. x the logits, mask
+    ``(*B, Hkv, G, L, S)`` or None, ``key_range = (low, high)`` as ``plan.key_range`` (query i may
+    attend key j only if ``low <= j - i <= high``; None: unbounded)."""
+    allowed = x != -torch.inf  # rule 8: a -inf logit excludes its key
+    if mask is not None:
+        allowed = allowed & mask  # rule 6
+    low, high = key_range  # rule 7: causal and window, combined by plan.key_range
+    key_minus_query = torch.arange(plan.kv_len, device=x.device) - torch.arange(plan.q_len, device=x.device)[:, None]
+    if low is not None:
+        allowed = allowed & (key_minus_query >= low)
+    if high is not None:
+        allowed = allowed & (key_minus_query <= high)
+    return allowed
+
+
+def softmax(x: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weights ``(..., L, S)`` and lse ``(..., L)`` of the logits x ``(..., L, S)`` over the allowed
+    keys; the row max is a constant for autograd (the softmax does not depend on it)."""
+    masked = x.masked_fill(~allowed, -torch.inf)
+    if masked.shape[-1]:
+        row_max = masked.detach().amax(dim=-1, keepdim=True)  # rule 9: over attended keys only
+    else:
+        row_max = masked.new_full((*masked.shape[:-1], 1), -torch.inf)
+    row_max = row_max.masked_fill(row_max == -torch.inf, 0)
+    unnormalized = torch.exp(masked - row_max)  # rule 9: the row max subtracted
+    denominator = unnormalized.sum(dim=-1, keepdim=True)
+    fully_excluded = denominator == 0  # rule 8: weights 0 and lse -inf
+    safe_denominator = denominator.masked_fill(fully_excluded, 1)
+    weights = unnormalized / safe_denominator
+    lse = (row_max + torch.log(safe_denominator)).masked_fill(fully_excluded, -torch.inf)
+    return weights, lse[..., 0]
+
+
+def dropout(
+    weights: torch.Tensor, keep: torch.Tensor | None, dropout_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(dropped, multiplier)``: the weights ``(..., L, S)`` times ``multiplier = keep / (1 - p)``
+    (keep broadcastable to them; dropout_scale ``1 / (1 - p)`` in the compute dtype). Without a keep
+    mask, the weights themselves and None."""
+    if keep is None:
+        return weights, None
+    zero = torch.tensor(0, dtype=weights.dtype, device=weights.device)
+    multiplier = torch.where(keep, dropout_scale, zero)  # rule 13: keep / (1 - p)
+    return weights * multiplier, multiplier
+
+
+def results(
+    plan: AttentionPlan, p: torch.Tensor, v: torch.Tensor, weights: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, weights, lse)`` in the plan's shapes, from the grouped (dropped) probabilities p and
+    the weights ``(*B, Hkv, G, L, S)``, v ``(*B, Hkv, S, Ev)`` and lse ``(*B, Hkv, G, L)``: out
+    ``(*B, Hq, L, Ev)`` in the input dtype, weights and lse in the compute dtype."""
+    out = torch.matmul(p.reshape(plan.stacked_shape(plan.kv_len)), v)  # rule 11: out = P·V, compute dtype
+    return (
+        out.to(getattr(torch, plan.dtype)).reshape(plan.out_shape),  # rule 11: rounded to the input dtype
+        weights.reshape(plan.logits_shape),  # rule 1: the layout of the inputs
+        lse.reshape(plan.lse_shape),
+    )
+
+
+def forward(
+    plan: AttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, dropout_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPEC.md's forward pass for a validated plan: ``results`` of q, k, v, mask, bias and
+    dropout_mask as given to ``attention`` (None when absent); differentiable by autograd."""
+    compute, device = getattr(torch, plan.compute_dtype), q.device
+    q, k, v = grouped_inputs(plan, q, k, v)
+    scale = torch.tensor(plan.scale, dtype=compute, device=device)  # rule 10: scalars in the compute dtype
+    softcap = None if plan.softcap is None else torch.tensor(plan.softcap, dtype=compute, device=device)
+    biased = None if bias is None else grouped_view(plan, bias.to(compute))  # rule 5: converted exactly
+    x, _ = logits(plan, q, k, scale, softcap, biased)
+    allowed = allowed_keys(plan, x, grouped_view(plan, mask), plan.key_range)
+    weights, lse = softmax(x, allowed)
+    dropout_scale = torch.tensor(plan.dropout_scale, dtype=compute, device=device)
+    dropped, _ = dropout(weights, grouped_view(plan, dropout_mask), dropout_scale)
+    return results(plan, dropped, v, weights, lse)
+
+
+def attention_backward(
+    plan: AttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, dropout_mask: torch.Tensor | None, d_out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(dq, dk, dv, dbias)``: the gradients of ``sum(out * d_out)``, d_out ``(*B, Hq, L, Ev)``, by
+    torch.autograd through ``forward`` (inputs detached, so the caller's graph is untouched). dq, dk,
+    dv have the shapes and dtype of q, k, v; dbias (None without a bias) bias's shape and dtype."""
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    bias = None if bias is None else bias.detach().requires_grad_()
+    inputs = [q, k, v] if bias is None else [q, k, v, bias]
+    with torch.enable_grad():  # rule 14: autograd through the forward pass
+        out = forward(plan, q, k, v, mask, bias, dropout_mask)[0]
+        grads = torch.autograd.grad(out, inputs, d_out, allow_unused=True)
+    dq, dk, dv, *d_bias = (torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads, strict=True))
+    return dq, dk, dv, d_bias[0] if d_bias else None
+
+
 class TorchBackend(Backend):
     name = "torch"
     framework = "torch"
@@ -40,79 +192,16 @@ class TorchBackend(Backend):
     def _attention(
         self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with ieee_float32_matmul(q.device):
-            return self._compute(plan, q, k, v, mask, bias, dropout_mask)
+        # rule 12: the front door (validation.py) has checked every argument before this hook runs
+        with ieee_float32_matmul(q.device):  # rule 10: TF32 off on CUDA
+            return forward(plan, q, k, v, mask, bias, dropout_mask)
 
     def _attention_vjp(
         self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any, d_out: Any
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """torch.autograd through the forward pass (inputs detached, so the caller's graph is untouched)."""
-        inputs = [x.detach().requires_grad_() for x in (q, k, v)]
-        if bias is not None:
-            inputs.append(bias.detach().requires_grad_())
-        with ieee_float32_matmul(q.device), torch.enable_grad():
-            out = self._compute(plan, *inputs[:3], mask, inputs[3] if bias is not None else None, dropout_mask)[0]
-            grads = torch.autograd.grad(out, inputs, d_out, allow_unused=True)
-        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
-        return grads[0], grads[1], grads[2], grads[3] if bias is not None else None
-
-    @staticmethod
-    def _compute(
-        plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        compute = getattr(torch, plan.compute_dtype)
-        device = q.device
-        lead, hkv, group = plan.batch_shape, plan.num_kv_heads, plan.group_size
-        length, keys = plan.q_len, plan.kv_len
-        grouped = (*lead, hkv, group, length, keys)  # GQA: q head h = kv head h // group
-
-        # The query heads of one kv head are stacked along the query axis: one matmul per kv head.
-        q4 = q.to(compute).reshape(*lead, hkv, group * length, plan.head_dim)
-        k4 = k.to(compute).reshape(*lead, hkv, keys, plan.head_dim)
-        v4 = v.to(compute).reshape(*lead, hkv, keys, plan.value_dim)
-
-        scale = torch.tensor(plan.scale, dtype=compute, device=device)
-        logits = torch.matmul(q4, k4.transpose(-1, -2)).reshape(grouped) * scale
-        if plan.softcap is not None:
-            cap = torch.tensor(plan.softcap, dtype=compute, device=device)
-            logits = cap * torch.tanh(logits / cap)
-        if bias is not None:
-            logits = logits + bias.to(compute).broadcast_to(plan.logits_shape).reshape(grouped)
-
-        allowed = logits != -torch.inf
-        if mask is not None:
-            allowed = allowed & mask.broadcast_to(plan.logits_shape).reshape(grouped)
-        low, high = plan.key_range
-        key_minus_query = torch.arange(keys, device=device) - torch.arange(length, device=device)[:, None]
-        if low is not None:
-            allowed = allowed & (key_minus_query >= low)
-        if high is not None:
-            allowed = allowed & (key_minus_query <= high)
-
-        masked = logits.masked_fill(~allowed, -torch.inf)
-        if keys:
-            row_max = masked.detach().amax(dim=-1, keepdim=True)  # softmax does not depend on it
-        else:
-            row_max = masked.new_full((*grouped[:-1], 1), -torch.inf)
-        row_max = row_max.masked_fill(row_max == -torch.inf, 0)
-        unnormalized = torch.exp(masked - row_max)
-        denominator = unnormalized.sum(dim=-1, keepdim=True)
-        fully_excluded = denominator == 0
-        safe_denominator = denominator.masked_fill(fully_excluded, 1)
-        weights = unnormalized / safe_denominator
-        lse = (row_max + torch.log(safe_denominator)).masked_fill(fully_excluded, -torch.inf)
-
-        dropped = weights
-        if dropout_mask is not None:
-            keep = dropout_mask.broadcast_to(plan.logits_shape).reshape(grouped)
-            dropped = weights * torch.where(keep, torch.tensor(plan.dropout_scale, dtype=compute, device=device),
-                                            torch.tensor(0, dtype=compute, device=device))
-        out = torch.matmul(dropped.reshape(*lead, hkv, group * length, keys), v4).to(q.dtype)
-        return (
-            out.reshape(plan.out_shape),
-            weights.reshape(plan.logits_shape),
-            lse.reshape(plan.lse_shape),
-        )
+        # rule 12: the front door (validation.py) has checked every argument, d_out included
+        with ieee_float32_matmul(q.device):  # rule 10: TF32 off on CUDA
+            return attention_backward(plan, q, k, v, mask, bias, dropout_mask, d_out)
 
     def asarray(self, x: np.ndarray) -> torch.Tensor:
         x = np.array(x, copy=True, order="C")  # owned and writable: torch cannot wrap read-only views
