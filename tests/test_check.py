@@ -99,7 +99,7 @@ def refuses_causal(q, k, v, *, causal=False, **keywords):
 
 def returns_two_values(q, k, v, **keywords):
     """A calling-convention mismatch: (out, weights) where (out, weights, lse) is the convention."""
-    result = torch_kernel(q, k, v, return_weights=True, **keywords)
+    result = torch_kernel(q, k, v, **{**keywords, "return_weights": True})
     return result.out, result.weights
 
 
