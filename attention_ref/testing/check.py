@@ -87,7 +87,7 @@ class KernelImplementation:
         if "grad" in features and backward is None and framework not in ("torch", "jax"):
             raise ValueError(f"a {framework} kernel that supports 'grad' needs backward= (no autodiff for {framework})")
         self.backward = backward
-        self.name = name or getattr(fn, "__name__", repr(fn))
+        self.name: str = name or getattr(fn, "__name__", None) or repr(fn)
         #: Declared conventions that were exercised and verified, with a count (reset per property).
         self.observed: Counter[str] = Counter()
 
@@ -155,8 +155,11 @@ class KernelImplementation:
         if isinstance(result, tuple) and len(result) != 3:
             raise KernelError(f"{self.name} returned a tuple of {len(result)} values; the calling convention is "
                               f"out, or (out, weights, lse) when a return flag is passed\n  case: {case!r}")
-        out, weights, lse = result if isinstance(result, tuple) else (result, None, None)
-        out, weights, lse = (None if x is None else self.to_numpy(x) for x in (out, weights, lse))
+        raw_out, raw_weights, raw_lse = result if isinstance(result, tuple) else (result, None, None)
+        if raw_out is None:
+            raise KernelError(f"{self.name} returned no out\n  case: {case!r}")
+        out = self.to_numpy(raw_out)
+        weights, lse = (None if x is None else self.to_numpy(x) for x in (raw_weights, raw_lse))
         if self.layout == "blhd":
             out = out.swapaxes(1, 2)
             lse = None if lse is None else lse.swapaxes(1, 2)
@@ -224,7 +227,7 @@ class KernelImplementation:
 
     def _normalise_fully_masked(self, case: AttentionCase, result: AttentionOutput) -> AttentionOutput:
         """Check the declared convention on fully excluded rows, then put the spec's values there."""
-        rows = ~case.allowed().any(axis=-1)
+        rows = np.asarray(~case.allowed().any(axis=-1))
         if self.fully_masked == "zero" or not rows.any():
             return result
         out = np.array(result.out)
