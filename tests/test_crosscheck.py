@@ -137,7 +137,7 @@ def test_cli_crosscheck_prints_the_matrix(capsys: pytest.CaptureFixture[str]) ->
     assert status == 0, out
     header = next(line for line in out.splitlines() if line.startswith("property"))
     assert "torch.sdpa[MATH]" in header and "jax.nn.dot_product_attention[xla]" in header
-    assert re.fullmatch(r"\d+ passed, \d+ convention differs, \d+ failed", out.splitlines()[-1])
+    assert re.fullmatch(r"\d+ passed, \d+ convention differs, \d+ failed, 0 errors", out.splitlines()[-1])
     strict = main(["crosscheck", "--target", "torch.sdpa[FLASH", "--max-examples", "10", "--strict"])
     assert strict == 1  # the CPU flash kernel's NaN bug
 
