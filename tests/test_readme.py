@@ -17,5 +17,5 @@ def test_readme_examples_run() -> None:
     namespace: dict[str, object] = {}
     assert len(BLOCKS) >= 3
     for block in BLOCKS:
-        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - our own README
+        exec(compile(block, str(README), "exec"), namespace)  # our own README
     assert namespace["out"].shape == (2, 8, 5, 32)
