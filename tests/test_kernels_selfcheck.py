@@ -1,8 +1,10 @@
-"""Self-check of the kernel catalogue (tests/kernels.py) on fixed cases, without Hypothesis.
+"""Self-check of the bug zoo (tests/zoo/) on fixed cases, without Hypothesis.
 
 The correct kernels must match the float64 oracle within the tolerance rule of
-``attention_ref/tolerance.py`` on every case; every buggy kernel must fail that same comparison on at least one case within its
-``supports``, so its bug is observable.
+``attention_ref/tolerance.py`` (out, weights, lse and, for cases with ``grad``, dq, dk, dv and dbias)
+on every case within their ``supports``; every bug of the zoo must fail that same comparison on at
+least one case within its ``supports``, so that its bug is observable with the features it is
+checked with.
 """
 
 from __future__ import annotations
@@ -21,32 +23,61 @@ torch = import_or_skip("torch")
 import numpy as np  # noqa: E402
 
 import attention_ref as ar  # noqa: E402
-from attention_ref.result import AttentionOutput  # noqa: E402
-from attention_ref.testing import AttentionCase  # noqa: E402
+from attention_ref.result import AttentionOutput, Gradients  # noqa: E402
+from attention_ref.testing import AttentionCase, assert_gradients_close  # noqa: E402
 from attention_ref.testing.assertions import assert_matches  # noqa: E402
+from attention_ref.testing.strategies import KERNEL_FEATURES  # noqa: E402
 
-from .kernels import ALL_FEATURES, BUGGY_KERNELS, CORRECT_KERNELS  # noqa: E402
+from .zoo import ALL_FEATURES, BUGS, BUGS_BY_NAME, CORRECT_KERNELS, TILED_FEATURES  # noqa: E402
 
 B, HQ, E, EV = 2, 4, 16, 8
 SIZES = [(length, keys) for length in (1, 5, 70) for keys in (0, 3, 70, 130)]
+#: The sizes of the narrow configs (one or two features, there to observe the bugs checked with them):
+#: a decode step, no keys, L < S past two tiles of 32, L > S... past four.
+FEW_SIZES = [(1, 3), (5, 0), (5, 70), (70, 130)]
+DROPOUT_P = 0.25
 
-#: name -> (features, keyword arguments); every config but "plain" uses GQA (Hkv = 2).
-CONFIGS: dict[str, tuple[frozenset[str], dict[str, Any]]] = {
-    "plain": (frozenset(), {}),
-    "gqa": (frozenset({"gqa", "lse", "weights"}), {}),
-    "lse_only": (frozenset({"gqa", "lse"}), {}),
-    "weights_only": (frozenset({"gqa", "weights"}), {}),
-    "mask": (frozenset({"gqa", "mask", "lse", "weights"}), {}),
-    "bias": (frozenset({"gqa", "bias", "lse", "weights"}), {}),
-    "causal": (frozenset({"gqa", "causal", "lse", "weights"}), {"causal": True}),
-    "bottom_right": (frozenset({"gqa", "causal", "bottom_right", "lse", "weights"}),
-                     {"causal": True, "alignment": "bottom_right"}),
-    "softcap": (frozenset({"gqa", "softcap", "lse", "weights"}), {"softcap": 5.0}),
-    "scale": (frozenset({"gqa", "scale", "lse", "weights"}), {"scale": 0.37}),
-    "all_top_left": (frozenset(ALL_FEATURES) - {"bottom_right"},
-                     {"causal": True, "softcap": 5.0, "scale": 0.37}),
-    "all_bottom_right": (frozenset(ALL_FEATURES),
-                         {"causal": True, "alignment": "bottom_right", "softcap": 5.0, "scale": 0.37}),
+#: name -> (features, keyword arguments, sizes). Every feature a config uses is in its features: ``gqa``
+#: (Hkv = 2, else Hkv = Hq), ``value_dim`` (Ev = 8, else Ev = E), ``mask`` (one fully masked row),
+#: ``bias`` (-inf entries, one fully excluded row), ``lse`` and ``weights`` (returned), ``dropout``
+#: (a keep-mask with p = 0.25), ``grad`` (gradients compared too) and ``dbias`` (the bias's).
+CONFIGS: dict[str, tuple[frozenset[str], dict[str, Any], list[tuple[int, int]]]] = {
+    name: (frozenset(features), kwargs, sizes) for name, features, kwargs, sizes in [
+        ("plain", (), {}, SIZES),
+        ("value_dim", ("value_dim",), {}, FEW_SIZES),
+        ("gqa", ("gqa",), {}, FEW_SIZES),
+        ("weights", ("weights",), {}, SIZES),
+        ("lse", ("lse",), {}, SIZES),
+        ("gqa_lse_weights", ("gqa", "lse", "weights"), {}, SIZES),
+        ("mask", ("mask",), {}, FEW_SIZES),
+        ("mask_lse_weights", ("gqa", "mask", "lse", "weights"), {}, SIZES),
+        ("bias", ("bias",), {}, FEW_SIZES),
+        ("bias_lse_weights", ("gqa", "bias", "lse", "weights"), {}, SIZES),
+        ("scale", ("scale",), {"scale": 0.37}, SIZES),
+        ("causal", ("causal",), {"causal": True}, SIZES),
+        ("bottom_right", ("causal", "bottom_right"), {"causal": True, "alignment": "bottom_right"}, SIZES),
+        ("softcap", ("softcap",), {"softcap": 5.0}, SIZES),
+        ("bias_softcap", ("bias", "softcap"), {"softcap": 5.0}, FEW_SIZES),
+        ("window", ("window",), {"window": (3, 1)}, FEW_SIZES),
+        ("window_bottom_right", ("window", "bottom_right"), {"window": (3, 1), "alignment": "bottom_right"},
+         FEW_SIZES),
+        ("window_causal", ("window", "causal", "bottom_right", "lse", "weights"),
+         {"window": (4, None), "causal": True, "alignment": "bottom_right"}, FEW_SIZES),
+        ("dropout", ("dropout",), {"dropout_p": DROPOUT_P}, FEW_SIZES),
+        ("dropout_weights", ("dropout", "weights"), {"dropout_p": DROPOUT_P}, FEW_SIZES),
+        ("grad", ("grad",), {}, FEW_SIZES),
+        ("grad_gqa", ("grad", "gqa"), {}, FEW_SIZES),
+        ("grad_mask", ("grad", "mask"), {}, FEW_SIZES),
+        ("grad_bias", ("grad", "bias", "dbias"), {}, FEW_SIZES),
+        ("grad_softcap", ("grad", "softcap"), {"softcap": 5.0}, FEW_SIZES),
+        ("grad_dropout", ("grad", "dropout"), {"dropout_p": DROPOUT_P}, FEW_SIZES),
+        ("all_top_left", set(TILED_FEATURES) - {"bottom_right"}, {"causal": True, "softcap": 5.0, "scale": 0.37},
+         SIZES),
+        ("all_bottom_right", TILED_FEATURES,
+         {"causal": True, "alignment": "bottom_right", "softcap": 5.0, "scale": 0.37}, SIZES),
+        ("everything", ALL_FEATURES, {"causal": True, "alignment": "bottom_right", "softcap": 5.0, "scale": 0.37,
+                                      "window": (6, 2), "dropout_p": DROPOUT_P}, SIZES),
+    ]
 }
 
 
@@ -65,16 +96,17 @@ class Case:
 
 
 def _make_case(seed: int, config: str, length: int, keys: int, dtype: Any, *, large: bool = False) -> Case:
-    features, kwargs = CONFIGS[config]
+    features, kwargs, _ = CONFIGS[config]
     g = torch.Generator().manual_seed(seed)
     hkv = 2 if "gqa" in features else HQ
+    ev = EV if "value_dim" in features else E
     if large:  # integer q and k: exact logits of magnitude ~1e3 (exp overflows without the max)
         q = torch.randint(-40, 41, (B, HQ, length, E), generator=g).to(dtype)
         k = torch.randint(-40, 41, (B, hkv, keys, E), generator=g).to(dtype)
     else:
         q = torch.randn(B, HQ, length, E, generator=g, dtype=torch.float64).to(dtype)
         k = torch.randn(B, hkv, keys, E, generator=g, dtype=torch.float64).to(dtype)
-    v = torch.randn(B, hkv, keys, EV, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, hkv, keys, ev, generator=g, dtype=torch.float64).to(dtype)
     kwargs = dict(kwargs)
     if "mask" in features:
         mask = torch.rand(B, HQ, length, keys, generator=g) < 0.75
@@ -85,6 +117,8 @@ def _make_case(seed: int, config: str, length: int, keys: int, dtype: Any, *, la
         bias[torch.rand(HQ, length, keys, generator=g) < 0.1] = -math.inf
         bias[2, 0, :] = -math.inf  # one fully excluded row (head 2, query 0, every batch element)
         kwargs["bias"] = bias.to(dtype)
+    if "dropout" in features:  # (Hq, L, S): broadcast over the batch
+        kwargs["dropout_mask"] = torch.from_numpy(ar.dropout_mask((HQ, length, keys), DROPOUT_P, seed))
     kwargs["return_weights"] = "weights" in features
     kwargs["return_lse"] = "lse" in features
     name = f"{config}-L{length}-S{keys}-{str(dtype).removeprefix('torch.')}{'-large' if large else ''}"
@@ -94,12 +128,14 @@ def _make_case(seed: int, config: str, length: int, keys: int, dtype: Any, *, la
 def _build_cases() -> list[Case]:
     cases = [_make_case(seed, config, length, keys, dtype)
              for seed, (config, (length, keys), dtype) in enumerate(
-                 (c, s, d) for c in CONFIGS for s in SIZES for d in (torch.float32, torch.float64))]
+                 (c, s, d) for c, (_, _, sizes) in CONFIGS.items() for s in sizes
+                 for d in (torch.float32, torch.float64))]
     for length, keys in ((5, 70), (70, 130)):
         for dtype in (torch.float32, torch.float64):  # large logits: overflow and underflow
-            cases += [_make_case(len(cases), config, length, keys, dtype, large=True) for config in ("gqa", "mask")]
+            cases += [_make_case(len(cases), config, length, keys, dtype, large=True) for config in ("plain", "mask")]
         for dtype in (torch.float16, torch.bfloat16):  # half precision inputs, float32 compute
-            cases += [_make_case(len(cases), config, length, keys, dtype) for config in ("gqa", "all_bottom_right")]
+            cases += [_make_case(len(cases), config, length, keys, dtype)
+                      for config in ("plain", "gqa_lse_weights", "all_bottom_right", "everything")]
     return cases
 
 
@@ -115,14 +151,16 @@ def _one_thread() -> Any:
     torch.set_num_threads(threads)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _spec(index: int) -> tuple[AttentionCase, AttentionOutput, Any]:
     """The case as an AttentionCase, its float64 oracle and the tolerance rule's bounds."""
     case = CASES[index]
     backend = ar.get_backend("torch")
-    numpy_args = {name: backend.to_numpy(case.kwargs[name]) for name in ("mask", "bias") if name in case.kwargs}
-    options = {name: case.kwargs[name] for name in ("scale", "causal", "alignment", "softcap") if name in case.kwargs}
-    spec_case = AttentionCase(*(backend.to_numpy(x) for x in (case.q, case.k, case.v)), **numpy_args, **options)
+    arrays = {name: backend.to_numpy(case.kwargs[name]) for name in ("mask", "bias", "dropout_mask")
+              if name in case.kwargs}
+    options = {name: case.kwargs[name] for name in ("scale", "causal", "alignment", "softcap", "window", "dropout_p")
+               if name in case.kwargs}
+    spec_case = AttentionCase(*(backend.to_numpy(x) for x in (case.q, case.k, case.v)), **arrays, **options)
     oracle = spec_case.oracle()
     return spec_case, oracle, spec_case.bounds(oracle=oracle)
 
@@ -151,16 +189,43 @@ def _check(index: int, result: Any) -> None:
     assert_matches(numpy_result, oracle, bounds, spec_case)
 
 
-def _run(kernel: Any, index: int) -> Any:
+def _check_gradients(index: int, kernel: Any) -> None:
+    """Raise AssertionError unless the kernel's autograd gradients of case ``index`` (a ``grad`` case)
+    match the oracle's for a random cotangent."""
     case = CASES[index]
-    return kernel(case.q, case.k, case.v, **case.kwargs)
+    spec_case, oracle, _ = _spec(index)
+    d_out = torch.from_numpy(np.random.default_rng(index).standard_normal(oracle.out.shape)).to(case.q.dtype)
+    inputs = [x.detach().clone().requires_grad_() for x in (case.q, case.k, case.v)]
+    kwargs = {**case.kwargs, "return_weights": False, "return_lse": False}
+    with_dbias = "dbias" in case.features and "bias" in kwargs
+    if with_dbias:
+        kwargs["bias"] = kwargs["bias"].detach().clone().requires_grad_()
+        inputs.append(kwargs["bias"])
+    grads = torch.autograd.grad(kernel(*inputs[:3], **kwargs), inputs, d_out, allow_unused=True)
+    backend = ar.get_backend("torch")
+    dq, dk, dv, *dbias = (backend.to_numpy(torch.zeros_like(x) if g is None else g)
+                          for x, g in zip(inputs, grads, strict=True))
+    assert_gradients_close(Gradients(dq, dk, dv, dbias[0] if dbias else None), spec_case, backend.to_numpy(d_out),
+                           calibrated=False, with_dbias=with_dbias)
+
+
+def _check_case(kernel: Any, index: int) -> None:
+    case = CASES[index]
+    _check(index, kernel(case.q, case.k, case.v, **case.kwargs))
+    if "grad" in case.features:
+        _check_gradients(index, kernel)
+
+
+def _within(supports: tuple[str, ...]) -> list[int]:
+    return [index for index, case in enumerate(CASES) if case.features <= set(supports)]
 
 
 def test_cases_cover_the_features() -> None:
-    assert len(BUGGY_KERNELS) >= 24
-    for name, (kernel, supports, description) in BUGGY_KERNELS.items():
-        assert callable(kernel) and description, name
-        assert set(supports) <= set(ALL_FEATURES), name
+    assert len(BUGS) >= 41
+    for bug in BUGS:
+        assert callable(bug.kernel) and bug.description, bug.name
+        assert set(bug.supports) <= set(KERNEL_FEATURES), bug.name
+    assert set().union(*(case.features for case in CASES)) == set(KERNEL_FEATURES)
     # every case, fully excluded rows included, is one the oracle answers without NaN
     for index in range(len(CASES)):
         _, expected, _ = _spec(index)
@@ -169,22 +234,24 @@ def test_cases_cover_the_features() -> None:
 
 @pytest.mark.parametrize("name", list(CORRECT_KERNELS))
 def test_correct_kernel_matches_the_oracle(name: str) -> None:
+    kernel = CORRECT_KERNELS[name]
     failures = []
-    for index, case in enumerate(CASES):
-        try:
-            _check(index, _run(CORRECT_KERNELS[name], index))
-        except AssertionError as error:
-            failures.append(f"{case.name}: {str(error).splitlines()[0]}")
-    assert not failures, f"{len(failures)} of {len(CASES)} cases fail:\n" + "\n".join(failures[:20])
-
-
-@pytest.mark.parametrize("name", list(BUGGY_KERNELS))
-def test_buggy_kernel_is_observable(name: str) -> None:
-    kernel, supports, _ = BUGGY_KERNELS[name]
-    eligible = [index for index, case in enumerate(CASES) if case.features <= set(supports)]
+    eligible = _within(kernel.supports)
     for index in eligible:
         try:
-            _check(index, _run(kernel, index))
+            _check_case(kernel.kernel, index)
+        except AssertionError as error:
+            failures.append(f"{CASES[index].name}: {str(error).splitlines()[0]}")
+    assert not failures, f"{len(failures)} of {len(eligible)} cases fail:\n" + "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("name", list(BUGS_BY_NAME))
+def test_bug_is_observable(name: str) -> None:
+    bug = BUGS_BY_NAME[name]
+    eligible = _within(bug.supports)
+    for index in eligible:
+        try:
+            _check_case(bug.kernel, index)
         except AssertionError:
             return
     pytest.fail(f"{name}: the bug is not observable on any of the {len(eligible)} fixed cases in its supports")
