@@ -16,7 +16,7 @@ COMPUTE_DTYPES = ("float32", "float64")
 ALIGNMENTS = ("top_left", "bottom_right")
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class AttentionOptions:
     """The attention keywords of SPEC.md, as one frozen value: what the front door validates, what an
     ``AttentionCase`` carries beside its q, k, v, and what the checker passes to a kernel.
@@ -36,8 +36,8 @@ class AttentionOptions:
     dropout_mask: Any = None
 
     def as_keywords(self) -> dict[str, Any]:
-        """Every option by its keyword name (arrays not copied)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Every option by its keyword name (arrays not copied; only the options, also on a subclass)."""
+        return {f.name: getattr(self, f.name) for f in fields(AttentionOptions)}
 
     def array_keywords(self) -> dict[str, Any]:
         """mask and bias, and dropout_mask when set (None values included for mask and bias)."""

@@ -17,6 +17,7 @@
 ``from attention_ref.testing.check import KernelImplementation`` still imports from the module).
 """
 
+from . import _requirements as _requirements  # first: a clear ImportError without hypothesis or ml_dtypes
 from . import properties as properties  # registers every property in PROPERTIES, in rule order
 from .assertions import assert_attention_close, assert_gradients_close
 from .bad_inputs import BAD_INPUTS, BadInput, check_bad_inputs

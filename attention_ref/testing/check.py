@@ -22,7 +22,7 @@ is) and ``jax.vjp`` of ``fn`` (it must be traceable). A kernel whose backward pa
 function (any framework, NumPy included) passes ``backward=``: ``backward(q, k, v, d_out,
 **keywords) -> (dq, dk, dv)`` or ``(dq, dk, dv, dbias)`` (with ``"dbias"``) with the forward's
 keywords (no return flags) and d_out in out's layout. Gradients are held to the calibrated gradient
-rule (``attention_ref.gradient_tolerance``). With a fully-masked convention other than "zero", d_out
+rule (``attention_ref.tolerance.gradients``). With a fully-masked convention other than "zero", d_out
 is zero on fully excluded rows, so that gradients do not depend on the convention (a NaN fill still
 gives NaN gradients: NaN times 0).
 
