@@ -5,10 +5,14 @@ rules import neither the testing tools nor the backends)."""
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import pathlib
 import subprocess
 import sys
 import textwrap
+
+import numpy as np
+import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "attention_ref"
 #: Modules above the testing tools (the command line runs them); every other one is below them.
@@ -71,3 +75,33 @@ def test_testing_exports_the_checker_functions() -> None:
     assert testing.CrosscheckReport is CrosscheckReport and testing.VerifyReport is VerifyReport
     assert KernelImplementation.__module__ == "attention_ref.testing.check"
     assert set(testing.__all__) <= set(dir(testing))
+
+
+def test_testing_without_hypothesis_names_the_extra() -> None:
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["hypothesis"] = None  # as if not installed
+        import attention_ref as ar
+        ar.get_backend("numpy")
+        try:
+            from attention_ref.cli import main
+            main(["verify"])
+        except ImportError as error:
+            print(type(error).__name__, error)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("ImportError attention_ref.testing"), result.stdout + result.stderr
+    assert "pip install 'attention_ref[verify]'" in result.stdout
+
+
+def test_public_surface() -> None:
+    import dataclasses
+
+    import attention_ref as ar
+    from attention_ref.plan import AttentionKeywords
+
+    assert issubclass(ar.get_backend("numpy").__class__, ar.Backend)
+    assert set(AttentionKeywords.__annotations__) == {f.name for f in dataclasses.fields(ar.AttentionOptions)}
+    with pytest.raises(TypeError, match="causl"):
+        ar.attention(*(np.ones((2, 3)),) * 3, causl=True)  # type: ignore[call-overload]
+    assert ar.__version__ == importlib.metadata.version("attention_ref")
