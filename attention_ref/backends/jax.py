@@ -260,7 +260,7 @@ class JaxBackend(Backend):
         self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any
     ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
         # rule 12: the front door (validation.py) has checked every argument before this hook runs
-        with self._precision_scope(plan):
+        with self._precision_scope(plan):  # rule 10: float64 inside a scoped jax.enable_x64
             if self._uses_buckets(plan, (q, k, v, mask, bias, dropout_mask)):
                 return self._bucketed(plan, q, k, v, mask, bias, dropout_mask)
             return _direct_attention(self._static_plan(plan), q, k, v, mask, bias, dropout_mask,
@@ -270,7 +270,7 @@ class JaxBackend(Backend):
         self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any, d_out: Any
     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
         # rule 12: the front door (validation.py) has checked every argument, d_out included
-        with self._precision_scope(plan):
+        with self._precision_scope(plan):  # rule 10: float64 inside a scoped jax.enable_x64
             if self._uses_buckets(plan, (q, k, v, mask, bias, dropout_mask, d_out)):
                 return self._bucketed_vjp(plan, q, k, v, mask, bias, dropout_mask, d_out)
             return _attention_backward(self._static_plan(plan), q, k, v, mask, bias, dropout_mask, d_out,
