@@ -36,11 +36,11 @@ def test_bucketed_and_unbucketed_agree() -> None:
 
 def test_one_compilation_serves_a_bucket_of_shapes() -> None:
     backend = jax_backend.JaxBackend()
-    before = jax_backend._grouped_attention_jit._cache_size()
+    before = jax_backend._bucket_attention._cache_size()
     for length in range(1, 9):
         q, k, v = _inputs(shape_q=(1, 2, length, 4), shape_kv=(1, 2, length + 2, 4), seed=length)
         backend.attention(*map(backend.asarray, (q, k, v)), causal=True)
-    assert jax_backend._grouped_attention_jit._cache_size() - before <= 1
+    assert jax_backend._bucket_attention._cache_size() - before <= 1
 
 
 def test_unbucketed_program_is_reused_for_a_shape() -> None:

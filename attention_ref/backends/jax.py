@@ -214,7 +214,6 @@ def _direct_attention(
 
 #: The program of a padded bucket plan: ``forward`` with traced key bounds and kv_valid.
 _bucket_attention = jax.jit(forward, static_argnames=("plan",))
-_grouped_attention_jit = _bucket_attention  # the name tests/test_jax_backend.py counts compilations by
 #: ``attention_backward``, one program per plan (padded or not).
 _attention_backward = jax.jit(attention_backward, static_argnames=("plan",))
 
