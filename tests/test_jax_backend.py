@@ -87,8 +87,8 @@ def test_compute_dtype_float64_for_float32_inputs() -> None:
 def test_unbucketed_gradients_match_the_oracle() -> None:
     """The unpadded program's vjp (used on accelerators, under jit and for large problems): narrow
     biases are summed in the compute dtype, with GQA, windows and dropout."""
-    from attention_ref.testing.cases import call_vjp
     from attention_ref.testing import assert_gradients_close
+    from attention_ref.testing.cases import call_vjp
 
     direct = jax_backend.JaxBackend(bucket_shapes=False)
     q, k, v = _inputs(shape_q=(3, 4, 9, 8), shape_kv=(3, 2, 9, 8))
