@@ -6,8 +6,8 @@ import pytest
 
 import attention_ref as ar
 from attention_ref.cli import main
+from attention_ref.features import KERNEL_FEATURES
 from attention_ref.testing.check import check
-from attention_ref.testing.strategies import KERNEL_FEATURES
 
 from .conftest import import_or_skip
 

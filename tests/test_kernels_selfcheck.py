@@ -23,10 +23,10 @@ torch = import_or_skip("torch")
 import numpy as np  # noqa: E402
 
 import attention_ref as ar  # noqa: E402
+from attention_ref.features import KERNEL_FEATURES  # noqa: E402
 from attention_ref.result import AttentionOutput, Gradients  # noqa: E402
 from attention_ref.testing import AttentionCase, assert_gradients_close  # noqa: E402
 from attention_ref.testing.assertions import assert_matches  # noqa: E402
-from attention_ref.testing.strategies import KERNEL_FEATURES  # noqa: E402
 
 from .zoo import ALL_FEATURES, BUGS, BUGS_BY_NAME, CORRECT_KERNELS, TILED_FEATURES  # noqa: E402
 

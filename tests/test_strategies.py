@@ -53,7 +53,8 @@ def test_values_are_varied() -> None:
 
 
 def test_kernel_cases_reach_several_tiles() -> None:
-    from attention_ref.testing.strategies import KERNEL_FEATURES, Features, feature_cases
+    from attention_ref.features import KERNEL_FEATURES
+    from attention_ref.testing.strategies import Features, feature_cases
 
     kernel_cases = feature_cases(Features(frozenset(KERNEL_FEATURES)))
     settings_ = settings(max_examples=2000, database=None, suppress_health_check=list(HealthCheck))

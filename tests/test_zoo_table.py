@@ -7,8 +7,9 @@ import re
 
 import pytest
 
+from attention_ref.features import KERNEL_FEATURES
 from attention_ref.testing import get_property
-from attention_ref.testing.strategies import KERNEL_FEATURES, Features
+from attention_ref.testing.strategies import Features
 
 from .conftest import import_or_skip
 

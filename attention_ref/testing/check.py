@@ -43,6 +43,7 @@ import numpy as np
 from hypothesis import HealthCheck
 from hypothesis import settings as Settings
 
+from ..features import KERNEL_FEATURES
 from ..plan import AttentionKeywords, AttentionOptions
 from ..registry import get_backend
 from ..result import AttentionOutput, Gradients
@@ -50,7 +51,7 @@ from ..tolerance import UNIT_ROUNDOFF, value_size
 from .cases import AttentionCase
 from .report import PropertyOutcome, Status, failure_outcome, failure_sections, render_table, rules_text, summary_line
 from .runner import PROPERTIES, run_property
-from .strategies import KERNEL_FEATURES, Features
+from .strategies import Features
 
 LAYOUTS = ("bhld", "blhd")
 #: What a kernel returns for a fully excluded row: SPEC.md's zeros, NaN, the mean of the row's masked v rows

@@ -61,7 +61,7 @@ def attention_property(
 
     Examples are ``feature_cases(features, **cases)``, followed in a tuple by draws from ``extra``;
     or ``strategy(features)``; with neither, the check runs once without examples. ``requires``
-    names the features (``attention_ref.testing.strategies.SPEC_FEATURES``) it cannot do without.
+    names the features (``attention_ref.features.SPEC_FEATURES``) it cannot do without.
     """
 
     def build(features: Features) -> st.SearchStrategy[Any] | None:

@@ -17,6 +17,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from ..dropout import dropout_mask
+from ..features import SPEC_FEATURES
 from ..frameworks import numpy_dtype
 from ..plan import ALIGNMENTS, FLOATING_DTYPES
 from .cases import AttentionCase
@@ -33,15 +34,6 @@ QK_MAGNITUDES = (1e-3, 0.1, 1.0, 3.0, 10.0)
 FEW_SHAPES = {"batch": (1, 2), "heads": (1, 2), "length": (1, 5), "long": (130,), "head_dim": (3, 4),
               "window": (0, 1, 4)}
 
-#: Features a kernel may support (the ``supports`` of ``attention_ref.testing.check``): keywords it
-#: takes, results it returns, and two shape features: ``gqa`` (Hq > Hkv) and ``value_dim`` (v's head
-#: dim Ev may differ from q's and k's E; without it cases have Ev = E). ``grad``: gradients dq, dk, dv;
-#: ``dbias``: also the bias's gradient (with ``grad`` and ``bias``).
-KERNEL_FEATURES = ("mask", "bias", "scale", "causal", "bottom_right", "gqa", "value_dim", "softcap", "window",
-                   "dropout", "lse", "weights", "grad", "dbias")
-#: Further features of a full implementation of SPEC.md (our backends): inputs of any rank,
-#: ``compute_dtype``, and the spec's error messages.
-SPEC_FEATURES = (*KERNEL_FEATURES, "any_rank", "compute_dtype", "spec_errors")
 
 
 @dataclass(frozen=True)
