@@ -56,8 +56,8 @@ def attention(q: ArrayT, k: ArrayT, v: ArrayT, *, backend: str | Backend | None 
               return_lse: Literal[True], compute_dtype: Any = ...,
               **options: Unpack[AttentionKeywords]) -> AttentionOutput: ...
 @overload
-def attention(q: ArrayT, k: ArrayT, v: ArrayT, *, backend: str | Backend | None = ..., return_weights: bool,
-              return_lse: bool, compute_dtype: Any = ...,
+def attention(q: ArrayT, k: ArrayT, v: ArrayT, *, backend: str | Backend | None = ..., return_weights: bool = ...,
+              return_lse: bool = ..., compute_dtype: Any = ...,
               **options: Unpack[AttentionKeywords]) -> ArrayT | AttentionOutput: ...
 
 

@@ -47,8 +47,8 @@ class AttentionOptions:
         return arrays
 
     def scalar_keywords(self) -> dict[str, Any]:
-        """The non-array keywords; window and dropout_p only when set, so that kernels without them
-        are called as before."""
+        """The non-array keywords; window and dropout_p only when set (an implementation without them
+        can still take every case that does not use them)."""
         keywords: dict[str, Any] = dict(scale=self.scale, causal=self.causal, alignment=self.alignment,
                                         softcap=self.softcap)
         if self.window is not None:
@@ -56,10 +56,6 @@ class AttentionOptions:
         if self.dropout_p:
             keywords["dropout_p"] = self.dropout_p
         return keywords
-
-    def keywords(self) -> dict[str, Any]:
-        """Every keyword of the call, for ``attention(q, k, v, **options.keywords())``."""
-        return {**self.array_keywords(), **self.scalar_keywords()}
 
 
 #: The options with no keyword given.

@@ -77,13 +77,15 @@ def test_declared_fully_masked_convention() -> None:
                      max_examples=25, seed=0)
     assert declared.passed, str(declared)
     assert {o.name: o.status for o in declared.outcomes}["fully_excluded_rows_are_zero"] == "convention differs"
-    undeclared = check(nan_on_fully_masked_rows, framework="torch", supports=supports, max_examples=25, seed=0)
+    undeclared = check(nan_on_fully_masked_rows, framework="torch", supports=supports, max_examples=25, seed=0,
+                       properties=("fully_excluded_rows_are_zero",))
     assert not undeclared.passed
     assert {o.name: o.status for o in undeclared.outcomes}["fully_excluded_rows_are_zero"] == "FAIL"
 
 
 def test_bug_is_reported_with_a_shrunk_case() -> None:
-    report = check(inverted_mask, framework="torch", supports=("mask",), max_examples=10, seed=0)
+    report = check(inverted_mask, framework="torch", supports=("mask",), max_examples=10, seed=0,
+                   properties=("matches_float64_oracle",))
     assert not report.passed
     failure = next(o for o in report.outcomes if o.name == "matches_float64_oracle")
     assert failure.status == "FAIL" and "AttentionCase(" in failure.detail
@@ -138,4 +140,31 @@ def test_cli_check(capsys: pytest.CaptureFixture[str]) -> None:
     assert status == 0, out
     assert out.splitlines()[-1].endswith("passed, 0 failed, 0 errors")
     assert main(["check", "tests.test_check:inverted_mask", "--framework", "torch", "--supports", "mask",
-                 "--max-examples", "10", "--seed", "0"]) == 1
+                 "--max-examples", "10", "--seed", "0", "--property", "matches_float64_oracle"]) == 1
+
+
+def drops_last_channel(q, k, v, **keywords):
+    """A bug: out loses its last channel (a wrong shape is a wrong answer: FAIL, not ERROR)."""
+    result = torch_kernel(q, k, v, **keywords)
+    return result[..., :-1]
+
+
+def forgets_weights(q, k, v, **keywords):
+    """Declares weights but returns None for them: a calling-convention mismatch (ERROR)."""
+    result = torch_kernel(q, k, v, **keywords)
+    return (result.out, None, result.lse) if isinstance(result, tuple) else result
+
+
+def test_wrong_output_shape_fails() -> None:
+    chosen = ("matches_float64_oracle", "batch_dims_equal_a_loop")
+    report = check(drops_last_channel, framework="torch", max_examples=10, seed=0, properties=chosen)
+    outcomes = {o.name: o for o in report.outcomes}
+    for name in chosen:
+        assert outcomes[name].status == "FAIL" and "out: shape" in outcomes[name].detail, str(report)
+
+
+def test_a_declared_result_that_is_missing_is_an_error() -> None:
+    report = check(forgets_weights, framework="torch", supports=("weights",), max_examples=5, seed=0,
+                   properties=("weights_rows_sum_to_one",))
+    outcome = next(o for o in report.outcomes if o.name == "weights_rows_sum_to_one")
+    assert outcome.status == "ERROR" and "declares 'weights' but returned None" in outcome.detail

@@ -1,7 +1,7 @@
 """Self-check of the bug zoo (tests/zoo/) on fixed cases, without Hypothesis.
 
 The correct kernels must match the float64 oracle within the tolerance rule of
-``attention_ref/tolerance.py`` (out, weights, lse and, for cases with ``grad``, dq, dk, dv and dbias)
+``attention_ref/tolerance/`` (out, weights, lse and, for cases with ``grad``, dq, dk, dv and dbias)
 on every case within their ``supports``; every bug of the zoo must fail that same comparison on at
 least one case within its ``supports``, so that its bug is observable with the features it is
 checked with.

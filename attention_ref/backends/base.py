@@ -44,7 +44,7 @@ class Backend(abc.ABC):
     def attention(self, q: ArrayT, k: ArrayT, v: ArrayT, *, return_weights: bool = ..., return_lse: Literal[True],
                   compute_dtype: Any = ..., **options: Unpack[AttentionKeywords]) -> AttentionOutput: ...
     @overload
-    def attention(self, q: ArrayT, k: ArrayT, v: ArrayT, *, return_weights: bool, return_lse: bool,
+    def attention(self, q: ArrayT, k: ArrayT, v: ArrayT, *, return_weights: bool = ..., return_lse: bool = ...,
                   compute_dtype: Any = ..., **options: Unpack[AttentionKeywords]) -> ArrayT | AttentionOutput: ...
 
     def attention(

@@ -110,6 +110,11 @@ class AttentionCase(AttentionOptions):
     def logits_shape(self) -> tuple[int, ...]:
         return (*self.q.shape[:-1], self.kv_len)
 
+    def output_shapes(self) -> AttentionOutput:
+        """The shapes of the results (rule 11): out ``(*B, Hq, L, Ev)``, weights ``(*B, Hq, L, S)``,
+        lse ``(*B, Hq, L)``."""
+        return AttentionOutput((*self.logits_shape[:-1], self.value_dim), self.logits_shape, self.logits_shape[:-1])
+
     @property
     def resolved_scale(self) -> float:
         """The scale rule 3 applies: ``1/sqrt(E)`` when ``scale`` is None."""

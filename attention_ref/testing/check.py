@@ -50,7 +50,7 @@ from ..result import AttentionOutput, Gradients
 from ..tolerance import UNIT_ROUNDOFF, value_size
 from .cases import AttentionCase
 from .report import PropertyOutcome, Status, failure_outcome, failure_sections, render_table, rules_text, summary_line
-from .runner import PROPERTIES, run_property
+from .runner import PROPERTIES, check_property_names, run_property
 from .strategies import Features
 
 LAYOUTS = ("bhld", "blhd")
@@ -164,7 +164,13 @@ class KernelImplementation:
         if self.layout == "blhd":
             out = out.swapaxes(1, 2)
             lse = None if lse is None else lse.swapaxes(1, 2)
-        return self._normalise_fully_masked(case, AttentionOutput(out, weights, lse))
+        for name, requested, x in (("weights", return_weights, weights), ("lse", return_lse, lse)):
+            if requested and name in self.features and x is None:
+                raise KernelError(f"{self.name} declares {name!r} but returned None for it with return_{name}=True"
+                                  f"\n  case: {case!r}")
+        result = AttentionOutput(out, weights, lse)
+        _assert_shapes(result, case.output_shapes(), case)
+        return self._normalise_fully_masked(case, result)
 
     def attention_vjp(self, q: Any, k: Any, v: Any, d_out: Any, **keywords: Unpack[AttentionKeywords]) -> Gradients:
         """The kernel's gradients (``backward``, or the framework's autodiff of ``fn``) as NumPy arrays
@@ -191,8 +197,16 @@ class KernelImplementation:
         dq, dk, dv = (self.to_numpy(x) for x in grads[:3])
         if self.layout == "blhd":
             dq, dk, dv = (x.swapaxes(1, 2) for x in (dq, dk, dv))
-        dbias = grads[3] if len(grads) > 3 and options.bias is not None and "dbias" in self.features else None
-        return Gradients(dq, dk, dv, None if dbias is None else self.to_numpy(dbias))
+        dbias = None
+        if options.bias is not None and "dbias" in self.features:
+            if len(grads) < 4 or grads[3] is None:
+                raise KernelError(f"{self.name} declares 'dbias' but its backward gave no bias gradient"
+                                  f"\n  case: {case!r}")
+            dbias = self.to_numpy(grads[3])
+        result = Gradients(dq, dk, dv, dbias)
+        _assert_shapes(result, Gradients(case.q.shape, case.k.shape, case.v.shape,
+                                         None if options.bias is None else case.bias.shape), case)
+        return result
 
     def _gradients(self, q: Any, k: Any, v: Any, d_out: Any, keywords: dict[str, Any]) -> tuple[Any, ...]:
         """``(dq, dk, dv[, dbias])`` in the kernel's layout."""
@@ -254,6 +268,15 @@ class KernelImplementation:
             lse = np.array(lse)
             lse[rows] = -np.inf
         return AttentionOutput(out, weights, lse)
+
+
+def _assert_shapes(result: AttentionOutput | Gradients, shapes: AttentionOutput | Gradients,
+                   case: AttentionCase) -> None:
+    """Each returned array has the shape the spec gives it: a wrong shape is the kernel's wrong answer
+    (FAIL), reported before any comparison trips over it."""
+    for name, x, shape in zip(result._fields, result, shapes, strict=True):
+        if x is not None and shape is not None:
+            assert x.shape == tuple(shape), f"{name}: shape {x.shape}, expected {tuple(shape)}\n  case: {case!r}"
 
 
 def _fully_masked_expectation(case: AttentionCase, convention: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -348,10 +371,7 @@ def check(
     ``backward`` or the framework's autodiff (module docstring).
     ``fail_fast`` stops at the first failing property (the rest are reported "not run").
     ``properties`` names the properties to run (default: all); the others are reported "not run"."""
-    if properties is not None:
-        unknown_properties = set(properties) - {p.name for p in PROPERTIES}
-        if unknown_properties:
-            raise ValueError(f"unknown properties {sorted(unknown_properties)}")
+    check_property_names(properties)
     unknown = set(supports) - set(KERNEL_FEATURES)
     if unknown:
         raise ValueError(f"unknown supports {sorted(unknown)}; choose from {', '.join(KERNEL_FEATURES)}")

@@ -92,8 +92,9 @@ def _leaves(error: BaseException) -> list[BaseException]:
 def failure_outcome(name: str, rules: tuple[int, ...], error: BaseException) -> PropertyOutcome:
     """The outcome of a property that raised ``error`` (possibly a group of Hypothesis failures).
 
-    FAIL when one of the errors is an AssertionError (the property's assertion), ERROR otherwise. The
-    detail is that error's message, which shows the shrunk case (in full when small) and the other
+    FAIL when one of the errors is an AssertionError (the property's assertion), ERROR otherwise (the
+    first line of every other non-assertion error is listed after the detail). The detail is that
+    error's message, which shows the shrunk case (in full when small) and the other
     values drawn with it; Hypothesis' long reprint of the example is left out (the same seed
     reproduces the run).
     """
@@ -102,4 +103,6 @@ def failure_outcome(name: str, rules: tuple[int, ...], error: BaseException) -> 
     status = Status.FAIL if assertions else Status.ERROR
     first = (assertions or leaves)[0]
     notes = [note for note in getattr(first, "__notes__", []) if note.startswith("drawn with the case")]
-    return PropertyOutcome(name, rules, status, "\n".join([f"{type(first).__name__}: {first}", *notes]))
+    others = [f"also raised (another example): {type(leaf).__name__}: {str(leaf).splitlines()[0] if str(leaf) else ''}"
+              for leaf in leaves if leaf is not first and not isinstance(leaf, AssertionError)]
+    return PropertyOutcome(name, rules, status, "\n".join([f"{type(first).__name__}: {first}", *notes, *others]))

@@ -11,7 +11,7 @@ check as a :class:`~attention_ref.testing.implementation.Subject`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,11 @@ from hypothesis import strategies as st
 
 from .implementation import Implementation, Subject
 from .strategies import ALL_FEATURES, Features, feature_cases
+
+
+class CheckerError(Exception):
+    """A property's own invariant broke: a bug in attention_ref.testing, not in the implementation
+    under test (reported ERROR, never FAIL)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,13 @@ def attention_property(
     return register
 
 
+def check_property_names(names: Iterable[str] | None) -> None:
+    """ValueError unless every name (None: no selection) is a registered property."""
+    unknown = set(names or ()) - {p.name for p in PROPERTIES}
+    if unknown:
+        raise ValueError(f"unknown properties {sorted(unknown)}")
+
+
 def get_property(name: str) -> Property:
     for prop in PROPERTIES:
         if prop.name == name:
@@ -108,7 +120,7 @@ def run_property(
     def test(example: Any) -> None:
         try:
             prop.check(subject, example)
-        except AssertionError as error:
+        except Exception as error:  # FAIL or ERROR, the report says which (attention_ref.testing.report)
             if isinstance(example, tuple) and len(example) > 1:  # the case's messages show the case only
                 error.add_note(f"drawn with the case: {example[1:]!r}")
             raise

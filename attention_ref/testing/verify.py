@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 
 from ..registry import available_backends, get_backend
 from .report import PropertyOutcome, Status, failure_outcome, failure_sections, render_table, rules_text, summary_line
-from .runner import PROPERTIES, run_property
+from .runner import PROPERTIES, check_property_names, run_property
 
 
 @dataclass
@@ -50,9 +50,7 @@ def verify(
     """Run every property of ``attention_ref.testing.PROPERTIES`` on each backend (default: all
     installed) with ``max_examples`` Hypothesis examples each; ``properties`` names the ones to run
     (default: all; the others are reported "not run")."""
-    unknown = set(properties or ()) - {p.name for p in PROPERTIES}
-    if unknown:
-        raise ValueError(f"unknown properties {sorted(unknown)}")
+    check_property_names(properties)
     names = list(backends) if backends else available_backends()
     run_settings = settings(max_examples=max_examples, deadline=None, database=None, print_blob=True,
                             suppress_health_check=[HealthCheck.too_slow])

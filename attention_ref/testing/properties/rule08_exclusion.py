@@ -15,7 +15,7 @@ from ...tolerance import UNIT_ROUNDOFF
 from ..assertions import assert_finite, assert_matches_oracle, assert_same_results, assert_within, bounds_for
 from ..cases import AttentionCase, full_results
 from ..implementation import Subject
-from ..runner import attention_property
+from ..runner import CheckerError, attention_property
 from ..strategies import Features, feature_cases, numpy_dtype
 from ._common import SEEDS, broadcast_full, with_new_kv
 
@@ -105,7 +105,8 @@ def fully_excluded_rows_are_zero(subject: Subject, example: tuple[str, Attention
         case = case.replace(k=case.k[..., :0, :], v=case.v[..., :0, :], mask=without_keys(case.mask),
                             bias=without_keys(case.bias), dropout_mask=without_keys(case.dropout_mask))
     fully_excluded = ~case.allowed().any(axis=-1)
-    assert fully_excluded.any() or case.q.size == 0 or math.prod(case.logits_shape[:-2]) == 0
+    if not (fully_excluded.any() or case.q.size == 0 or math.prod(case.logits_shape[:-2]) == 0):
+        raise CheckerError(f"the {mechanism} mechanism left no row fully excluded\n  case: {case!r}")
     result = full_results(subject.impl, case)
     assert_finite("fully excluded rows", result, case)
     assert_matches_oracle(subject, case, result)
