@@ -118,4 +118,8 @@ def attention_vjp(
 def _resolve(backend: str | Backend | None, q: Any) -> Backend:
     if backend is None:
         return backend_for(q)
-    return get_backend(backend) if isinstance(backend, str) else backend
+    if isinstance(backend, str):
+        return get_backend(backend)
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a name, an attention_ref.Backend or None, got {type(backend).__name__}")
+    return backend

@@ -56,7 +56,7 @@ def device_of(x: Any) -> str | None:
         return str(x.device)
     try:
         devices = x.devices()
-    except Exception:  # noqa: BLE001 - tracers under jax transformations have no devices
+    except Exception:  # tracers under jax transformations have no devices
         return None
     return ",".join(sorted(str(d) for d in devices))
 

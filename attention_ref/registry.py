@@ -11,12 +11,10 @@ import importlib.metadata
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .backends.base import Backend  # imports no framework
 from .frameworks import framework_of
-
-if TYPE_CHECKING:
-    from .backends.base import Backend
 
 ENTRY_POINT_GROUP = "attention_ref.backends"
 
@@ -104,6 +102,9 @@ def get_backend(name: str) -> Backend:
             f"unknown backend {name!r}; known backends: {', '.join(known_backends())} "
             f"(aliases: {', '.join(f'{a}={n}' for a, n in ALIASES.items())})"
         )
+    if not isinstance(backend, Backend):
+        raise TypeError(f"the factory of backend {name!r} returned {type(backend).__name__}, not an "
+                        "attention_ref.Backend (subclass it: the front door and the signatures come with it)")
     _instances[name] = backend
     return backend
 

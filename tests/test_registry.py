@@ -64,6 +64,19 @@ def test_register_backend() -> None:
     np.testing.assert_array_equal(ar.attention(q, q, q, backend="shifted"), q)
 
 
+def test_a_backend_is_a_backend() -> None:
+    """Backends subclass attention_ref.Backend: anything else is refused with a TypeError saying so."""
+    ar.register_backend("not_a_backend", object)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(TypeError, match="not an attention_ref.Backend"):
+            ar.get_backend("not_a_backend")
+    finally:
+        registry._registered.pop("not_a_backend")
+    q = np.ones((2, 3))
+    with pytest.raises(TypeError, match="backend must be a name, an attention_ref.Backend or None"):
+        ar.attention(q, q, q, backend=object())  # type: ignore[call-overload]
+
+
 def test_builtin_names_cannot_be_replaced() -> None:
     with pytest.raises(ValueError, match="built-in"):
         ar.register_backend("numpy", ShiftedNumpy)
