@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="Hypothesis examples per property and target (default 10)")
     cross.add_argument("--seed", type=int, default=0, help="fix Hypothesis' random choices (default 0)")
     cross.add_argument("--strict", action="store_true", help="exit 1 when any target fails a property")
+    cross.add_argument("--property", action="append", dest="properties", metavar="NAME",
+                       help="run only this property (repeatable; default: all)")
     return parser
 
 
@@ -95,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .testing.crosscheck import DEFAULT_DTYPES, crosscheck
 
         cross_report = crosscheck(device=args.device, dtypes=tuple(args.dtypes or DEFAULT_DTYPES[args.device]),
-                            max_examples=args.max_examples, seed=args.seed, only=tuple(args.only or ()),
+                                  max_examples=args.max_examples, seed=args.seed, only=tuple(args.only or ()),
+                                  properties=args.properties,
                                   progress=lambda line: print(line, file=sys.stderr, flush=True))
         print(cross_report.render())
         return 1 if args.strict and not cross_report.passed else 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from .adapters import Target, available_targets
 from .check import CheckReport, check
 from .report import Status, render_table, summary_line
-from .runner import PROPERTIES
+from .runner import PROPERTIES, check_property_names
 
 #: The dtypes checked by default: float32 on the CPU (under two minutes), half precision too on CUDA.
 DEFAULT_DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16", "float32")}
@@ -86,11 +86,14 @@ def crosscheck(
     max_examples: int = 10,
     seed: int | None = 0,
     only: Sequence[str] = (),
+    properties: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> CrosscheckReport:
     """Check every built-in target available on ``device`` ("cpu" or "cuda"), in each of ``dtypes``
     it supports (default: all it supports), ``max_examples`` per property. ``only`` keeps the
-    targets whose name contains one of its strings; ``progress`` receives a line per target."""
+    targets whose name contains one of its strings; ``properties`` names the properties to run
+    (default: all; the others are "not run"); ``progress`` receives a line per target."""
+    check_property_names(properties)
     report = CrosscheckReport(device)
     for target in available_targets(device):
         if only and not any(part in target.name for part in only):
@@ -103,6 +106,6 @@ def crosscheck(
         start = time.perf_counter()
         result = check(target.kernel, framework=target.framework, supports=target.supports, layout=target.layout,
                        dtypes=chosen, fully_masked=target.fully_masked, max_examples=max_examples, seed=seed,
-                       name=target.name, device=target.device, few_shapes=target.few_shapes)
+                       name=target.name, device=target.device, few_shapes=target.few_shapes, properties=properties)
         report.results.append((target, result, time.perf_counter() - start))
     return report
