@@ -39,11 +39,11 @@ def inverted_mask(q, k, v, *, mask=None, **keywords):
     return torch_kernel(q, k, v, mask=None if mask is None else ~mask, **keywords)
 
 
-@pytest.mark.parametrize("seed", [0])
-@pytest.mark.parametrize("kernel, layout", [(torch_kernel, "bhld"), (torch_kernel_blhd, "blhd")])
-def test_correct_kernel_passes(kernel, layout: str, seed: int) -> None:
-    report = check(kernel, framework="torch", supports=KERNEL_FEATURES, layout=layout, dtypes=ALL_DTYPES,
-                   max_examples=25, seed=seed)
+def test_correct_kernel_passes_in_the_blhd_layout() -> None:
+    """The (B, L, H, E) layout of jax and FlashAttention (the (B, H, L, E) one: our torch backend as a
+    kernel, below)."""
+    report = check(torch_kernel_blhd, framework="torch", supports=KERNEL_FEATURES, layout="blhd",
+                   dtypes=ALL_DTYPES, max_examples=25, seed=0)
     assert report.passed, str(report)
     statuses = {o.name: o.status for o in report.outcomes}
     assert statuses["matches_float64_oracle"] == "pass" and statuses["bad_inputs_raise_the_spec_errors"] == "n/a"
@@ -69,6 +69,7 @@ def test_our_backends_pass_as_kernels(backend: str) -> None:
     statuses = {o.name: o.status for o in report.outcomes}
     assert statuses["window_equals_explicit_mask"] == "pass"
     assert statuses["gradients_match_float64_oracle"] == ("pass" if backend != "jax" else "n/a")
+    assert statuses["matches_float64_oracle"] == "pass" and statuses["bad_inputs_raise_the_spec_errors"] == "n/a"
 
 
 def test_declared_fully_masked_convention() -> None:
