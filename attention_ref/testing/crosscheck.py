@@ -20,7 +20,7 @@ from .check import CheckReport, check
 from .report import Status, render_table, summary_line
 from .runner import PROPERTIES, check_property_names
 
-#: The dtypes checked by default: float32 on the CPU (under two minutes), half precision too on CUDA.
+#: The dtypes checked by default: float32 on the CPU (about 3 minutes on 2 cores), half precision too on CUDA.
 DEFAULT_DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16", "float32")}
 
 #: A matrix cell per status ("convention differs" becomes "differs [n,...]" with its footnotes).
