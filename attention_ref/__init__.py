@@ -86,8 +86,8 @@ def attention(
     or ``AttentionOutput(out, weights, lse)`` with a return flag."""
     options = AttentionOptions(mask=mask, bias=bias, scale=scale, causal=causal, alignment=alignment,
                                softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask)
-    return _resolve(backend, q).attention(q, k, v, **options.as_keywords(), return_weights=return_weights,
-                                          return_lse=return_lse, compute_dtype=compute_dtype)
+    return _resolve(backend, q).attention_with(q, k, v, options, return_weights=return_weights,
+                                               return_lse=return_lse, compute_dtype=compute_dtype)
 
 
 def attention_vjp(
@@ -112,7 +112,7 @@ def attention_vjp(
     ``Gradients(dq, dk, dv, dbias)`` of ``sum(attention(q, k, v, **keywords) * d_out)``."""
     options = AttentionOptions(mask=mask, bias=bias, scale=scale, causal=causal, alignment=alignment,
                                softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask)
-    return _resolve(backend, q).attention_vjp(q, k, v, d_out, **options.as_keywords(), compute_dtype=compute_dtype)
+    return _resolve(backend, q).attention_vjp_with(q, k, v, d_out, options, compute_dtype=compute_dtype)
 
 
 def _resolve(backend: str | Backend | None, q: Any) -> Backend:
