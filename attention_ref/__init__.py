@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar, Unpack, overload
 
+from . import layers
 from .backends.base import Backend
 from .dropout import dropout_mask
+from .layers.params import MHAParams
 from .plan import AttentionKeywords, AttentionOptions
 from .registry import (
     BackendNotAvailableError,
@@ -19,7 +21,7 @@ from .registry import (
     known_backends,
     register_backend,
 )
-from .result import AttentionOutput, Gradients
+from .result import AttentionOutput, Gradients, LayerGradients
 
 __all__ = [
     "AttentionOptions",
@@ -27,6 +29,7 @@ __all__ = [
     "Backend",
     "BackendNotAvailableError",
     "Gradients",
+    "LayerGradients",
     "__version__",
     "attention",
     "attention_vjp",
@@ -34,6 +37,9 @@ __all__ = [
     "dropout_mask",
     "get_backend",
     "known_backends",
+    "layers",
+    "multi_head_attention",
+    "multi_head_attention_vjp",
     "register_backend",
 ]
 
@@ -113,6 +119,83 @@ def attention_vjp(
     options = AttentionOptions(mask=mask, bias=bias, scale=scale, causal=causal, alignment=alignment,
                                softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask)
     return _resolve(backend, q).attention_vjp_with(q, k, v, d_out, options, compute_dtype=compute_dtype)
+
+
+def multi_head_attention(
+    query: Any,
+    key: Any,
+    value: Any,
+    params: MHAParams,
+    *,
+    mask: Any = None,
+    key_padding_mask: Any = None,
+    bias: Any = None,
+    scale: float | None = None,
+    causal: bool = False,
+    alignment: str = "top_left",
+    softcap: float | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Any = None,
+    return_weights: bool = False,
+    return_lse: bool = False,
+    compute_dtype: Any = None,
+    backend: str | Backend | None = None,
+) -> Any:
+    """The multi-head attention layer (SPEC.md rules 15-18): project, run ``attention`` per head,
+    project out.
+
+    query ``(*B, L, d_q)``, key ``(*B, S, d_k)``, value ``(*B, S, d_v)``; ``params`` an
+    ``attention_ref.layers.MHAParams`` (wq ``(d_q, H, hd)``, wk ``(d_k, Hkv, hd)``, wv
+    ``(d_v, Hkv, hd_v)``, wo ``(H, hd_v, d_out)``, optional biases), all of one dtype.
+
+    **Mask polarity: True = attend, everywhere.** ``mask`` (bool, True = may attend), ``bias`` and
+    ``dropout_mask`` (bool, True = keep) are broadcastable to the per-head logits ``(*B, H, L, S)``;
+    ``key_padding_mask`` is bool ``(*B, S)`` with **True = a real token** (the opposite of torch
+    ``nn.MultiheadAttention``'s ``key_padding_mask``; ``attention_ref.layers.from_torch_masks``
+    converts) and is combined with ``mask`` by intersection. A query whose keys are all excluded
+    attends nothing: its o is 0 (rule 8) and its out is ``bo``. The other keywords are those of
+    ``attention``; the default scale is ``1 / sqrt(hd)``.
+
+    Returns out ``(*B, L, d_out)`` in the input dtype, or ``AttentionOutput(out, weights, lse)`` with
+    a return flag: per-head weights ``(*B, H, L, S)``, before dropout, and lse ``(*B, H, L)``, in the
+    compute dtype (``attention_ref.layers.average_weights`` gives torch's head-averaged view).
+    """
+    options = AttentionOptions(mask=mask, bias=bias, scale=scale, causal=causal, alignment=alignment,
+                               softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask)
+    return _resolve(backend, query).multi_head_attention_with(
+        query, key, value, params, options, key_padding_mask=key_padding_mask, return_weights=return_weights,
+        return_lse=return_lse, compute_dtype=compute_dtype)
+
+
+def multi_head_attention_vjp(
+    query: Any,
+    key: Any,
+    value: Any,
+    params: MHAParams,
+    d_out: Any,
+    *,
+    mask: Any = None,
+    key_padding_mask: Any = None,
+    bias: Any = None,
+    scale: float | None = None,
+    causal: bool = False,
+    alignment: str = "top_left",
+    softcap: float | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Any = None,
+    compute_dtype: Any = None,
+    backend: str | Backend | None = None,
+) -> LayerGradients:
+    """The gradients of the layer (SPEC.md rule 18): ``LayerGradients(d_query, d_key, d_value, params,
+    dbias)`` of ``sum(multi_head_attention(query, key, value, params, **keywords) * d_out)``, d_out
+    ``(*B, L, d_out)`` in the input dtype; ``params`` is an ``MHAParams`` of the parameters'
+    gradients. The keywords are those of ``multi_head_attention`` without the return flags."""
+    options = AttentionOptions(mask=mask, bias=bias, scale=scale, causal=causal, alignment=alignment,
+                               softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask)
+    return _resolve(backend, query).multi_head_attention_vjp_with(
+        query, key, value, params, d_out, options, key_padding_mask=key_padding_mask, compute_dtype=compute_dtype)
 
 
 def _resolve(backend: str | Backend | None, q: Any) -> Backend:

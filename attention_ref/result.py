@@ -23,3 +23,17 @@ class Gradients(NamedTuple):
     dk: Any
     dv: Any
     dbias: Any = None
+
+
+class LayerGradients(NamedTuple):
+    """The gradients of ``sum(multi_head_attention(...) * d_out)`` (SPEC.md rule 18): ``d_query``,
+    ``d_key``, ``d_value`` in the shapes and dtype of the inputs; ``params``, an ``MHAParams`` of the
+    parameters' gradients (None where the layer has no such bias); ``dbias`` in bias's shape and dtype,
+    or None when the call had no bias. In self-attention (one x passed as query, key and value) the
+    gradient of x is ``d_query + d_key + d_value``."""
+
+    d_query: Any
+    d_key: Any
+    d_value: Any
+    params: Any
+    dbias: Any = None

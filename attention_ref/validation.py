@@ -104,7 +104,7 @@ def _check_frameworks(arrays: dict[str, Any], backend_framework: str | None) -> 
     if len(set(frameworks.values())) > 1:
         listing = ", ".join(f"{name} is {fw}" for name, fw in frameworks.items())
         raise TypeError(f"all arrays must come from one framework, got {listing}")
-    framework = frameworks["q"]
+    framework = frameworks[next(iter(arrays))]  # the first array's: q, or the layer's query
     if backend_framework is not None and framework != backend_framework:
         raise TypeError(
             f"the {backend_framework} backend takes {backend_framework} arrays, got {framework} "

@@ -12,8 +12,11 @@ from typing import Any, Literal, TypeVar, Unpack, overload
 
 import numpy as np
 
+from ..layers.params import MHAParams
+from ..layers.plan import LayerPlan
+from ..layers.validation import validate_layer_args, validate_layer_vjp_args
 from ..plan import DEFAULT_OPTIONS, AttentionKeywords, AttentionOptions, AttentionPlan
-from ..result import AttentionOutput, Gradients
+from ..result import AttentionOutput, Gradients, LayerGradients
 from ..validation import validate_attention_args, validate_vjp_args
 
 ArrayT = TypeVar("ArrayT")
@@ -129,6 +132,34 @@ class Backend(abc.ABC):
                                                 d_out)
         return Gradients(dq, dk, dv, dbias if options.bias is not None else None)
 
+    def multi_head_attention_with(
+        self, query: Any, key: Any, value: Any, params: MHAParams, options: AttentionOptions = DEFAULT_OPTIONS, *,
+        key_padding_mask: Any = None, return_weights: bool = False, return_lse: bool = False,
+        compute_dtype: Any = None,
+    ) -> Any:
+        """The multi-head attention layer (SPEC.md rules 15-17), with the per-head attention's keywords
+        as one ``AttentionOptions``; see ``attention_ref.multi_head_attention``."""
+        plan = validate_layer_args(query, key, value, params, options, key_padding_mask=key_padding_mask,
+                                   return_weights=return_weights, return_lse=return_lse,
+                                   compute_dtype=compute_dtype, backend_framework=self.framework)
+        out, weights, lse = self._multi_head_attention(plan, query, key, value, params, options.mask,
+                                                       key_padding_mask, options.bias, options.dropout_mask)
+        if not (plan.attention.return_weights or plan.attention.return_lse):
+            return out
+        return AttentionOutput(out, weights if plan.attention.return_weights else None,
+                               lse if plan.attention.return_lse else None)
+
+    def multi_head_attention_vjp_with(
+        self, query: Any, key: Any, value: Any, params: MHAParams, d_out: Any,
+        options: AttentionOptions = DEFAULT_OPTIONS, *, key_padding_mask: Any = None, compute_dtype: Any = None,
+    ) -> LayerGradients:
+        """The gradients of the layer (SPEC.md rule 18); see ``attention_ref.multi_head_attention_vjp``."""
+        plan = validate_layer_vjp_args(query, key, value, params, d_out, options, key_padding_mask=key_padding_mask,
+                                       compute_dtype=compute_dtype, backend_framework=self.framework)
+        d_query, d_key, d_value, d_params, dbias = self._multi_head_attention_vjp(
+            plan, query, key, value, params, options.mask, key_padding_mask, options.bias, options.dropout_mask, d_out)
+        return LayerGradients(d_query, d_key, d_value, d_params, dbias if options.bias is not None else None)
+
     @abc.abstractmethod
     def _attention(
         self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any
@@ -146,6 +177,22 @@ class Backend(abc.ABC):
     ) -> tuple[Any, Any, Any, Any]:
         """``(dq, dk, dv, dbias)`` for a validated plan and cotangent ``d_out`` (dbias None or
         ignored when bias is None)."""
+
+    def _multi_head_attention(
+        self, plan: LayerPlan, query: Any, key: Any, value: Any, params: MHAParams, mask: Any, key_padding_mask: Any,
+        bias: Any, dropout_mask: Any,
+    ) -> tuple[Any, Any, Any]:
+        """``(out, weights, lse)`` of the layer for a validated plan: out ``plan.out_shape`` in
+        ``plan.dtype``; per-head weights ``(*B, H, L, S)`` and lse ``(*B, H, L)`` in the compute dtype.
+        Optional for a registered backend (the built-in ones implement it)."""
+        raise NotImplementedError(f"the {self.name} backend does not implement the multi-head attention layer")
+
+    def _multi_head_attention_vjp(
+        self, plan: LayerPlan, query: Any, key: Any, value: Any, params: MHAParams, mask: Any, key_padding_mask: Any,
+        bias: Any, dropout_mask: Any, d_out: Any,
+    ) -> tuple[Any, Any, Any, MHAParams, Any]:
+        """``(d_query, d_key, d_value, d_params, dbias)`` for a validated plan and cotangent d_out."""
+        raise NotImplementedError(f"the {self.name} backend does not implement the multi-head attention layer")
 
     @abc.abstractmethod
     def asarray(self, x: np.ndarray) -> Any:

@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..broadcasting import reduce_to_shape
+from ..layers.params import MHAParams
+from ..layers.plan import LayerPlan
 from ..plan import AttentionPlan
 from .base import Backend
 
@@ -218,6 +220,76 @@ _bucket_attention = jax.jit(forward, static_argnames=("plan",))
 _attention_backward = jax.jit(attention_backward, static_argnames=("plan",))
 
 
+# ---- the multi-head attention layer (rules 15-18) -------------------------------------------------
+
+
+def layer_mask(plan: LayerPlan, mask: jax.Array | None, key_padding_mask: jax.Array | None) -> jax.Array | None:
+    """The per-head attention's mask: mask (broadcastable to ``(*B, H, L, S)``) and the key padding
+    mask ``(*B, S)`` (True = a real token) combined by intersection; None when both are None."""
+    if key_padding_mask is None:
+        return mask
+    padding = jnp.broadcast_to(key_padding_mask, plan.padding_shape).reshape(plan.key_padding_shape)  # rule 16
+    return padding if mask is None else mask & padding
+
+
+def project_inputs(plan: LayerPlan, query: jax.Array, key: jax.Array, value: jax.Array,
+                   params: MHAParams) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q ``(*B, H, L, hd)``, k ``(*B, Hkv, S, hd)``, v ``(*B, Hkv, S, hd_v)`` in the compute dtype."""
+    compute = jnp.dtype(plan.compute_dtype)
+    projected = []
+    for x, w, b in ((query, params.wq, params.bq), (key, params.wk, params.bk), (value, params.wv, params.bv)):
+        # rule 15, rule 17: in the compute dtype, at HIGHEST precision
+        y = jnp.einsum("...ld,dhk->...hlk", x.astype(compute), w.astype(compute), precision=_HIGHEST)
+        projected.append(y if b is None else y + b.astype(compute)[:, None, :])
+    return projected[0], projected[1], projected[2]
+
+
+def project_output(plan: LayerPlan, o: jax.Array, params: MHAParams) -> jax.Array:
+    """out ``(*B, L, d_out)`` of the per-head attention's o ``(*B, H, L, hd_v)`` (compute dtype),
+    rounded once to the layer's dtype."""
+    compute = jnp.dtype(plan.compute_dtype)
+    out = jnp.einsum("...hlv,hvo->...lo", o, params.wo.astype(compute), precision=_HIGHEST)  # rule 15
+    if params.bo is not None:
+        out = out + params.bo.astype(compute)
+    return out.astype(plan.dtype)  # rule 17: rounded once, at the end
+
+
+def layer_forward(
+    plan: LayerPlan, query: jax.Array, key: jax.Array, value: jax.Array, params: MHAParams, mask: jax.Array | None,
+    bias: jax.Array | None, dropout_mask: jax.Array | None, scale: jax.Array, softcap: jax.Array | None,
+    dropout_scale: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(out, weights, lse)``: out ``(*B, L, d_out)`` in the layer's dtype; per-head weights
+    ``(*B, H, L, S)`` (before dropout) and lse ``(*B, H, L)`` in the compute dtype. Jit-able with
+    the plan static; scale, softcap and dropout_scale as for ``forward``."""
+    q, k, v = project_inputs(plan, query, key, value, params)
+    o, weights, lse = forward(plan.attention, q, k, v, mask, bias, dropout_mask, scale, softcap,
+                              dropout_scale)  # rule 15: SPEC's attention per head
+    return project_output(plan, o, params), weights, lse
+
+
+def layer_backward(
+    plan: LayerPlan, query: jax.Array, key: jax.Array, value: jax.Array, params: MHAParams, mask: jax.Array | None,
+    bias: jax.Array | None, dropout_mask: jax.Array | None, d_out: jax.Array, scale: jax.Array,
+    softcap: jax.Array | None, dropout_scale: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, MHAParams, jax.Array | None]:
+    """``(d_query, d_key, d_value, d_params, dbias)`` of ``sum(out * d_out)`` by jax.vjp of
+    ``layer_forward`` (rule 18), in the shapes and dtypes of the arrays."""
+
+    def out_of(query: jax.Array, key: jax.Array, value: jax.Array, params: MHAParams,
+               bias: jax.Array | None) -> jax.Array:
+        return layer_forward(plan, query, key, value, params, mask, bias, dropout_mask, scale, softcap,
+                             dropout_scale)[0]
+
+    _, pullback = jax.vjp(out_of, query, key, value, params, bias)  # rule 18: jax.vjp of the layer
+    d_query, d_key, d_value, d_params, d_bias = pullback(d_out)
+    return d_query, d_key, d_value, d_params, d_bias
+
+
+_layer_forward = jax.jit(layer_forward, static_argnames=("plan",))
+_layer_backward = jax.jit(layer_backward, static_argnames=("plan",))
+
+
 def _bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
@@ -274,6 +346,26 @@ class JaxBackend(Backend):
                 return self._bucketed_vjp(plan, q, k, v, mask, bias, dropout_mask, d_out)
             return _attention_backward(self._static_plan(plan), q, k, v, mask, bias, dropout_mask, d_out,
                                        *self._traced_scalars(plan))
+
+    def _multi_head_attention(
+        self, plan: LayerPlan, query: Any, key: Any, value: Any, params: MHAParams, mask: Any, key_padding_mask: Any,
+        bias: Any, dropout_mask: Any,
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+        static = dataclasses.replace(plan, attention=self._static_plan(plan.attention))
+        with self._precision_scope(plan.attention):  # rule 10: float64 inside a scoped jax.enable_x64
+            out, weights, lse = _layer_forward(static, query, key, value, params,
+                                               layer_mask(plan, mask, key_padding_mask), bias, dropout_mask,
+                                               *self._traced_scalars(plan.attention))
+        return out, weights if plan.attention.return_weights else None, lse if plan.attention.return_lse else None
+
+    def _multi_head_attention_vjp(
+        self, plan: LayerPlan, query: Any, key: Any, value: Any, params: MHAParams, mask: Any, key_padding_mask: Any,
+        bias: Any, dropout_mask: Any, d_out: Any,
+    ) -> tuple[Any, Any, Any, MHAParams, Any]:
+        static = dataclasses.replace(plan, attention=self._static_plan(plan.attention))
+        with self._precision_scope(plan.attention):  # rule 10: float64 inside a scoped jax.enable_x64
+            return _layer_backward(static, query, key, value, params, layer_mask(plan, mask, key_padding_mask), bias,
+                                   dropout_mask, d_out, *self._traced_scalars(plan.attention))
 
     @staticmethod
     def _traced_scalars(plan: AttentionPlan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:

@@ -24,6 +24,8 @@ import numpy as np
 
 from ..broadcasting import reduce_to_shape
 from ..frameworks import numpy_dtype
+from ..layers.params import MHAParams
+from ..layers.plan import LayerPlan
 from ..plan import AttentionPlan
 from .base import Backend
 
@@ -193,6 +195,81 @@ def attention_backward(
     )
 
 
+# ---- the multi-head attention layer (rules 15-18) -------------------------------------------------
+
+
+def layer_mask(plan: LayerPlan, mask: Any, key_padding_mask: Any) -> np.ndarray | None:
+    """The per-head attention's mask: mask (broadcastable to ``(*B, H, L, S)``) and the key padding
+    mask ``(*B, S)`` (True = a real token) combined by intersection; None when both are None."""
+    if key_padding_mask is None:
+        return mask
+    padding = np.broadcast_to(key_padding_mask, plan.padding_shape)
+    padding = padding.reshape(plan.key_padding_shape)  # rule 16: a key padding mask masks keys
+    return padding if mask is None else mask & padding
+
+
+def project_inputs(plan: LayerPlan, query: Any, key: Any, value: Any,
+                   params: MHAParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q ``(*B, H, L, hd)``, k ``(*B, Hkv, S, hd)``, v ``(*B, Hkv, S, hd_v)`` in the compute dtype."""
+    compute = np.dtype(plan.compute_dtype)
+    projected = []
+    for x, w, b in ((query, params.wq, params.bq), (key, params.wk, params.bk), (value, params.wv, params.bv)):
+        y = np.einsum("...ld,dhk->...hlk", x.astype(compute), w.astype(compute))  # rule 15, rule 17
+        projected.append(y if b is None else y + b.astype(compute)[:, None, :])
+    return projected[0], projected[1], projected[2]
+
+
+def project_output(plan: LayerPlan, o: np.ndarray, params: MHAParams) -> np.ndarray:
+    """out ``(*B, L, d_out)`` of the per-head attention's o ``(*B, H, L, hd_v)`` (compute dtype),
+    rounded once to the layer's dtype."""
+    compute = np.dtype(plan.compute_dtype)
+    out = np.einsum("...hlv,hvo->...lo", o, params.wo.astype(compute))  # rule 15
+    if params.bo is not None:
+        out = out + params.bo.astype(compute)
+    return out.astype(numpy_dtype(plan.dtype))  # rule 17: rounded once, at the end
+
+
+def layer_forward(plan: LayerPlan, query: Any, key: Any, value: Any, params: MHAParams, mask: Any, bias: Any,
+                  dropout_mask: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(out, weights, lse)``: out ``(*B, L, d_out)`` in the layer's dtype; per-head weights
+    ``(*B, H, L, S)`` (before dropout) and lse ``(*B, H, L)`` in the compute dtype."""
+    q, k, v = project_inputs(plan, query, key, value, params)
+    f = forward(plan.attention, q, k, v, mask, bias, dropout_mask)  # rule 15: SPEC's attention per head
+    o, weights, lse = results(plan.attention, f.dropped, f.v, f.weights, f.lse)
+    return project_output(plan, o, params), weights, lse
+
+
+def _batch_flattened(x: np.ndarray, trailing: int) -> np.ndarray:
+    """x with its batch dims (all but the last ``trailing``) flattened into one leading axis."""
+    return x.reshape(-1, *x.shape[x.ndim - trailing:])
+
+
+def layer_backward(plan: LayerPlan, query: Any, key: Any, value: Any, params: MHAParams, mask: Any, bias: Any,
+                   dropout_mask: Any, d_out: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, MHAParams, Any]:
+    """``(d_query, d_key, d_value, d_params, dbias)`` of ``sum(out * d_out)``, analytically (rule 18):
+    the chain rule through the projections around ``attention_backward``, in the compute dtype, each
+    gradient rounded once to its array's dtype."""
+    compute, attention = np.dtype(plan.compute_dtype), plan.attention
+    q, k, v = project_inputs(plan, query, key, value, params)
+    f = forward(attention, q, k, v, mask, bias, dropout_mask)
+    o = results(attention, f.dropped, f.v, f.weights, f.lse)[0]
+    g = d_out.astype(compute)
+    batch_axes = tuple(range(len(plan.batch_shape) + 1))  # the batch dims and the sequence axis
+    d_o = np.einsum("...lo,hvo->...hlv", g, params.wo.astype(compute))
+    d_wo = np.einsum("nhlv,nlo->hvo", _batch_flattened(o, 3), _batch_flattened(g, 2))
+    d_bo = None if params.bo is None else g.sum(axis=batch_axes)
+    dq, dk, dv, dbias = attention_backward(attention, q, k, v, mask, bias, dropout_mask, d_o)
+    d_inputs, d_weights, d_biases = [], [], []
+    for x, w, b, dy in ((query, params.wq, params.bq, dq), (key, params.wk, params.bk, dk),
+                        (value, params.wv, params.bv, dv)):
+        d_inputs.append(np.einsum("...hlk,dhk->...ld", dy, w.astype(compute)).astype(x.dtype))
+        d_weights.append(np.einsum("nld,nhlk->dhk", _batch_flattened(x.astype(compute), 2), _batch_flattened(dy, 3)))
+        d_biases.append(None if b is None else dy.sum(axis=tuple(range(len(plan.batch_shape))) + (-2,)))
+    d_all = (*d_weights, d_wo, *d_biases, d_bo)
+    d_params = MHAParams(*(None if d is None else d.astype(p.dtype) for d, p in zip(d_all, params, strict=True)))
+    return d_inputs[0], d_inputs[1], d_inputs[2], d_params, dbias
+
+
 class NumpyBackend(Backend):
     name = "numpy"
     framework = "numpy"
@@ -209,6 +286,20 @@ class NumpyBackend(Backend):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         # rule 12: the front door (validation.py) has checked every argument, d_out included
         return attention_backward(plan, q, k, v, mask, bias, dropout_mask, d_out)
+
+    def _multi_head_attention(
+        self, plan: LayerPlan, query: Any, key: Any, value: Any, params: MHAParams, mask: Any, key_padding_mask: Any,
+        bias: Any, dropout_mask: Any,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return layer_forward(plan, query, key, value, params, layer_mask(plan, mask, key_padding_mask), bias,
+                             dropout_mask)
+
+    def _multi_head_attention_vjp(
+        self, plan: LayerPlan, query: Any, key: Any, value: Any, params: MHAParams, mask: Any, key_padding_mask: Any,
+        bias: Any, dropout_mask: Any, d_out: Any,
+    ) -> tuple[Any, Any, Any, MHAParams, Any]:
+        return layer_backward(plan, query, key, value, params, layer_mask(plan, mask, key_padding_mask), bias,
+                              dropout_mask, d_out)
 
     def asarray(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(x)

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..layers.params import MHAParams
+from ..layers.plan import LayerPlan
 from ..plan import AttentionPlan
 from .base import Backend
 
@@ -185,6 +187,73 @@ def attention_backward(
     return dq, dk, dv, d_bias[0] if d_bias else None
 
 
+# ---- the multi-head attention layer (rules 15-18) -------------------------------------------------
+
+
+def layer_mask(plan: LayerPlan, mask: torch.Tensor | None,
+               key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The per-head attention's mask: mask (broadcastable to ``(*B, H, L, S)``) and the key padding
+    mask ``(*B, S)`` (True = a real token) combined by intersection; None when both are None."""
+    if key_padding_mask is None:
+        return mask
+    padding = key_padding_mask.broadcast_to(plan.padding_shape).reshape(plan.key_padding_shape)  # rule 16
+    return padding if mask is None else mask & padding
+
+
+def project_inputs(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   params: MHAParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q ``(*B, H, L, hd)``, k ``(*B, Hkv, S, hd)``, v ``(*B, Hkv, S, hd_v)`` in the compute dtype."""
+    compute = getattr(torch, plan.compute_dtype)
+    projected = []
+    for x, w, b in ((query, params.wq, params.bq), (key, params.wk, params.bk), (value, params.wv, params.bv)):
+        y = torch.einsum("...ld,dhk->...hlk", x.to(compute), w.to(compute))  # rule 15, rule 17
+        projected.append(y if b is None else y + b.to(compute)[:, None, :])
+    return projected[0], projected[1], projected[2]
+
+
+def project_output(plan: LayerPlan, o: torch.Tensor, params: MHAParams) -> torch.Tensor:
+    """out ``(*B, L, d_out)`` of the per-head attention's o ``(*B, H, L, hd_v)`` (compute dtype),
+    rounded once to the layer's dtype."""
+    compute = getattr(torch, plan.compute_dtype)
+    out = torch.einsum("...hlv,hvo->...lo", o, params.wo.to(compute))  # rule 15
+    if params.bo is not None:
+        out = out + params.bo.to(compute)
+    return out.to(getattr(torch, plan.dtype))  # rule 17: rounded once, at the end
+
+
+def layer_forward(
+    plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, params: MHAParams,
+    mask: torch.Tensor | None, bias: torch.Tensor | None, dropout_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, weights, lse)``: out ``(*B, L, d_out)`` in the layer's dtype; per-head weights
+    ``(*B, H, L, S)`` (before dropout) and lse ``(*B, H, L)`` in the compute dtype; differentiable
+    by autograd."""
+    q, k, v = project_inputs(plan, query, key, value, params)
+    o, weights, lse = forward(plan.attention, q, k, v, mask, bias, dropout_mask)  # rule 15: attention per head
+    return project_output(plan, o, params), weights, lse
+
+
+def layer_backward(
+    plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, params: MHAParams,
+    mask: torch.Tensor | None, bias: torch.Tensor | None, dropout_mask: torch.Tensor | None, d_out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, MHAParams, torch.Tensor | None]:
+    """``(d_query, d_key, d_value, d_params, dbias)`` of ``sum(out * d_out)`` by torch.autograd through
+    ``layer_forward`` (rule 18; inputs detached, so the caller's graph is untouched), in the shapes
+    and dtypes of the arrays."""
+    inputs = [x.detach().requires_grad_() for x in (query, key, value)]
+    leaves = MHAParams(*(None if p is None else p.detach().requires_grad_() for p in params))
+    biased = None if bias is None else bias.detach().requires_grad_()
+    tracked = [*inputs, *(p for p in leaves if p is not None), *([] if biased is None else [biased])]
+    with torch.enable_grad():  # rule 18: autograd through the layer
+        out = layer_forward(plan, inputs[0], inputs[1], inputs[2], leaves, mask, biased, dropout_mask)[0]
+        grads = iter(torch.autograd.grad(out, tracked, d_out, allow_unused=True))
+    filled = [torch.zeros_like(x) if (g := next(grads)) is None else g for x in inputs]
+    d_params = MHAParams(*(None if p is None else (torch.zeros_like(p) if (g := next(grads)) is None else g)
+                           for p in leaves))
+    d_bias = None if biased is None else (torch.zeros_like(biased) if (g := next(grads)) is None else g)
+    return filled[0], filled[1], filled[2], d_params, d_bias
+
+
 class TorchBackend(Backend):
     name = "torch"
     framework = "torch"
@@ -202,6 +271,22 @@ class TorchBackend(Backend):
         # rule 12: the front door (validation.py) has checked every argument, d_out included
         with ieee_float32_matmul(q.device):  # rule 10: TF32 off on CUDA
             return attention_backward(plan, q, k, v, mask, bias, dropout_mask, d_out)
+
+    def _multi_head_attention(
+        self, plan: LayerPlan, query: Any, key: Any, value: Any, params: MHAParams, mask: Any, key_padding_mask: Any,
+        bias: Any, dropout_mask: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with ieee_float32_matmul(query.device):  # rule 10: TF32 off on CUDA
+            return layer_forward(plan, query, key, value, params, layer_mask(plan, mask, key_padding_mask), bias,
+                                 dropout_mask)
+
+    def _multi_head_attention_vjp(
+        self, plan: LayerPlan, query: Any, key: Any, value: Any, params: MHAParams, mask: Any, key_padding_mask: Any,
+        bias: Any, dropout_mask: Any, d_out: Any,
+    ) -> tuple[Any, Any, Any, MHAParams, Any]:
+        with ieee_float32_matmul(query.device):  # rule 10: TF32 off on CUDA
+            return layer_backward(plan, query, key, value, params, layer_mask(plan, mask, key_padding_mask), bias,
+                                  dropout_mask, d_out)
 
     def asarray(self, x: np.ndarray) -> torch.Tensor:
         x = np.array(x, copy=True, order="C")  # owned and writable: torch cannot wrap read-only views
