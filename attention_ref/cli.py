@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .features import KERNEL_FEATURE_HELP
+    from .features import KERNEL_FEATURE_HELP, MASK_POLARITIES, OUT_DTYPES
 
     parser = argparse.ArgumentParser(prog="attention-ref", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -24,8 +23,14 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--property", action="append", dest="properties", metavar="NAME",
                         help="run only this property (repeatable; default: all)")
 
-    check = commands.add_parser("check", help="check an attention kernel against SPEC.md")
-    check.add_argument("target", metavar="MODULE:FUNCTION", help="the kernel, e.g. mypkg.kernels:my_attention")
+    check = commands.add_parser(
+        "check", help="check an attention kernel against SPEC.md",
+        description="Check an attention kernel against SPEC.md. The current directory is searched first for "
+                    "MODULE (as with python -m). The kernel is called as kernel(q, k, v, **keywords).")
+    check.add_argument("target", metavar="MODULE:NAME",
+                       help="the kernel, e.g. mypkg.kernels:my_attention: a function, a torch nn.Module instance "
+                            "or class (instantiated with no arguments; called in eval mode), a flax nnx or linen "
+                            "module or a keras layer")
     check.add_argument("--framework", required=True, choices=("numpy", "jax", "torch"))
     check.add_argument("--supports", default="", metavar="FEATURES",
                        help="comma-separated, any of: " + "; ".join(
@@ -34,12 +39,23 @@ def _parser() -> argparse.ArgumentParser:
                        help="float16, bfloat16, float32 or float64 (repeatable; default float32)")
     check.add_argument("--layout", default="bhld", choices=("bhld", "blhd"))
     check.add_argument("--fully-masked", default="zero", choices=("zero", "nan", "mean_v", "skip"),
-                       help="what the kernel returns for a fully masked row (default: zero, the spec)")
+                       help="what the kernel returns for a fully masked row (default: zero, the spec; nan: out "
+                            "and the weights it returns are NaN there, as a naive softmax gives)")
+    check.add_argument("--returns", default=None, type=_returns, metavar="RESULTS",
+                       help="what the kernel returns on every call, e.g. out,weights (out first, then any of "
+                            "weights, lse); then it is never passed return_weights/return_lse, and the results "
+                            "named are checked (default: out, or (out, weights, lse) when a return flag is passed)")
+    check.add_argument("--mask-polarity", default="attend", choices=MASK_POLARITIES,
+                       help="attend: a True mask entry may attend (the spec, torch SDPA, jax.nn; default); "
+                            "ignore: True = masked out (torch nn.MultiheadAttention), the kernel is given ~mask")
+    check.add_argument("--out-dtype", default=None, choices=OUT_DTYPES,
+                       help="the kernel returns out in this dtype for narrower inputs on purpose (default: out "
+                            "has the input dtype, the spec); verified, reported as convention differs")
     check.add_argument("--max-examples", type=int, default=100, metavar="N")
     check.add_argument("--seed", type=int, default=None)
     check.add_argument("--property", action="append", dest="properties", metavar="NAME",
                        help="run only this property (repeatable; default: all)")
-    check.add_argument("--backward", default=None, metavar="MODULE:FUNCTION",
+    check.add_argument("--backward", default=None, metavar="MODULE:NAME",
                        help="with grad: the kernel's backward(q, k, v, d_out, **keywords) -> (dq, dk, dv[, dbias]) "
                             "(default: torch autograd / jax.vjp of the kernel)")
 
@@ -59,18 +75,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(target: str) -> Callable[..., Any]:
-    import importlib
+def _returns(text: str) -> tuple[str, ...]:
+    from .features import parse_returns
 
-    module_name, _, attribute = target.partition(":")
-    if not attribute:
-        raise SystemExit(f"attention-ref check: expected MODULE:FUNCTION, got {target!r}")
-    value: object = importlib.import_module(module_name)
-    for part in attribute.split("."):
-        value = getattr(value, part)
-    if not callable(value):
-        raise SystemExit(f"attention-ref check: {target} is not callable")
-    return value
+    try:
+        return parse_returns(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _check(args: argparse.Namespace) -> int:
+    """``attention-ref check``: load the target (current directory first on sys.path), run, print."""
+    from .testing.check import check
+    from .testing.targets import TargetError, current_directory_on_path, load_target
+
+    try:
+        with current_directory_on_path():  # for the kernel's own imports while it runs, too
+            kernel = load_target(args.target)
+            backward = None if args.backward is None else load_target(args.backward)
+            supports = tuple(s for s in args.supports.split(",") if s)
+            result = check(kernel, framework=args.framework, supports=supports, layout=args.layout,
+                           dtypes=tuple(args.dtypes or ("float32",)), fully_masked=args.fully_masked,
+                           max_examples=args.max_examples, seed=args.seed, name=args.target, backward=backward,
+                           properties=args.properties, returns=args.returns, mask_polarity=args.mask_polarity,
+                           out_dtype=args.out_dtype)
+    except (TargetError, ValueError) as error:  # a usage error: what was asked cannot be checked
+        raise SystemExit(f"attention-ref check: {error}") from None
+    print(result.render())
+    return 0 if result.passed else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,16 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(report.render())
         return 0 if report.passed else 1
     if args.command == "check":
-        from .testing.check import check
-
-        supports = tuple(s for s in args.supports.split(",") if s)
-        result = check(_load(args.target), framework=args.framework, supports=supports,
-                       layout=args.layout, dtypes=tuple(args.dtypes or ("float32",)),
-                       fully_masked=args.fully_masked, max_examples=args.max_examples, seed=args.seed,
-                       name=args.target, backward=None if args.backward is None else _load(args.backward),
-                       properties=args.properties)
-        print(result.render())
-        return 0 if result.passed else 1
+        return _check(args)
     if args.command == "crosscheck":
         from .testing.crosscheck import DEFAULT_DTYPES, crosscheck
 

@@ -27,3 +27,22 @@ KERNEL_FEATURES = tuple(KERNEL_FEATURE_HELP)
 #: Further features of a full implementation of SPEC.md (our backends): inputs of any rank,
 #: ``compute_dtype``, and the spec's error messages.
 SPEC_FEATURES = (*KERNEL_FEATURES, "any_rank", "compute_dtype", "spec_errors")
+
+#: What a kernel may return, in this order: out first, then weights and lse.
+RESULTS = ("out", "weights", "lse")
+#: How a kernel reads a boolean mask: "attend" (True = may attend, SPEC.md rule 6, torch SDPA, jax.nn) or
+#: "ignore" (True = masked out, as torch ``nn.MultiheadAttention``'s masks): the checker passes ``~mask``.
+MASK_POLARITIES = ("attend", "ignore")
+#: The wider dtypes a kernel may declare for out (``out_dtype``): out is returned in it for narrower inputs.
+OUT_DTYPES = ("float32", "float64")
+
+
+def parse_returns(returns: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """A declaration of what a kernel returns on every call (``"out,weights"`` or ``("out", "weights")``),
+    checked: out first, then any of weights and lse in that order. ValueError otherwise."""
+    names = tuple(part.strip() for part in returns.split(",")) if isinstance(returns, str) else tuple(returns)
+    ordered = [name for name in RESULTS if name in names]
+    if not names or names[0] != "out" or list(names) != ordered or len(set(names)) != len(names):
+        raise ValueError(f"returns must be out followed by any of weights, lse in that order "
+                         f"(out; out,weights; out,lse; out,weights,lse), got {','.join(names) or 'nothing'}")
+    return names

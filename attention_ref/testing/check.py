@@ -4,16 +4,24 @@
 interface the properties use), runs every property that applies to the features ``fn`` supports,
 and returns a :class:`CheckReport`.
 
-The kernel's calling convention: ``fn(q, k, v, **keywords)`` with framework-native arrays, q
-``(B, Hq, L, E)``, k ``(B, Hkv, S, E)``, v ``(B, Hkv, S, Ev)`` (``layout="blhd"``: ``(B, L, H, E)``
-and an output ``(B, L, Hq, Ev)``), called only with the SPEC.md keywords its ``supports`` names:
-``mask``, ``bias``, ``scale``, ``causal`` (and ``alignment`` with ``bottom_right``), ``softcap``,
-``window`` (``window=(left, right)``, None for an unbounded side), ``dropout`` (``dropout_p`` and a
-boolean keep-mask ``dropout_mask`` broadcastable to ``(B, Hq, L, S)``, True = keep),
-``return_weights`` (``weights``) and ``return_lse`` (``lse``). It returns ``out``, or
+The kernel (a function, a torch ``nn.Module`` instance or class, a flax nnx or linen module or a keras
+layer: ``attention_ref.testing.targets``) is called as ``fn(q, k, v, **keywords)``, q, k and v
+positional, with framework-native arrays, q ``(B, Hq, L, E)``, k ``(B, Hkv, S, E)``, v
+``(B, Hkv, S, Ev)`` (``layout="blhd"``: ``(B, L, H, E)`` and an output ``(B, L, Hq, Ev)``), and
+only with the SPEC.md keywords its ``supports`` names: ``mask``, ``bias``, ``scale``, ``causal``
+(and ``alignment`` with ``bottom_right``), ``softcap``, ``window`` (``window=(left, right)``, None
+for an unbounded side), ``dropout`` (``dropout_p`` and a boolean keep-mask ``dropout_mask``
+broadcastable to ``(B, Hq, L, S)``, True = keep), ``return_weights`` (``weights``) and
+``return_lse`` (``lse``). The mask is True = may attend, or True = masked out with
+``mask_polarity="ignore"`` (the checker passes ``~mask``). It returns ``out``, or
 ``(out, weights, lse)`` when a return flag is passed (weights ``(B, Hq, L, S)``, before dropout;
-lse ``(B, Hq, L)``, ``(B, L, Hq)`` with ``layout="blhd"``). A declared ``fully_masked`` convention
-other than "zero" is checked on out; see ``FULLY_MASKED_EVIDENCE``.
+lse ``(B, Hq, L)``, ``(B, L, Hq)`` with ``layout="blhd"``); or, declared with ``returns`` (e.g.
+``("out", "weights")``), that tuple on every call, and then no return flag is ever passed and the
+declared results are checked as ``weights``/``lse`` are. out must have the input dtype (or the wider
+dtype a kernel declares with ``out_dtype``: verified, then rounded to the input dtype, reported as
+"convention differs") and its shape: otherwise the property FAILs. A declared ``fully_masked``
+convention other than "zero" is verified on out (and, for "nan", on the weights the kernel
+returns); see ``FULLY_MASKED_EVIDENCE``.
 
 Gradients (``"grad"`` in ``supports``: dq, dk, dv; ``"dbias"``: also the bias's): by default the
 checker differentiates ``fn`` itself, the natural way for its framework: ``torch.autograd.grad`` of
@@ -34,6 +42,7 @@ for an undeclared feature raises ``UnsupportedFeature``).
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +52,8 @@ import numpy as np
 from hypothesis import HealthCheck
 from hypothesis import settings as Settings
 
-from ..features import KERNEL_FEATURES
+from ..features import KERNEL_FEATURES, MASK_POLARITIES, OUT_DTYPES, parse_returns
+from ..frameworks import numpy_dtype
 from ..plan import AttentionKeywords, AttentionOptions
 from ..registry import get_backend
 from ..result import AttentionOutput, Gradients
@@ -52,6 +62,7 @@ from .cases import AttentionCase
 from .report import PropertyOutcome, Status, failure_outcome, failure_sections, render_table, rules_text, summary_line
 from .runner import PROPERTIES, check_property_names, run_property
 from .strategies import Features
+from .targets import as_kernel
 
 LAYOUTS = ("bhld", "blhd")
 #: What a kernel returns for a fully excluded row: SPEC.md's zeros, NaN, the mean of the row's masked v rows
@@ -78,12 +89,24 @@ class KernelImplementation:
 
     def __init__(self, fn: Callable[..., Any], *, framework: str, features: Features, layout: str = "bhld",
                  fully_masked: str = "zero", name: str | None = None, device: str | None = None,
-                 backward: Callable[..., Any] | None = None) -> None:
+                 backward: Callable[..., Any] | None = None, returns: Sequence[str] | None = None,
+                 mask_polarity: str = "attend", out_dtype: str | None = None) -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if fully_masked not in FULLY_MASKED_CONVENTIONS:
             raise ValueError(f"fully_masked must be one of {FULLY_MASKED_CONVENTIONS}, got {fully_masked!r}")
+        if mask_polarity not in MASK_POLARITIES:
+            raise ValueError(f"mask_polarity must be one of {MASK_POLARITIES}, got {mask_polarity!r}")
+        if out_dtype is not None and out_dtype not in OUT_DTYPES:
+            raise ValueError(f"out_dtype must be None or one of {OUT_DTYPES}, got {out_dtype!r}")
+        self.returns = None if returns is None else parse_returns(tuple(returns))
+        if self.returns is not None:
+            undeclared = [r for r in ("weights", "lse") if r in features and r not in self.returns]
+            if undeclared:
+                raise ValueError(f"supports {', '.join(undeclared)} but returns={','.join(self.returns)} does not "
+                                 f"include it: with returns, the kernel returns the same results on every call")
         self.fn, self.features, self.layout, self.fully_masked = fn, features, layout, fully_masked
+        self.mask_polarity, self.out_dtype = mask_polarity, out_dtype
         self.backend, self.framework, self.device = get_backend(framework), framework, device
         if "grad" in features and backward is None and framework not in ("torch", "jax"):
             raise ValueError(f"a {framework} kernel that supports 'grad' needs backward= (no autodiff for {framework})")
@@ -123,6 +146,8 @@ class KernelImplementation:
                 raise UnsupportedFeature(f"{self.name} does not support {feature}")
             if feature == "dropout":
                 keywords.update(dropout_p=options.dropout_p, dropout_mask=options.dropout_mask)
+            elif feature == "mask" and self.mask_polarity == "ignore":
+                keywords["mask"] = ~options.mask  # True = masked out
             else:
                 keywords[feature] = getattr(options, feature)
         positional = options.causal or options.window is not None
@@ -130,10 +155,11 @@ class KernelImplementation:
             raise UnsupportedFeature(f"{self.name} does not support bottom_right")
         if positional and "bottom_right" in self.features:
             keywords["alignment"] = options.alignment
-        if return_weights and "weights" in self.features:
-            keywords["return_weights"] = True
-        if return_lse and "lse" in self.features:
-            keywords["return_lse"] = True
+        if self.returns is None:  # with returns declared, the kernel takes no return flag
+            if return_weights and "weights" in self.features:
+                keywords["return_weights"] = True
+            if return_lse and "lse" in self.features:
+                keywords["return_lse"] = True
         return keywords
 
     def _case(self, q: Any, k: Any, v: Any, options: AttentionOptions) -> AttentionCase:
@@ -153,24 +179,75 @@ class KernelImplementation:
             result = self.fn(q, k, v, **kernel_keywords)
         except Exception as error:  # a kernel that refuses an input within its declared features: ERROR
             raise KernelError(f"{self.name} raised {type(error).__name__}: {error}\n  case: {case!r}") from error
-        if isinstance(result, tuple) and len(result) != 3:
-            raise KernelError(f"{self.name} returned a tuple of {len(result)} values; the calling convention is "
-                              f"out, or (out, weights, lse) when a return flag is passed\n  case: {case!r}")
-        raw_out, raw_weights, raw_lse = result if isinstance(result, tuple) else (result, None, None)
-        if raw_out is None:
-            raise KernelError(f"{self.name} returned no out\n  case: {case!r}")
-        out = self.to_numpy(raw_out)
-        weights, lse = (None if x is None else self.to_numpy(x) for x in (raw_weights, raw_lse))
+        raw = self._unpack(result, case)
+        try:
+            out = self.to_numpy(raw[0])
+            weights, lse = (None if x is None else self.to_numpy(x) for x in raw[1:])
+        except Exception as error:  # not arrays of its framework: a calling-convention mismatch (ERROR)
+            types = ", ".join(type(x).__name__ for x in raw if x is not None)
+            raise KernelError(f"{self.name} returned {types}, not {self.framework} arrays "
+                              f"({type(error).__name__}: {error})\n  case: {case!r}") from error
         if self.layout == "blhd":
             out = out.swapaxes(1, 2)
             lse = None if lse is None else lse.swapaxes(1, 2)
         for name, requested, x in (("weights", return_weights, weights), ("lse", return_lse, lse)):
-            if requested and name in self.features and x is None:
-                raise KernelError(f"{self.name} declares {name!r} but returned None for it with return_{name}=True"
+            declared = name in self.features or (self.returns is not None and name in self.returns)
+            if x is None and declared and (requested or self.returns is not None):
+                raise KernelError(f"{self.name} declares {name!r} but returned None for it"
+                                  f"{'' if self.returns is not None else f' with return_{name}=True'}"
                                   f"\n  case: {case!r}")
-        result = AttentionOutput(out, weights, lse)
-        _assert_shapes(result, case.output_shapes(), case)
-        return self._normalise_fully_masked(case, result)
+        checked = AttentionOutput(out, weights, lse)
+        _assert_shapes(checked, case.output_shapes(), case)
+        out = self._checked_out_dtype(out, case)
+        # What was not asked for is dropped, as SPEC.md's attention returns None for it (rule 11).
+        return self._normalise_fully_masked(case, AttentionOutput(out, weights if return_weights else None,
+                                                                  lse if return_lse else None))
+
+    def _unpack(self, result: Any, case: AttentionCase) -> tuple[Any, Any, Any]:
+        """``(out, weights, lse)`` (None for what is not returned) from the kernel's result, or KernelError
+        when it breaks the calling convention (the declared ``returns``, or out / (out, weights, lse))."""
+        if self.returns is not None:
+            values = tuple(result) if isinstance(result, tuple | list) else (result,)
+            if len(values) != len(self.returns):
+                raise KernelError(f"{self.name} returned {len(values)} value{'s' if len(values) != 1 else ''}; it "
+                                  f"declares returns={','.join(self.returns)} ({len(self.returns)}) on every call"
+                                  f"\n  case: {case!r}")
+            got = dict(zip(self.returns, values, strict=True))
+            raw = (got["out"], got.get("weights"), got.get("lse"))
+        elif isinstance(result, tuple):
+            if len(result) != 3:
+                raise KernelError(
+                    f"{self.name} returned a tuple of {len(result)} values; the calling convention is out, or "
+                    f"(out, weights, lse) when a return flag is passed (a kernel that always returns, say, "
+                    f"(out, weights) declares returns=('out', 'weights'), --returns out,weights)\n  case: {case!r}")
+            raw = tuple(result)
+        else:
+            raw = (result, None, None)
+        if raw[0] is None:
+            raise KernelError(f"{self.name} returned no out\n  case: {case!r}")
+        return raw[0], raw[1], raw[2]
+
+    def expected_out_dtype(self, dtype: str) -> str:
+        """The dtype out must have for inputs of ``dtype``: the input dtype (rule 10), or the declared
+        ``out_dtype`` when it is wider."""
+        if self.out_dtype is not None and numpy_dtype(self.out_dtype).itemsize > numpy_dtype(dtype).itemsize:
+            return self.out_dtype
+        return dtype
+
+    def _checked_out_dtype(self, out: np.ndarray, case: AttentionCase) -> np.ndarray:
+        """out in the input dtype. A wrong dtype is the kernel's wrong answer (FAIL); a declared wider
+        ``out_dtype`` is verified, recorded as evidence and rounded (to nearest even) to the input dtype,
+        what SPEC.md returns."""
+        expected = self.expected_out_dtype(case.dtype)
+        if out.dtype != numpy_dtype(expected):
+            why = (f"the declared out_dtype for {case.dtype} inputs" if expected != case.dtype else
+                   "the input dtype, rule 10; a kernel that returns a wider out on purpose declares out_dtype")
+            raise AssertionError(f"out: dtype {out.dtype}, expected {expected} ({why})\n  case: {case!r}")
+        if expected == case.dtype:
+            return out
+        self.observed[f"out returned in {expected} for {case.dtype} inputs (declared out_dtype; verified, then "
+                      f"rounded to {case.dtype} for the comparisons)"] += int(np.prod(out.shape[:-1]))
+        return out.astype(numpy_dtype(case.dtype))
 
     def attention_vjp(self, q: Any, k: Any, v: Any, d_out: Any, **keywords: Unpack[AttentionKeywords]) -> Gradients:
         """The kernel's gradients (``backward``, or the framework's autodiff of ``fn``) as NumPy arrays
@@ -252,6 +329,8 @@ class KernelImplementation:
             with np.errstate(invalid="ignore"):
                 ok = np.isnan(got) == np.isnan(expected)
                 ok &= np.isnan(expected) | (np.abs(got - expected) <= bound)
+            if self.fully_masked == "nan" and case.kv_len == 0:  # no keys: a naive kernel's empty sum is 0
+                ok = np.isnan(got) | (got == 0)
             if not ok.all():
                 worst = np.argwhere(~ok)[0]
                 raise AssertionError(
@@ -261,6 +340,13 @@ class KernelImplementation:
         self.observed[FULLY_MASKED_EVIDENCE[self.fully_masked]] += int(rows.sum())  # out verified (or skipped)
         out[rows] = 0
         weights, lse = result.weights, result.lse
+        if self.fully_masked == "nan" and weights is not None and case.kv_len > 0:
+            not_nan = ~np.isnan(np.asarray(weights[rows], np.float64))
+            if not_nan.any():
+                worst = tuple(np.argwhere(not_nan)[0])
+                raise AssertionError(f"fully excluded rows: the declared convention is NaN, so their weights are "
+                                     f"NaN; got {weights[rows][worst]!r} at {worst}\n  case: {case!r}")
+            self.observed[NAN_WEIGHTS_EVIDENCE] += int(rows.sum())
         if weights is not None:
             weights = np.array(weights)
             weights[rows] = 0
@@ -303,18 +389,27 @@ def _fully_masked_expectation(case: AttentionCase, convention: str, rows: np.nda
 
 
 #: The evidence line of each fully-masked convention, as reports print it (with the number of rows).
-#: Only out is verified; the weights and lse of those rows are set to SPEC.md's values unchecked.
+#: out is verified (and, for "nan", the weights when returned); the rest of those rows is set to SPEC.md's
+#: values unchecked.
 FULLY_MASKED_EVIDENCE = {
-    "nan": "fully excluded rows: out is NaN (out verified; weights and lse of those rows not compared)",
+    "nan": "fully excluded rows: out is NaN (or, with S = 0, NaN or the empty sum 0; out verified; lse of those "
+           "rows not compared)",
     "mean_v": "fully excluded rows: out is mean(v) over the row's masked keys, a finite mask fill (NaN when a "
               "-inf bias alone excludes the row; out verified; weights and lse of those rows not compared)",
     "skip": "fully excluded rows: not compared at all (declared skip, NOT verified)",
 }
 
 
+#: The evidence line when the weights of fully excluded rows were verified NaN (fully_masked="nan").
+NAN_WEIGHTS_EVIDENCE = "fully excluded rows: weights are NaN (verified)"
+
 #: The evidence line when gradients were taken with d_out zeroed on fully excluded rows.
 ZEROED_COTANGENT_EVIDENCE = ("fully excluded rows: d_out set to 0 there for the gradients (the kernel's "
                              "contribution from those rows is not compared)")
+
+
+#: An evidence line of "convention differs": what was declared and exercised, and on how many rows.
+_EVIDENCE_COUNT = re.compile(r"(.*) \[(\d+) rows\]")
 
 
 @dataclass
@@ -334,9 +429,26 @@ class CheckReport:
         return summary_line(o.status for o in self.outcomes)
 
     def render(self) -> str:
+        """The table, the detail of each FAIL and ERROR, and the evidence of "convention differs", once
+        for all the properties that share it (with the range of rows per property)."""
         rows = [(o.name, rules_text(o.rules), o.status) for o in self.outcomes]
         lines = [self.target, *render_table(("property", "rules", "status"), rows)]
-        lines += failure_sections(("", o) for o in self.outcomes)
+        lines += failure_sections(("", o) for o in self.outcomes if o.status != Status.CONVENTION_DIFFERS)
+        shared: dict[tuple[str, ...], list[tuple[str, list[int]]]] = {}
+        for outcome in self.outcomes:
+            if outcome.status == Status.CONVENTION_DIFFERS:
+                evidence = [_EVIDENCE_COUNT.fullmatch(line) for line in outcome.detail.splitlines()]
+                what = tuple(m.group(1) if m else line for m, line in zip(evidence, outcome.detail.splitlines(),
+                                                                          strict=True))
+                shared.setdefault(what, []).append((outcome.name, [int(m.group(2)) if m else 0 for m in evidence]))
+        for what, found in shared.items():
+            names = [name for name, _ in found]
+            lines += ["", f"{Status.CONVENTION_DIFFERS} ({len(names)} propert{'y' if len(names) == 1 else 'ies'}: "
+                          f"{', '.join(names)}):"]
+            for i, line in enumerate(what):
+                counts = sorted({count[i] for _, count in found})
+                span = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+                lines.append(f"{line} [{span} rows{' per property' if len(names) > 1 else ''}]")
         return "\n".join([*lines, "", self.summary()])
 
     __str__ = render
@@ -358,6 +470,9 @@ def check(
     few_shapes: bool = False,
     backward: Callable[..., Any] | None = None,
     properties: Sequence[str] | None = None,
+    returns: Sequence[str] | None = None,
+    mask_polarity: str = "attend",
+    out_dtype: str | None = None,
 ) -> CheckReport:
     """Run every applicable property of SPEC.md against the kernel ``fn`` (see the module docstring
     for its calling convention) and report per property.
@@ -370,17 +485,39 @@ def check(
     compile once per shape. With ``"grad"`` in ``supports`` the gradients are checked too, through
     ``backward`` or the framework's autodiff (module docstring).
     ``fail_fast`` stops at the first failing property (the rest are reported "not run").
-    ``properties`` names the properties to run (default: all); the others are reported "not run"."""
+    ``properties`` names the properties to run (default: all); the others are reported "not run".
+
+    ``fn`` may be a function, a torch ``nn.Module`` (instance or class, called in eval mode), a flax
+    nnx or linen module or a keras layer (``attention_ref.testing.targets``; TargetError, a
+    TypeError, for anything else). ``returns`` (e.g. ``("out", "weights")``) declares what it returns
+    on every call: then no return flag is passed, and the declared results are checked as the
+    ``weights`` and ``lse`` features are. ``mask_polarity="ignore"``: its boolean mask is True =
+    masked out (it is given ``~mask``). ``out_dtype`` ("float32" or "float64"): out is returned in that
+    dtype for narrower inputs on purpose (verified; "convention differs")."""
     check_property_names(properties)
     unknown = set(supports) - set(KERNEL_FEATURES)
     if unknown:
         raise ValueError(f"unknown supports {sorted(unknown)}; choose from {', '.join(KERNEL_FEATURES)}")
-    features = Features(frozenset(supports), tuple(dtypes), few_shapes=few_shapes)
-    impl = KernelImplementation(fn, framework=framework, features=features, layout=layout,
-                                fully_masked=fully_masked, name=name, device=device, backward=backward)
+    returned = () if returns is None else parse_returns(tuple(returns))
+    features = Features(frozenset(supports) | {r for r in returned if r != "out"}, tuple(dtypes),
+                        few_shapes=few_shapes)
+    kernel = as_kernel(fn, framework, name)
+    impl = KernelImplementation(kernel.fn, framework=framework, features=features, layout=layout,
+                                fully_masked=fully_masked, name=kernel.name, device=device, backward=backward,
+                                returns=None if returns is None else returned, mask_polarity=mask_polarity,
+                                out_dtype=out_dtype)
     run_settings = Settings(max_examples=max_examples, deadline=None, database=None, print_blob=True,
                             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-    report = CheckReport(f"{impl.name} ({framework}, {layout}, supports: {', '.join(supports) or 'none'}, "
+    declared = [f"supports: {', '.join(supports) or 'none'}"]
+    if kernel.kind != "function":
+        declared.insert(0, kernel.kind)
+    if returns is not None:
+        declared.append(f"returns: {','.join(returned)}")
+    if mask_polarity != "attend":
+        declared.append(f"mask: True = {mask_polarity}")
+    if out_dtype is not None:
+        declared.append(f"out dtype: {out_dtype}")
+    report = CheckReport(f"{impl.name} ({framework}, {layout}, {', '.join(declared)}, "
                          f"dtypes: {', '.join(dtypes)}, fully masked rows: {fully_masked}, "
                          f"{max_examples} examples, seed {seed})", dtypes=tuple(dtypes))
     for prop in PROPERTIES:
