@@ -84,6 +84,6 @@ def layer_cases(
         query=rng.standard_normal((*batch, q_len, dims["d_q"])).astype(dtype),
         key=rng.standard_normal((*batch, kv_len, dims["d_k"])).astype(dtype),
         value=rng.standard_normal((*batch, kv_len, dims["d_v"])).astype(dtype),
-        params=random_params(rng, dims=dims, biases=biases, dtype=dtype),  # type: ignore[arg-type]
+        params=random_params(rng, dims=dims, biases=biases, dtype=dtype),
         key_padding_mask=padding, **options,
     )
