@@ -182,6 +182,6 @@ def as_kernel(target: Any, framework: str, name: str | None = None) -> Kernel:
     if isinstance(target, type(sys)):
         raise TargetError(f"{label} is a module; name the kernel in it as MODULE:NAME")
     if not callable(target):
-        raise TargetError(f"{label} is a {type(target).__name__}, not a kernel: the checker takes "
+        raise TargetError(f"{label} is a {type(target).__name__!r} object, not a kernel: the checker takes "
                           f"{', '.join(TARGET_KINDS[:-1])} or {TARGET_KINDS[-1]}")
     return Kernel(target, label, "function")
