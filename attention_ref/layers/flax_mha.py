@@ -84,7 +84,7 @@ def from_flax(module_or_variables: Any) -> MHAParams:
 def to_flax(params: MHAParams, *, kind: str = "nnx", rngs: Any = None, dropout_rate: float = 0.0,
             deterministic: bool | None = None, precision: Any = None) -> Any:
     """A flax layer holding ``params`` exactly (the inverse of ``from_flax``): for ``kind="nnx"`` an
-    ``nnx.MultiHeadAttention`` (``rngs`` initialises it before its weights are set; default
+    ``nnx.MultiHeadAttention`` (``rngs``: its rngs, which dropout draws from; default
     ``nnx.Rngs(0)``), for ``kind="linen"`` a pair ``(module, variables)`` of a
     ``linen.MultiHeadDotProductAttention`` and its ``{'params': ...}`` (call
     ``module.apply(variables, ...)``). Parameters are jax arrays of the params' dtype
@@ -129,8 +129,10 @@ def to_flax(params: MHAParams, *, kind: str = "nnx", rngs: Any = None, dropout_r
             return linen.MultiHeadDotProductAttention(**options), variables
         from flax import nnx
 
+        zeros = nnx.initializers.zeros_init()  # overwritten below; a random init would compile per shape
         module = nnx.MultiHeadAttention(in_features=dims.d_q, num_kv_heads=dims.kv_heads, in_kv_features=dims.d_k,
-                                        rngs=nnx.Rngs(0) if rngs is None else rngs, **options)
+                                        kernel_init=zeros, bias_init=zeros, rngs=nnx.Rngs(0) if rngs is None else rngs,
+                                        **options)
         for name, w, b in zip(_PROJECTIONS, p[:4], p[4:], strict=True):
             getattr(module, name).kernel.set_value(w)
             if b is not None:

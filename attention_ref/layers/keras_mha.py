@@ -110,14 +110,16 @@ def to_keras(params: MHAParams, *, dropout: float = 0.0) -> Any:
 
         scope = jax.enable_x64(True)
     with scope:
+        # Zeros, overwritten below: a random initializer would compile once per shape and dtype.
+        common = dict(dropout=dropout, use_bias=use_bias, dtype=dtype, kernel_initializer="zeros",
+                      bias_initializer="zeros")
         if gqa:
             layer = keras.layers.GroupQueryAttention(
-                head_dim=dims.head_dim, num_query_heads=dims.heads, num_key_value_heads=dims.kv_heads,
-                dropout=dropout, use_bias=use_bias, dtype=dtype)
+                head_dim=dims.head_dim, num_query_heads=dims.heads, num_key_value_heads=dims.kv_heads, **common)
         else:
             layer = keras.layers.MultiHeadAttention(
                 num_heads=dims.heads, key_dim=dims.head_dim, value_dim=dims.value_dim, output_shape=dims.d_out,
-                dropout=dropout, use_bias=use_bias, dtype=dtype)
+                **common)
         layer.build((None, None, dims.d_q), (None, None, dims.d_v), (None, None, dims.d_k))
         denses = [getattr(layer, attr) for attr in _DENSES]
         for dense, w, b in zip(denses, params[:4], params[4:], strict=True):
