@@ -1,0 +1,594 @@
+"""How ``check_layer`` calls a layer: one :class:`LayerSubject` per kind of layer, each taking a
+:class:`LayerCall` (NumPy inputs and params in the reference's conventions) and returning the layer's
+:class:`RawResult` as NumPy arrays.
+
+Shape letters: B batch, L queries, S keys, d_q, d_k, d_v the input features, H query heads, Hkv kv
+heads, hd the q/k head dim, hd_v the value head dim, d_out the output features.
+
+A layer is either
+
+* a **factory** ``make(params) -> layer`` for a layer someone wrote (:class:`FactorySubject`):
+  ``params`` is an :class:`~attention_ref.layers.MHAParams` of the framework's arrays, drawn by the
+  properties within the declared ``supports``, and the layer is called as
+  ``layer(query, key, value, **keywords)`` with query ``(B, L, d_q)``, key ``(B, S, d_k)``, value
+  ``(B, S, d_v)`` and only the keywords it supports (``mask``, ``key_padding_mask``, ``causal``,
+  ``dropout_p`` with ``dropout_mask``, ``return_weights``); or
+* an **instance** of a framework layer, read with that framework's converter and called through an
+  adapter that only maps arguments (layout, mask polarity and shape, argument order): torch
+  ``nn.MultiheadAttention`` (:class:`TorchMHASubject`), flax ``nnx.MultiHeadAttention`` and linen
+  ``MultiHeadDotProductAttention`` with its variables (:class:`FlaxSubject`), keras
+  ``MultiHeadAttention`` / ``GroupQueryAttention`` (:class:`KerasSubject`) and Hugging Face
+  ``LlamaAttention`` (:class:`HFAttentionSubject`). An instance keeps its dimensions; properties that
+  draw parameters load them into a copy of it (the converter builds the weights, the copy keeps the
+  instance's class and settings), and the instance itself is never changed.
+
+Each subject declares its conventions, which the properties verify and report as "convention
+differs": the weights it returns (per head or averaged over heads, before or after dropout) and what
+a fully masked query row gives (``"zero"``: the reference, out = bo; ``"nan"``; ``"mean_v"``: the mean
+of the row's projected values, a finite mask fill; ``"skip"``), which may depend on the path the
+framework takes for a call (``RawResult.path``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..frameworks import numpy_dtype
+from ..layers.params import MHAParams
+from ..registry import get_backend
+from .layer_cases import LayerCase
+
+#: Feature -> what a layer that declares it does (``check_layer(..., supports=...)``).
+LAYER_FEATURE_HELP = {
+    "mask": "takes mask= (bool, per mask_layout and mask_polarity)",
+    "key_padding_mask": "takes key_padding_mask= (bool (B, S): True = a real token, or padding with "
+                        "mask_polarity='ignore')",
+    "causal": "takes causal=True (top-left: query i attends keys j <= i)",
+    "dropout": "takes dropout_p= and dropout_mask= (bool keep-mask (B, H, L, S), True = keep)",
+    "weights": "returns the attention weights (with return_weights=True, or always with returns=)",
+    "gqa": "handles Hkv < H (query head h uses kv head h // (H // Hkv))",
+    "kv_features": "key and value features d_k, d_v may differ from d_q and from each other",
+    "head_dim": "H * hd may differ from d_q",
+    "value_head_dim": "hd_v may differ from hd",
+    "out_features": "d_out may differ from d_q",
+    "partial_biases": "any subset of bq, bk, bv, bo may be None (otherwise all or none)",
+}
+LAYER_FEATURES = tuple(LAYER_FEATURE_HELP)
+#: What a layer returns as weights: per head ``(B, H, L, S)`` (the reference) or their mean over the
+#: heads ``(B, L, S)`` (torch ``nn.MultiheadAttention``'s default).
+WEIGHTS_VIEWS = ("per_head", "averaged")
+#: Whether the returned weights are the probabilities before dropout (the reference) or after
+#: (``P * keep / (1 - p)``, torch's and Hugging Face eager's).
+WEIGHTS_DROPOUT = ("before", "after")
+#: What a fully masked query row gives: the reference's zeros (per head o = 0, so out = bo), NaN, the
+#: mean of the head's projected values over all keys (a finite mask fill), or "skip" (not compared).
+LAYER_FULLY_MASKED = ("zero", "nan", "mean_v", "skip")
+#: How a layer takes ``mask``: ``"bhls"`` a 4-D array ``(B or 1, H or 1, L, S)`` broadcastable to the
+#: logits; ``"bls"`` a 3-D ``(B, L, S)`` (the same for every head: keras); ``"torch"`` torch
+#: ``nn.MultiheadAttention``'s ``(L, S)`` when the same for every batch element and head, else
+#: ``(B * H, L, S)`` batch-major (row ``b * H + h``).
+MASK_LAYOUTS = ("bhls", "bls", "torch")
+#: The mask polarities: True = may attend (the reference) or True = masked out (torch MHA's masks).
+LAYER_MASK_POLARITIES = ("attend", "ignore")
+
+
+class LayerError(Exception):
+    """The layer raised on an input within its declared features, or returned something outside its
+    calling convention: the property could not run (reported ERROR, never FAIL)."""
+
+
+class ParamDims(NamedTuple):
+    """The sizes of one layer's parameters."""
+
+    d_q: int
+    d_k: int
+    d_v: int
+    d_out: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    value_dim: int
+
+    @staticmethod
+    def of(params: MHAParams) -> ParamDims:
+        (d_q, heads, head_dim), (d_k, kv_heads, _) = params.wq.shape, params.wk.shape
+        d_v, value_dim, d_out = params.wv.shape[0], params.wv.shape[2], params.wo.shape[2]
+        return ParamDims(d_q, d_k, d_v, d_out, heads, kv_heads, head_dim, value_dim)
+
+
+def biases_of(params: MHAParams) -> tuple[bool, bool, bool, bool]:
+    return (params.bq is not None, params.bk is not None, params.bv is not None, params.bo is not None)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerCall:
+    """One call of a layer, in the reference's conventions (NumPy): ``case`` holds query ``(B, L, d_q)``,
+    key, value, params (one dtype), the mask ``(B or 1, H or 1, L, S)`` (True = may attend), the key
+    padding mask ``(B, S)`` (True = a real token), ``causal`` (top-left) and the dropout keep-mask
+    ``(B, H, L, S)``. ``self_attention``: key and value are query itself (one array, as torch's fast
+    path wants); ``need_weights``: the weights are asked for; ``dropout_seed``: the seed of a layer
+    that draws its own dropout (torch), which then reports the keep-mask it used."""
+
+    case: LayerCase
+    self_attention: bool = False
+    need_weights: bool = False
+    dropout_seed: int = 0
+
+    @property
+    def dims(self) -> ParamDims:
+        return ParamDims.of(self.case.params)
+
+    @property
+    def dtype(self) -> str:
+        return self.case.dtype
+
+    def __repr__(self) -> str:
+        c = self.case
+        small = c.query.size + c.key.size + c.value.size + sum(x.size for x in c.params if x is not None) <= 400
+
+        def show(x: np.ndarray | None) -> str:
+            if x is None:
+                return "None"
+            if small:
+                values = np.asarray(x, np.float64) if x.dtype != bool else x
+                return np.array2string(values, separator=", ", threshold=10**6, max_line_width=10**6)
+            return f"<{x.dtype.name} {x.shape}>"
+
+        params = ", ".join(f"{n}={show(x)}" for n, x in c.params._asdict().items())
+        options = [f"causal={c.causal}"] + ([f"dropout_p={c.dropout_p}"] if c.dropout_mask is not None else [])
+        return (f"LayerCall({self.dims}, biases={biases_of(c.params)}, {c.dtype}, query={show(c.query)}, "
+                f"key={'query' if self.self_attention else show(c.key)}, "
+                f"value={'query' if self.self_attention else show(c.value)}, mask={show(c.mask)}, "
+                f"key_padding_mask={show(c.key_padding_mask)}, dropout_mask={show(c.dropout_mask)}, "
+                f"{', '.join(options)}, need_weights={self.need_weights}, params=MHAParams({params}))"
+                f"  # query {c.query.shape}, key {c.key.shape}, value {c.value.shape}")
+
+
+@dataclass(frozen=True)
+class RawResult:
+    """What the layer returned, as NumPy: out ``(B, L, d_out)``, weights (or None) in the layer's
+    view, the keep-mask ``(B, H, L, S)`` it applied (None without dropout), the path it took and the
+    fully-masked convention that path declares."""
+
+    out: np.ndarray
+    weights: np.ndarray | None
+    dropout_mask: np.ndarray | None
+    path: str
+    fully_masked: str
+
+
+def _layout_mask(mask: np.ndarray, layout: str, batch: int, heads: int) -> np.ndarray:
+    """A reference mask ``(B or 1, H or 1, L, S)`` in ``layout`` (``MASK_LAYOUTS``), same polarity."""
+    length, keys = mask.shape[-2:]
+    if layout == "bhls":
+        return mask
+    if layout == "bls":
+        if mask.shape[1] != 1:
+            raise ValueError("a 'bls' mask is the same for every head")  # the strategies never draw one
+        return np.ascontiguousarray(np.broadcast_to(mask[:, 0], (batch, length, keys)))
+    if mask.shape[0] == 1 and mask.shape[1] == 1:
+        return np.ascontiguousarray(mask[0, 0])
+    return np.ascontiguousarray(np.broadcast_to(mask, (batch, heads, length, keys))).reshape(batch * heads, length,
+                                                                                            keys)
+
+
+def _framework_call(framework: str, dtype: str) -> contextlib.AbstractContextManager[Any]:
+    """No autograd (torch) or x64 scoped to a float64 call (jax)."""
+    if framework == "torch":
+        import torch
+
+        return torch.no_grad()
+    if framework == "jax" and dtype == "float64":
+        import jax
+
+        return jax.enable_x64(True)
+    return contextlib.nullcontext()
+
+
+class LayerSubject:
+    """What the layer properties call. Subclasses set the attributes and implement ``run``."""
+
+    name: str
+    framework: str
+    #: "factory" or the instance's kind ("torch nn.MultiheadAttention instance", ...).
+    kind: str
+    supports: frozenset[str]
+    #: The returned weights' view and dropout convention (``WEIGHTS_VIEWS``, ``WEIGHTS_DROPOUT``).
+    weights_view: str = "per_head"
+    weights_dropout: str = "before"
+    #: How the layer takes masks (``MASK_LAYOUTS``); False when a mask is the same for every head.
+    mask_layout: str = "bhls"
+    #: Instances: their dims and biases (properties keep them); None for factories.
+    dims: ParamDims | None = None
+    biases: tuple[bool, bool, bool, bool] | None = None
+    #: A layer that draws its own dropout has one probability (its setting); None: drawn.
+    dropout_p: float | None = None
+    #: Whether ``converted`` exists (instances: the converter's round trip).
+    converts: bool = False
+    #: One line per declared convention, for the report's title.
+    declared: tuple[str, ...] = ()
+
+    @property
+    def is_instance(self) -> bool:
+        return self.dims is not None
+
+    @property
+    def mask_per_head(self) -> bool:
+        return self.mask_layout != "bls"
+
+    def own_params(self, dtype: str) -> MHAParams | None:
+        """An instance's own parameters in ``dtype`` (NumPy); None for a factory."""
+        return None
+
+    def run(self, call: LayerCall, *, converted: bool = False) -> RawResult:
+        """Call the layer (with ``converted``: the layer the converter rebuilds from its params)."""
+        raise NotImplementedError
+
+    def round_trip_params(self, dtype: str) -> tuple[MHAParams, MHAParams]:
+        """``(from_X(layer), from_X(to_X(from_X(layer))))`` as NumPy (instances)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return ", ".join([self.kind, *self.declared])
+
+
+def _numpy_params(params: MHAParams) -> MHAParams:
+    from ..layers.conversion import to_numpy
+
+    return params.map(lambda x: np.array(to_numpy(x)))
+
+
+def _cast_params(params: MHAParams, dtype: str) -> MHAParams:
+    return params.map(lambda x: np.asarray(x).astype(numpy_dtype(dtype)))
+
+
+# ---- factories --------------------------------------------------------------------------------------
+
+
+class FactorySubject(LayerSubject):
+    """A layer someone wrote, built by ``make(params)`` from drawn parameters."""
+
+    def __init__(self, make: Callable[[MHAParams], Callable[..., Any]], *, framework: str,
+                 supports: Sequence[str], returns: Sequence[str] | None, weights: str, weights_dropout: str,
+                 fully_masked: str, mask_polarity: str, mask_layout: str, name: str | None = None) -> None:
+        unknown = set(supports) - set(LAYER_FEATURES)
+        if unknown:
+            raise ValueError(f"unknown supports {sorted(unknown)}; choose from {', '.join(LAYER_FEATURES)}")
+        for value, allowed, what in ((weights, WEIGHTS_VIEWS, "weights"),
+                                     (weights_dropout, WEIGHTS_DROPOUT, "weights_dropout"),
+                                     (fully_masked, LAYER_FULLY_MASKED, "fully_masked"),
+                                     (mask_polarity, LAYER_MASK_POLARITIES, "mask_polarity"),
+                                     (mask_layout, MASK_LAYOUTS, "mask_layout")):
+            if value not in allowed:
+                raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
+        self.returns = None if returns is None else tuple(returns)
+        if self.returns is not None and self.returns not in (("out",), ("out", "weights")):
+            raise ValueError(f"returns must be ('out',) or ('out', 'weights'), got {self.returns}")
+        features = set(supports) | ({"weights"} if self.returns == ("out", "weights") else set())
+        if "weights" in features and self.returns == ("out",):
+            raise ValueError("supports 'weights' but returns=('out',) does not include it")
+        self.make, self.framework, self.supports = make, framework, frozenset(features)
+        self.backend = get_backend(framework)
+        self.weights_view, self.weights_dropout, self.fully_masked = weights, weights_dropout, fully_masked
+        self.mask_polarity, self.mask_layout = mask_polarity, mask_layout
+        self.name = name or getattr(make, "__name__", None) or repr(make)
+        self.kind = "factory"
+        declared = [f"supports: {', '.join(sorted(self.supports)) or 'none'}"]
+        if "weights" in self.supports:
+            declared.append(f"weights: {weights}, {weights_dropout} dropout")
+        if self.returns is not None:
+            declared.append(f"returns: {','.join(self.returns)}")
+        if {"mask", "key_padding_mask"} & self.supports:
+            declared.append(f"masks: True = {mask_polarity}" + (f", {mask_layout}" if "mask" in self.supports else ""))
+        declared.append(f"fully masked rows: {fully_masked}")
+        self.declared = tuple(declared)
+
+    def _array(self, x: np.ndarray) -> Any:
+        return self.backend.asarray(np.ascontiguousarray(x))
+
+    def run(self, call: LayerCall, *, converted: bool = False) -> RawResult:
+        case = call.case
+        with _framework_call(self.framework, case.dtype):
+            params = case.params.map(self._array)
+            try:
+                layer = self.make(params)
+            except Exception as error:
+                raise LayerError(f"{self.name}(params) raised {type(error).__name__}: {error}\n  call: {call!r}") \
+                    from error
+            query = self._array(case.query)
+            key, value = (query, query) if call.self_attention else (self._array(case.key), self._array(case.value))
+            keywords = self._keywords(call)
+            try:
+                result = layer(query, key, value, **keywords)
+            except Exception as error:
+                raise LayerError(f"{self.name} raised {type(error).__name__}: {error}\n  call: {call!r}") from error
+            out, weights = self._unpack(result, call)
+            try:
+                out_np = self.backend.to_numpy(out)
+                weights_np = None if weights is None else self.backend.to_numpy(weights)
+            except Exception as error:
+                raise LayerError(f"{self.name} returned {type(out).__name__}, not {self.framework} arrays "
+                                 f"({type(error).__name__}: {error})\n  call: {call!r}") from error
+        return RawResult(out_np, weights_np, case.dropout_mask, "", self.fully_masked)
+
+    def _keywords(self, call: LayerCall) -> dict[str, Any]:
+        case, keywords = call.case, {}
+        polarity = (lambda m: ~m) if self.mask_polarity == "ignore" else (lambda m: m)
+        batch, heads = case.query.shape[0], case.params.wq.shape[1]
+        if case.mask is not None:
+            keywords["mask"] = self._array(polarity(_layout_mask(case.mask, self.mask_layout, batch, heads)))
+        if case.key_padding_mask is not None:
+            keywords["key_padding_mask"] = self._array(polarity(case.key_padding_mask))
+        if case.causal:
+            keywords["causal"] = True
+        if case.dropout_mask is not None:
+            keywords.update(dropout_p=case.dropout_p, dropout_mask=self._array(case.dropout_mask))
+        if call.need_weights and self.returns is None:
+            keywords["return_weights"] = True
+        return keywords
+
+    def _unpack(self, result: Any, call: LayerCall) -> tuple[Any, Any]:
+        if self.returns is not None:
+            values = tuple(result) if isinstance(result, tuple | list) else (result,)
+            if len(values) != len(self.returns):
+                raise LayerError(f"{self.name} returned {len(values)} values; it declares returns="
+                                 f"{','.join(self.returns)}\n  call: {call!r}")
+            out, weights = values[0], (values[1] if len(values) > 1 else None)
+        elif call.need_weights:
+            if not isinstance(result, tuple | list) or len(result) != 2:
+                raise LayerError(f"{self.name} was asked for weights (return_weights=True) and returned "
+                                 f"{type(result).__name__}, not (out, weights)\n  call: {call!r}")
+            out, weights = result
+        else:
+            if isinstance(result, tuple | list):
+                raise LayerError(f"{self.name} returned a {type(result).__name__} without return_weights; "
+                                 f"declare returns=('out', 'weights') if it always does\n  call: {call!r}")
+            out, weights = result, None
+        if out is None:
+            raise LayerError(f"{self.name} returned no out\n  call: {call!r}")
+        if call.need_weights and weights is None:
+            raise LayerError(f"{self.name} declares 'weights' but returned None for them\n  call: {call!r}")
+        return out, (weights if call.need_weights else None)
+
+
+# ---- torch nn.MultiheadAttention ------------------------------------------------------------------
+
+
+#: torch ``nn.MultiheadAttention``'s paths (``forward``): the native fast path (eval, self-attention,
+#: batch_first, no grad...), the explicit softmax when the weights are asked for, and
+#: ``scaled_dot_product_attention`` otherwise; and what a fully masked row gives on each (torch 2.13,
+#: CPU: NaN, NaN, and SDPA's zeros).
+TORCH_MHA_PATHS = {"fast path": "nan", "weights path": "nan", "sdpa path": "zero"}
+
+
+@contextlib.contextmanager
+def _spy(owner: Any, name: str, calls: list[str]) -> Iterator[None]:
+    """Record each call of ``owner.name`` (the original still runs and its result is returned)."""
+    original = getattr(owner, name)
+
+    def spy(*args: Any, **keywords: Any) -> Any:
+        calls.append(name)
+        return original(*args, **keywords)
+
+    setattr(owner, name, spy)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+class TorchMHASubject(LayerSubject):
+    """A torch ``nn.MultiheadAttention`` instance (``attention_ref.layers.from_torch`` /
+    ``to_torch``), called as people call it: ``attn_mask`` bool True = masked out, ``(L, S)`` or
+    ``(N * H, L, S)`` batch-major; ``key_padding_mask`` True = padding; ``is_causal=True`` only as
+    the hint it is, together with the exact causal ``attn_mask``; sequence-first unless
+    ``batch_first``; ``need_weights`` as asked (weights head-averaged, after dropout); under
+    ``torch.no_grad()`` so that the fast path can run (the path taken is recorded).
+
+    Dropout: in eval mode dropout is off. With a dropout probability, the dropout properties run the
+    module in train mode with ``need_weights=True`` (the path where torch applies ``F.dropout`` to
+    the weights): torch draws its own keep-mask, so the checker seeds torch's generator (forked, the
+    caller's RNG state is restored), reads the mask ``F.dropout`` draws from that seed for a tensor
+    of the weights' shape and dtype ``(N * H, L, S)``, reseeds and calls the module; the mask is
+    verified against the zeros of the per-head weights torch returns from the same seed (a mismatch
+    is a checker ERROR, never a FAIL). The SDPA path's dropout (``need_weights=False``) returns no
+    weights to verify a mask against and is checked in eval mode only.
+    """
+
+    converts = True
+
+    def __init__(self, module: Any, name: str | None = None) -> None:
+        from ..layers.torch_mha import from_torch
+
+        self.module = module
+        params = _numpy_params(from_torch(module))  # ConversionError for add_bias_kv, add_zero_attn
+        self.dims, self.biases = ParamDims.of(params), biases_of(params)
+        self.dtype = params.wq.dtype.name
+        self.framework, self.mask_layout = "torch", "torch"
+        self.weights_view, self.weights_dropout = "averaged", "after"
+        self.dropout_p = float(module.dropout) if module.dropout > 0 else None
+        self.supports = frozenset({"mask", "key_padding_mask", "causal", "weights"}
+                                  | ({"dropout"} if self.dropout_p else set()))
+        self.name = name or (f"nn.MultiheadAttention({module.embed_dim}, {module.num_heads}, dropout={module.dropout}, "
+                             f"bias={module.in_proj_bias is not None}, batch_first={module.batch_first}"
+                             + ("" if module._qkv_same_embed_dim else f", kdim={module.kdim}, vdim={module.vdim}")
+                             + ")")
+        self.kind = f"{type(module).__name__} instance (torch nn.MultiheadAttention)"
+        paths = ", ".join(f"{convention} ({path})" for path, convention in TORCH_MHA_PATHS.items())
+        self.declared = ("weights: averaged, after dropout", f"fully masked rows: {paths}",
+                         "train mode: dropout with torch's own draw, reproduced from a seed" if self.dropout_p
+                         else "eval mode")
+        self._copies: dict[str, Any] = {}
+
+    def _copy(self, dtype: str) -> Any:
+        """The module in ``dtype``: a deep copy (the instance given is never changed)."""
+        if dtype not in self._copies:
+            import torch
+
+            self._copies[dtype] = copy.deepcopy(self.module).to(getattr(torch, dtype))
+        return self._copies[dtype]
+
+    def own_params(self, dtype: str) -> MHAParams:
+        from ..layers.torch_mha import from_torch
+
+        return _numpy_params(from_torch(self._copy(dtype)))
+
+    def _loaded(self, params: MHAParams) -> Any:
+        """A copy of the module holding ``params`` (built by ``to_torch``, loaded into the copy)."""
+        from ..layers.torch_mha import to_torch
+
+        module = copy.deepcopy(self._copy(params.wq.dtype.name))
+        module.load_state_dict(to_torch(params, batch_first=module.batch_first).state_dict())
+        return module
+
+    def _converted(self, params: MHAParams) -> Any:
+        from ..layers.torch_mha import to_torch
+
+        return to_torch(params, batch_first=self.module.batch_first, dropout=self.module.dropout)
+
+    def round_trip_params(self, dtype: str) -> tuple[MHAParams, MHAParams]:
+        from ..layers.torch_mha import from_torch
+
+        own = self.own_params(dtype)
+        return own, _numpy_params(from_torch(self._converted(own)))
+
+    def run(self, call: LayerCall, *, converted: bool = False) -> RawResult:
+        import torch
+
+        case = call.case
+        own = self.own_params(case.dtype)
+        same = all(np.array_equal(a, b) for a, b in zip(own, case.params, strict=True) if a is not None)
+        if converted:
+            module = self._converted(case.params)
+        else:
+            module = self._copy(case.dtype) if same else self._loaded(case.params)
+        backend = get_backend("torch")
+        query = backend.asarray(case.query)
+        key, value = (query, query) if call.self_attention else (backend.asarray(case.key),
+                                                                  backend.asarray(case.value))
+        batch, heads = case.query.shape[0], case.params.wq.shape[1]
+        keywords: dict[str, Any] = {}
+        if case.mask is not None or case.causal:
+            allowed = np.ones((1, 1, case.query.shape[1], case.key.shape[1]), bool) if case.mask is None else case.mask
+            if case.causal:
+                allowed = allowed & case.attention_case().positional_pattern()
+                keywords["is_causal"] = case.mask is None  # the hint, with the exact causal mask
+            keywords["attn_mask"] = backend.asarray(~_layout_mask(allowed, "torch", batch, heads))
+        if case.key_padding_mask is not None:
+            keywords["key_padding_mask"] = backend.asarray(~case.key_padding_mask)
+        if not module.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+            if call.self_attention:
+                key = value = query
+        training = case.dropout_mask is not None
+        if training and case.dropout_p != module.dropout:
+            raise ValueError(f"the module's dropout is {module.dropout}, not {case.dropout_p}")  # a checker bug
+        module.train(training)
+        calls: list[str] = []
+        keep = None
+        try:
+            with torch.no_grad(), _spy(torch, "_native_multi_head_attention", calls):
+                if training:
+                    out, weights, keep = self._train_call(module, query, key, value, keywords, call)
+                else:
+                    out, weights = module(query, key, value, need_weights=call.need_weights, **keywords)
+        except Exception as error:
+            raise LayerError(f"{self.name} raised {type(error).__name__}: {error}\n  call: {call!r}") from error
+        finally:
+            module.eval()
+        if not module.batch_first:
+            out = out.transpose(0, 1)
+        path = "fast path" if calls else ("weights path" if call.need_weights or training else "sdpa path")
+        return RawResult(backend.to_numpy(out), None if weights is None or not call.need_weights
+                         else backend.to_numpy(weights), keep, path, TORCH_MHA_PATHS[path])
+
+    def _train_call(self, module: Any, query: Any, key: Any, value: Any, keywords: dict[str, Any],
+                    call: LayerCall) -> tuple[Any, Any, np.ndarray]:
+        """Train mode: torch's own dropout draw, reproduced from a seed and verified (class docstring)."""
+        import torch
+
+        from .runner import CheckerError
+
+        case = call.case
+        batch, length, keys = case.query.shape[0], case.query.shape[1], case.key.shape[1]
+        heads, p = case.params.wq.shape[1], module.dropout
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(call.dropout_seed)
+            ones = torch.ones(batch * heads, length, keys, dtype=module.out_proj.weight.dtype)
+            keep = (torch.nn.functional.dropout(ones, p=p) != 0).reshape(batch, heads, length, keys).numpy()
+            torch.manual_seed(call.dropout_seed)
+            _, per_head = module(query, key, value, need_weights=True, average_attn_weights=False, **keywords)
+            torch.manual_seed(call.dropout_seed)
+            out, weights = module(query, key, value, need_weights=True, **keywords)
+        seen = get_backend("torch").to_numpy(per_head).astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            wrong = ~np.isnan(seen) & (((seen != 0) & ~keep) | ((seen == 0) & keep & (case.oracle().weights > 0.5)))
+        if wrong.any():
+            raise CheckerError(f"torch's dropout draw could not be reproduced from the seed ({int(wrong.sum())} of "
+                               f"{wrong.size} weights disagree with the keep-mask F.dropout draws)\n  call: {call!r}")
+        return out, weights, keep
+
+
+# ---- dispatch -------------------------------------------------------------------------------------
+
+
+def _loaded_type(module: str, *names: str) -> type | None:
+    value: Any = sys.modules.get(module)
+    for name in names:
+        value = getattr(value, name, None)
+    return value if isinstance(value, type) else None
+
+
+@dataclass
+class SubjectOptions:
+    """``check_layer``'s declarations for a factory (instances declare their own)."""
+
+    framework: str | None = None
+    supports: Sequence[str] | None = None
+    returns: Sequence[str] | None = None
+    weights: str | None = None
+    weights_dropout: str | None = None
+    fully_masked: str | None = None
+    mask_polarity: str | None = None
+    mask_layout: str | None = None
+    name: str | None = None
+    given: dict[str, Any] = field(default_factory=dict)
+
+
+def layer_subject(layer: Any, options: SubjectOptions) -> LayerSubject:
+    """The subject for ``layer``: an instance of a framework layer the checker knows (its adapter
+    declares everything: declaring conventions for it is a ValueError), else a factory ``make(params)``
+    (``framework`` required)."""
+    instance = _instance_subject(layer, options.name)
+    if instance is not None:
+        if options.given:
+            raise ValueError(f"{instance.name} is a {instance.kind}: its adapter declares its features and "
+                             f"conventions; {', '.join(sorted(options.given))} apply to factories only")
+        if options.framework is not None and options.framework != instance.framework:
+            raise ValueError(f"{instance.name} is a {instance.framework} layer, not {options.framework}")
+        return instance
+    if options.framework is None:
+        raise ValueError("a layer factory make(params) needs framework= ('torch', 'jax' or 'numpy')")
+    if not callable(layer):
+        raise TypeError(f"check_layer takes a layer instance (torch nn.MultiheadAttention, flax nnx or linen "
+                        f"MultiHeadAttention, keras MultiHeadAttention or GroupQueryAttention, Hugging Face "
+                        f"LlamaAttention) or a factory make(params), got {type(layer).__name__}")
+    return FactorySubject(layer, framework=options.framework, supports=options.supports or (),
+                          returns=options.returns, weights=options.weights or "per_head",
+                          weights_dropout=options.weights_dropout or "before",
+                          fully_masked=options.fully_masked or "zero", mask_polarity=options.mask_polarity or "attend",
+                          mask_layout=options.mask_layout or "bhls", name=options.name)
+
+
+def _instance_subject(layer: Any, name: str | None) -> LayerSubject | None:
+    torch_mha = _loaded_type("torch", "nn", "MultiheadAttention")
+    if torch_mha is not None and isinstance(layer, torch_mha):
+        return TorchMHASubject(layer, name)
+    return None
