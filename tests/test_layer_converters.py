@@ -285,6 +285,8 @@ def test_torch_rejects_extra_tokens_mixed_dtypes_and_bad_masks() -> None:
         to_torch(params._replace(bo=params.bo.astype(np.float64)))
     with pytest.raises(ConversionError, match=r"\(N \* H, L, S\) = \(6, L, S\) with row n \* H \+ h"):
         from_torch_masks(torch.zeros(4, 3, 5, dtype=torch.bool), None, 2, 3)
+    with pytest.raises(ConversionError, match="attn_mask must be bool .* or float .*, got uint8"):
+        from_torch_masks(torch.zeros(3, 5, dtype=torch.uint8), None, 2, 3)
     with pytest.raises(ConversionError, match=r"key_padding_mask must be \(N, S\) = \(3, S\)"):
         from_torch_masks(None, torch.zeros(2, 5, dtype=torch.bool), 2, 3)
 

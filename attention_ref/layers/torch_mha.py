@@ -140,8 +140,12 @@ def from_torch_masks(attn_mask: Any, key_padding_mask: Any, num_heads: int, batc
     Returns ``mask`` (bool, True = may attend, or None) broadcastable to ``(N, H, L, S)`` (``(H, L,
     S)`` unbatched): ``(L, S)``, ``(N, H, L, S)``, ``(N, 1, 1, S)`` or their intersection, and
     ``bias`` (float, or None) likewise: the sum of the float masks, as torch adds them. Arrays stay in
-    their framework. Raises ConversionError for shapes torch MHA would not accept.
+    their framework. Raises ConversionError for shapes or dtypes torch MHA would not accept.
     """
+    for name, m in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
+        if m is not None and dtype_name(m) != "bool" and not dtype_name(m).startswith(("float", "bfloat")):
+            raise ConversionError(f"torch MHA's {name} must be bool (True = do not attend) or float (additive), "
+                                  f"got {dtype_name(m)}")
     rows = num_heads if batch is None else batch * num_heads
     lead = (num_heads,) if batch is None else (batch, num_heads)
     masks: list[Any] = []
