@@ -87,7 +87,21 @@ def test_textbook_module_passes_as_written(user_dir: Callable[[str, str], None],
     assert found["weights_rows_sum_to_one"] in ("pass", "convention differs")
     assert found["fully_excluded_rows_are_zero"] == "convention differs"
     assert "fully excluded rows: out is NaN" in out and "fully excluded rows: weights are NaN (verified)" in out
-    assert found["causal_equals_explicit_mask"] == "n/a"
+    assert "causal_equals_explicit_mask" not in found  # needs causal: listed n/a under the table
+    not_applicable = out[out.index("n/a (a feature they need is not declared): "):].split("\n\n")[0]
+    assert "causal_equals_explicit_mask" in not_applicable
+
+
+def test_readme_shows_this_module_and_command() -> None:
+    """The README's example is the module and the flags tested here, and its output ends as a passing
+    report does."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert TEXTBOOK.strip() in readme
+    command = re.search(r"\$ (attention-ref check mymod:sdpa .*)\n((?:.*\n)+?)```", readme)
+    assert command is not None
+    assert command.group(1).split()[3:3 + len(TEXTBOOK_FLAGS)] == TEXTBOOK_FLAGS
+    assert re.fullmatch(r"0 passed, [1-9]\d* convention differs, 0 failed, 0 errors",
+                        command.group(2).splitlines()[-1])
 
 
 def test_missteps_of_the_issue_are_errors_that_say_what_to_declare(user_dir: Callable[[str, str], None],

@@ -43,6 +43,7 @@ for an undeclared feature raises ``UnsupportedFeature``).
 from __future__ import annotations
 
 import re
+import textwrap
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -399,8 +400,7 @@ def _fully_masked_expectation(case: AttentionCase, convention: str, rows: np.nda
 #: out is verified (and, for "nan", the weights when returned); the rest of those rows is set to SPEC.md's
 #: values unchecked.
 FULLY_MASKED_EVIDENCE = {
-    "nan": "fully excluded rows: out is NaN (or, with S = 0, NaN or the empty sum 0; out verified; lse of those "
-           "rows not compared)",
+    "nan": "fully excluded rows: out is NaN (with S = 0: NaN or 0, the empty sum; verified; their lse not compared)",
     "mean_v": "fully excluded rows: out is mean(v) over the row's masked keys, a finite mask fill (NaN when a "
               "-inf bias alone excludes the row; out verified; weights and lse of those rows not compared)",
     "skip": "fully excluded rows: not compared at all (declared skip, NOT verified)",
@@ -417,6 +417,10 @@ ZEROED_COTANGENT_EVIDENCE = ("fully excluded rows: d_out set to 0 there for the 
 
 #: An evidence line of "convention differs": what was declared and exercised, and on how many rows.
 _EVIDENCE_COUNT = re.compile(r"(.*) \[(\d+) rows\]")
+
+
+def _wrapped(text: str) -> list[str]:
+    return textwrap.wrap(text, 110, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)
 
 
 @dataclass
@@ -436,10 +440,18 @@ class CheckReport:
         return summary_line(o.status for o in self.outcomes)
 
     def render(self) -> str:
-        """The table, the detail of each FAIL and ERROR, and the evidence of "convention differs", once
-        for all the properties that share it (with the range of rows per property)."""
-        rows = [(o.name, rules_text(o.rules), o.status) for o in self.outcomes]
+        """The table of the properties that ran, the names of those that did not (n/a, not run), the
+        detail of each FAIL and ERROR, and the evidence of "convention differs", once for all the
+        properties that share it (with the range of rows per property)."""
+        rows = [(o.name, rules_text(o.rules), o.status) for o in self.outcomes if o.status.counted]
         lines = [self.target, *render_table(("property", "rules", "status"), rows)]
+        not_applicable = [o.name for o in self.outcomes if o.status == Status.NOT_APPLICABLE]
+        if not_applicable:
+            lines += _wrapped(f"{Status.NOT_APPLICABLE} (a feature they need is not declared): "
+                              f"{', '.join(not_applicable)}")
+        not_run = sum(o.status == Status.NOT_RUN for o in self.outcomes)
+        if not_run:
+            lines.append(f"{Status.NOT_RUN}: {not_run} more (not selected, or after a failure with fail_fast)")
         lines += failure_sections(("", o) for o in self.outcomes if o.status != Status.CONVENTION_DIFFERS)
         shared: dict[tuple[str, ...], list[tuple[str, list[int]]]] = {}
         for outcome in self.outcomes:
@@ -450,8 +462,10 @@ class CheckReport:
                 shared.setdefault(what, []).append((outcome.name, [int(m.group(2)) if m else 0 for m in evidence]))
         for what, found in shared.items():
             names = [name for name, _ in found]
-            lines += ["", f"{Status.CONVENTION_DIFFERS} ({len(names)} propert{'y' if len(names) == 1 else 'ies'}: "
-                          f"{', '.join(names)}):"]
+            ran = [o.name for o in self.outcomes if o.status.counted]
+            which = (f"{len(names)} propert{'y' if len(names) == 1 else 'ies'}: {', '.join(names)}"
+                     if names != ran or len(names) == 1 else f"all {len(names)} properties that ran")
+            lines += ["", *_wrapped(f"{Status.CONVENTION_DIFFERS} ({which}):")]
             for i, line in enumerate(what):
                 counts = sorted({count[i] for _, count in found})
                 span = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
