@@ -91,6 +91,9 @@ def test_bug_is_reported_with_a_shrunk_case() -> None:
     failure = next(o for o in report.outcomes if o.name == "matches_float64_oracle")
     assert failure.status == "FAIL" and "AttentionCase(" in failure.detail
     assert str(report).splitlines()[-1].endswith("failed, 0 errors") and "FAIL matches_float64_oracle:" in str(report)
+    # The table holds the one property that ran; the others are counted under it.
+    assert f"not run: {len(report.outcomes) - 1} more" in str(report)
+    assert "weights_rows_sum_to_one" not in str(report)
 
 
 def refuses_causal(q, k, v, *, causal=False, **keywords):
