@@ -25,6 +25,7 @@ from .cases import AttentionCase, call, call_vjp
 from .check import CheckReport, check
 from .crosscheck import CrosscheckReport, crosscheck
 from .implementation import Implementation, Subject
+from .layer_check import check_layer
 from .profiles import register_profiles
 from .runner import PROPERTIES, Property, get_property, run_property
 from .strategies import attention_cases
@@ -48,6 +49,7 @@ __all__ = [
     "call_vjp",
     "check",
     "check_bad_inputs",
+    "check_layer",
     "crosscheck",
     "get_property",
     "register_profiles",

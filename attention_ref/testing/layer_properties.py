@@ -57,6 +57,10 @@ class LayerTarget:
 
 # ---- drawing calls --------------------------------------------------------------------------------
 
+#: The sizes drawn for a layer that compiles once per shape (``LayerSubject.few_shapes``): batch and
+#: lengths from these, so that L = 1, L < S and L > S are all reached with few shapes.
+FEW_LAYER_SHAPES = {"batch": (1, 2), "length": (1, 4)}
+
 
 def _switch(draw: Any, value: bool | None, supported: bool = True) -> bool:
     if not supported:
@@ -144,10 +148,17 @@ def layer_calls(
             biases = tuple(draw(st.lists(st.booleans(), min_size=4, max_size=4)))
         else:
             biases = (draw(st.booleans()),) * 4
-    batch = draw(st.integers(1, 3))
-    length = draw(st.integers(1, max_length))
-    self_attention = (dims.d_q == dims.d_k == dims.d_v) and draw(st.integers(0, 3)) == 0
-    keys = length if self_attention else draw(st.integers(1, max_length))
+    if subject.few_shapes:  # compiled once per shape: a small menu of sizes
+        batch = draw(st.sampled_from(FEW_LAYER_SHAPES["batch"]))
+        length = draw(st.sampled_from(FEW_LAYER_SHAPES["length"]))
+    else:
+        batch, length = draw(st.integers(1, 3)), draw(st.integers(1, max_length))
+    self_attention = subject.self_attention_only or ((dims.d_q == dims.d_k == dims.d_v)
+                                                     and draw(st.integers(0, 3)) == 0)
+    if self_attention:
+        keys = length
+    else:
+        keys = draw(st.sampled_from(FEW_LAYER_SHAPES["length"]) if subject.few_shapes else st.integers(1, max_length))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     distribution = draw(st.sampled_from(DISTRIBUTIONS))
     magnitude = draw(st.sampled_from((0.3, 1.0, 3.0)))

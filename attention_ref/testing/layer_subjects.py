@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -212,6 +213,10 @@ class LayerSubject:
     dropout_p: float | None = None
     #: Whether ``converted`` exists (instances: the converter's round trip).
     converts: bool = False
+    #: Draw sizes from a small menu (layers that compile once per shape: jax).
+    few_shapes: bool = False
+    #: The layer takes one input (key and value are the query: Hugging Face attention).
+    self_attention_only: bool = False
     #: One line per declared convention, for the report's title.
     declared: tuple[str, ...] = ()
 
@@ -536,6 +541,311 @@ class TorchMHASubject(LayerSubject):
         return out, weights, keep
 
 
+# ---- flax -----------------------------------------------------------------------------------------
+
+
+class FlaxSubject(LayerSubject):
+    """A flax ``nnx.MultiHeadAttention`` instance, or a linen ``MultiHeadDotProductAttention`` given as
+    ``(module, variables)`` (``attention_ref.layers.from_flax`` / ``to_flax``). Called with
+    ``deterministic=True`` (eval: flax draws its own dropout from its rngs, which the checker does not
+    reproduce); ``mask`` is flax's own (bool, True = attend, broadcast to ``(B, H, L, S)``); causal is
+    nnx's ``is_causal=True`` (linen has none: the causal pattern is ANDed into the mask, as
+    ``nn.make_causal_mask`` would); weights through ``sow_weights=True`` (per head, before dropout).
+    No key padding mask (flax takes none). A fully masked row gives the mean of the values (flax fills
+    masked logits with a finite value). float64 runs under a scoped ``jax.enable_x64``."""
+
+    converts = True
+    few_shapes = True
+
+    def __init__(self, layer: Any, name: str | None = None) -> None:
+        from ..layers.flax_mha import from_flax
+
+        self.linen = isinstance(layer, tuple)
+        self.module: Any = layer[0] if self.linen else layer
+        self.variables: Any = layer[1] if self.linen else None
+        params = _numpy_params(from_flax(self.variables if self.linen else self.module))
+        self.params = params
+        self.dims, self.biases = ParamDims.of(params), biases_of(params)
+        self.framework, self.mask_layout = "jax", "bhls"
+        self.supports = frozenset({"mask", "causal", "weights"})
+        self.fully_masked = "mean_v"
+        kind = "linen MultiHeadDotProductAttention" if self.linen else "nnx.MultiHeadAttention"
+        d = self.dims
+        self.name = name or f"{kind}(num_heads={d.heads}, qkv_features={d.heads * d.head_dim}, in={d.d_q})"
+        self.kind = f"flax {kind} {'(module, variables)' if self.linen else 'instance'}"
+        self.declared = ("weights: per head, before dropout (sow_weights)", "fully masked rows: mean_v",
+                         "eval mode (deterministic=True)")
+
+    def own_params(self, dtype: str) -> MHAParams:
+        return _cast_params(self.params, dtype)
+
+    def round_trip_params(self, dtype: str) -> tuple[MHAParams, MHAParams]:
+        from ..layers.flax_mha import from_flax, to_flax
+
+        own = self.own_params(dtype)
+        with _framework_call("jax", dtype):
+            if self.linen:
+                return own, _numpy_params(from_flax(to_flax(own, kind="linen")[1]))
+            return own, _numpy_params(from_flax(to_flax(own, kind="nnx")))
+
+    def _layer(self, params: MHAParams, converted: bool) -> tuple[Any, Any]:
+        """``(module, variables)`` holding params: the converter's layer, or (nnx) a clone of the
+        instance with the converter's parameters loaded."""
+        from flax import nnx
+
+        from ..layers.flax_mha import to_flax
+
+        if self.linen:
+            module, variables = to_flax(params, kind="linen")
+            return (module if converted else self.module), variables
+        fresh = to_flax(params, kind="nnx")
+        if converted:
+            return fresh, None
+        clone = nnx.clone(self.module)
+        nnx.update(clone, nnx.state(fresh, nnx.Param))
+        return clone, None
+
+    def run(self, call: LayerCall, *, converted: bool = False) -> RawResult:
+        import jax.numpy as jnp
+
+        case = call.case
+        backend = get_backend("jax")
+        with _framework_call("jax", case.dtype):
+            module, variables = self._layer(case.params, converted)
+            query = backend.asarray(case.query)
+            key, value = (query, query) if call.self_attention else (backend.asarray(case.key),
+                                                                      backend.asarray(case.value))
+            mask = case.mask
+            keywords: dict[str, Any] = {"deterministic": True, "sow_weights": call.need_weights}
+            if case.causal and self.linen:
+                pattern = case.attention_case().positional_pattern()
+                mask = pattern[None, None] if mask is None else mask & pattern
+            elif case.causal:
+                keywords["is_causal"] = True
+            if mask is not None:
+                keywords["mask"] = jnp.asarray(mask)
+            try:
+                weights = None
+                if self.linen:
+                    result = module.apply(variables, query, key, value, mutable=["intermediates"], **keywords)
+                    out, state = result
+                    if call.need_weights:
+                        weights = _find(state, "attention_weights")
+                else:
+                    out = module(query, key, value, **keywords)
+                    if call.need_weights:
+                        from flax import nnx
+
+                        weights = _find(nnx.pop(module, nnx.Intermediate), "attention_weights")
+            except Exception as error:
+                raise LayerError(f"{self.name} raised {type(error).__name__}: {error}\n  call: {call!r}") from error
+            return RawResult(backend.to_numpy(out), None if weights is None else backend.to_numpy(weights), None,
+                             "", self.fully_masked)
+
+
+def _find(tree: Any, name: str) -> Any:
+    """The first array sown under ``name`` in a (nested) flax state or dict of intermediates."""
+    items = tree.items() if hasattr(tree, "items") else ()
+    for key, value in items:
+        if key == name:
+            found = getattr(value, "value", value)
+            return found[0] if isinstance(found, tuple | list) else found
+        inner = _find(value, name)
+        if inner is not None:
+            return inner
+    return None
+
+
+# ---- keras ----------------------------------------------------------------------------------------
+
+
+#: keras' paths: the fused ``ops.dot_product_attention`` (no scores asked, no dropout) and the
+#: explicit softmax when the scores are returned; what a fully masked row gives on each.
+KERAS_PATHS = {"keras fused path": "mean_v", "keras scores path": "zero"}
+
+
+class KerasSubject(LayerSubject):
+    """A keras ``MultiHeadAttention`` or ``GroupQueryAttention`` (``attention_ref.layers.from_keras``
+    / ``to_keras``), on its backend (jax or torch), called in keras' order ``layer(query, value,
+    key)`` with ``attention_mask`` ``(B, L, S)`` (True = attend; one mask for every head),
+    ``value_mask`` ``(B, S)`` (the key padding, True = a real token), ``use_causal_mask`` and
+    ``return_attention_scores`` (per-head scores, before dropout), ``training=False`` (keras draws its
+    own dropout). Copies are rebuilt from the layer's config (its class and settings) with the
+    converter's weights."""
+
+    converts = True
+
+    def __init__(self, layer: Any, name: str | None = None) -> None:
+        import keras
+
+        from ..layers.keras_mha import from_keras
+
+        params = _numpy_params(from_keras(layer))
+        self.layer, self.params = layer, params
+        self.dims, self.biases = ParamDims.of(params), biases_of(params)
+        self.framework = keras.backend.backend()
+        if self.framework not in ("jax", "torch"):
+            raise ValueError(f"keras on the {self.framework} backend: check_layer runs keras on jax or torch")
+        self.few_shapes = self.framework == "jax"
+        self.mask_layout = "bls"
+        self.supports = frozenset({"mask", "key_padding_mask", "causal", "weights"})
+        d = self.dims
+        self.name = name or f"keras {type(layer).__name__}(heads={d.heads}, kv_heads={d.kv_heads}, hd={d.head_dim})"
+        self.kind = f"keras {type(layer).__name__} instance ({self.framework} backend)"
+        paths = ", ".join(f"{convention} ({path})" for path, convention in KERAS_PATHS.items())
+        self.declared = ("weights: per head, before dropout", f"fully masked rows: {paths}",
+                         "inference (training=False)")
+
+    def own_params(self, dtype: str) -> MHAParams:
+        return _cast_params(self.params, dtype)
+
+    def round_trip_params(self, dtype: str) -> tuple[MHAParams, MHAParams]:
+        from ..layers.keras_mha import from_keras, to_keras
+
+        own = self.own_params(dtype)
+        with _framework_call(self.framework, dtype):
+            return own, _numpy_params(from_keras(to_keras(own)))
+
+    def _layer(self, params: MHAParams, converted: bool) -> Any:
+        from ..layers.keras_mha import to_keras
+
+        fresh = to_keras(params, dropout=float(self.layer.get_config().get("dropout", 0.0)))
+        if converted:
+            return fresh
+        config = dict(self.layer.get_config(), dtype=params.wq.dtype.name)
+        clone = type(self.layer).from_config(config)
+        d = ParamDims.of(params)
+        clone.build((None, None, d.d_q), (None, None, d.d_v), (None, None, d.d_k))
+        from ..layers.conversion import to_numpy
+
+        clone.set_weights([np.array(to_numpy(w.value)) for w in fresh.weights])
+        return clone
+
+    def run(self, call: LayerCall, *, converted: bool = False) -> RawResult:
+        case = call.case
+        backend = get_backend(self.framework)
+        with _framework_call(self.framework, case.dtype):
+            layer = self._layer(case.params, converted)
+            query = backend.asarray(case.query)
+            key, value = (query, query) if call.self_attention else (backend.asarray(case.key),
+                                                                      backend.asarray(case.value))
+            keywords: dict[str, Any] = {"training": False, "use_causal_mask": case.causal,
+                                        "return_attention_scores": call.need_weights}
+            batch = case.query.shape[0]
+            if case.mask is not None:
+                keywords["attention_mask"] = backend.asarray(_layout_mask(case.mask, "bls", batch, 1))
+            if case.key_padding_mask is not None:
+                keywords["value_mask"] = backend.asarray(case.key_padding_mask)
+            try:
+                with warnings.catch_warnings():  # keras warns of its own softmax over one key (S = 1)
+                    warnings.filterwarnings("ignore", message="You are using a softmax over axis", category=UserWarning)
+                    result = layer(query, value, key, **keywords)  # keras' order: (query, value, key)
+            except Exception as error:
+                raise LayerError(f"{self.name} raised {type(error).__name__}: {error}\n  call: {call!r}") from error
+            out, weights = result if call.need_weights else (result, None)
+            path = "keras scores path" if call.need_weights else "keras fused path"
+            return RawResult(backend.to_numpy(out), None if weights is None else backend.to_numpy(weights), None,
+                             path, KERAS_PATHS[path])
+
+
+# ---- Hugging Face ---------------------------------------------------------------------------------
+
+
+#: What a fully masked row gives per attention implementation: eager adds a finfo.min mask (a finite
+#: fill: the mean of the values), sdpa takes a bool mask (SDPA's zeros).
+HF_FULLY_MASKED = {"eager": "mean_v", "sdpa": "zero"}
+
+
+class HFAttentionSubject(LayerSubject):
+    """A Hugging Face Llama-style attention module (``LlamaAttention``, ``Qwen2Attention``;
+    ``attention_ref.layers.from_hf`` / ``to_hf``): self-attention only (key = value = query), called
+    as ``module(hidden_states, position_embeddings=(ones, zeros), attention_mask=...)`` with identity
+    RoPE (cos = 1, sin = 0) in eval mode. The 4-D mask the layer receives is what HF's mask
+    utilities build: for ``eager`` an additive float mask (0 where attended, ``finfo(dtype).min``
+    elsewhere), for ``sdpa`` a bool mask (True = attend); causal is folded into it, as HF does. An
+    explicit mask is always passed: with ``attention_mask=None`` the sdpa path is causal (SDPA's
+    ``is_causal`` from ``module.is_causal``) and eager is not. Weights (eager only): per head, after
+    dropout."""
+
+    converts = True
+    self_attention_only = True
+
+    def __init__(self, module: Any, name: str | None = None) -> None:
+        from ..layers.hf_attention import from_hf
+
+        params = _numpy_params(from_hf(module))
+        self.module, self.params = module, params
+        self.dims, self.biases = ParamDims.of(params), biases_of(params)
+        self.implementation = module.config._attn_implementation or "eager"
+        if self.implementation not in HF_FULLY_MASKED:
+            raise ValueError(f"{type(module).__name__} with attn_implementation={self.implementation!r}: check_layer "
+                             f"takes eager or sdpa")
+        self.framework, self.mask_layout = "torch", "bhls"
+        self.supports = frozenset({"mask", "causal"} | ({"weights"} if self.implementation == "eager" else set()))
+        self.weights_dropout = "after"
+        d = self.dims
+        self.name = name or (f"{type(module).__name__}(hidden={d.d_q}, heads={d.heads}, kv_heads={d.kv_heads}, "
+                             f"head_dim={d.head_dim}, {self.implementation})")
+        self.kind = f"Hugging Face {type(module).__name__} instance ({self.implementation})"
+        self.declared = (f"fully masked rows: {HF_FULLY_MASKED[self.implementation]}",
+                         "an explicit attention_mask on every call (sdpa is causal without one)",
+                         "identity RoPE, eval mode")
+        self._copies: dict[str, Any] = {}
+
+    def own_params(self, dtype: str) -> MHAParams:
+        return _cast_params(self.params, dtype)
+
+    def _copy(self, dtype: str) -> Any:
+        if dtype not in self._copies:
+            import torch
+
+            self._copies[dtype] = copy.deepcopy(self.module).to(getattr(torch, dtype)).eval()
+        return self._copies[dtype]
+
+    def _converted(self, params: MHAParams) -> Any:
+        from ..layers.hf_attention import to_hf
+
+        return to_hf(params, config_class=type(self.module.config), attn_implementation=self.implementation).eval()
+
+    def round_trip_params(self, dtype: str) -> tuple[MHAParams, MHAParams]:
+        from ..layers.hf_attention import from_hf
+
+        own = self.own_params(dtype)
+        return own, _numpy_params(from_hf(self._converted(own)))
+
+    def run(self, call: LayerCall, *, converted: bool = False) -> RawResult:
+        import torch
+
+        case = call.case
+        if not call.self_attention:
+            raise ValueError("HF attention is self-attention: the call must be one")  # a checker bug
+        if converted:
+            module = self._converted(case.params)
+        else:
+            module = copy.deepcopy(self._copy(case.dtype))
+            module.load_state_dict(self._converted(case.params).state_dict())
+        backend = get_backend("torch")
+        hidden = backend.asarray(case.query)
+        batch, length = case.query.shape[:2]
+        head_dim = case.params.wq.shape[2]
+        dtype = hidden.dtype
+        identity = (torch.ones(batch, length, head_dim, dtype=dtype), torch.zeros(batch, length, head_dim, dtype=dtype))
+        allowed = np.ones((batch, 1, length, length), bool) if case.mask is None else case.mask
+        if case.causal:
+            allowed = allowed & case.attention_case().positional_pattern()
+        mask = torch.from_numpy(np.ascontiguousarray(allowed))
+        if self.implementation == "eager":
+            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+        try:
+            with torch.no_grad():
+                out, weights = module(hidden, position_embeddings=identity, attention_mask=mask)
+        except Exception as error:
+            raise LayerError(f"{self.name} raised {type(error).__name__}: {error}\n  call: {call!r}") from error
+        return RawResult(backend.to_numpy(out), None if weights is None or not call.need_weights
+                         else backend.to_numpy(weights), None, f"HF {self.implementation}",
+                         HF_FULLY_MASKED[self.implementation])
+
+
 # ---- dispatch -------------------------------------------------------------------------------------
 
 
@@ -588,7 +898,22 @@ def layer_subject(layer: Any, options: SubjectOptions) -> LayerSubject:
 
 
 def _instance_subject(layer: Any, name: str | None) -> LayerSubject | None:
+    """The adapter of a framework layer the checker knows; frameworks are looked up in
+    ``sys.modules``, never imported."""
     torch_mha = _loaded_type("torch", "nn", "MultiheadAttention")
     if torch_mha is not None and isinstance(layer, torch_mha):
         return TorchMHASubject(layer, name)
+    nnx_mha = _loaded_type("flax.nnx", "MultiHeadAttention")
+    if nnx_mha is not None and isinstance(layer, nnx_mha):
+        return FlaxSubject(layer, name)
+    linen_mha = _loaded_type("flax.linen", "MultiHeadDotProductAttention")
+    if linen_mha is not None and isinstance(layer, tuple) and len(layer) == 2 and isinstance(layer[0], linen_mha):
+        return FlaxSubject(layer, name)
+    keras_layers = [_loaded_type("keras", "layers", n) for n in ("MultiHeadAttention", "GroupQueryAttention")]
+    if any(t is not None and isinstance(layer, t) for t in keras_layers):
+        return KerasSubject(layer, name)
+    torch_module = _loaded_type("torch", "nn", "Module")
+    if (torch_module is not None and isinstance(layer, torch_module) and "transformers" in sys.modules
+            and all(hasattr(layer, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "config"))):
+        return HFAttentionSubject(layer, name)
     return None
