@@ -627,16 +627,23 @@ class FlaxSubject(LayerSubject):
             try:
                 weights = None
                 if self.linen:
-                    result = module.apply(variables, query, key, value, mutable=["intermediates"], **keywords)
-                    out, state = result
+                    with warnings.catch_warnings():  # linen's guess that a value with S == d_v is a mask
+                        warnings.filterwarnings("ignore", message="You are passing an array of shape",
+                                                category=DeprecationWarning)
+                        out, state = module.apply(variables, query, key, value, mutable=["intermediates"], **keywords)
                     if call.need_weights:
                         weights = _find(state, "attention_weights")
+                elif call.need_weights:
+                    from flax import nnx
+
+                    if hasattr(nnx, "capture"):  # flax >= 0.12.7: sow outside capture is deprecated
+                        out, intermediates = nnx.capture(module, nnx.Intermediate)(query, key, value, **keywords)
+                    else:  # pragma: no cover - older flax
+                        out = module(query, key, value, **keywords)
+                        intermediates = nnx.pop(module, nnx.Intermediate)
+                    weights = _find(intermediates, "attention_weights")
                 else:
                     out = module(query, key, value, **keywords)
-                    if call.need_weights:
-                        from flax import nnx
-
-                        weights = _find(nnx.pop(module, nnx.Intermediate), "attention_weights")
             except Exception as error:
                 raise LayerError(f"{self.name} raised {type(error).__name__}: {error}\n  call: {call!r}") from error
             return RawResult(backend.to_numpy(out), None if weights is None else backend.to_numpy(weights), None,
@@ -648,7 +655,7 @@ def _find(tree: Any, name: str) -> Any:
     items = tree.items() if hasattr(tree, "items") else ()
     for key, value in items:
         if key == name:
-            found = getattr(value, "value", value)
+            found = value.get_value() if hasattr(value, "get_value") else value  # an nnx Variable, or linen's tuple
             return found[0] if isinstance(found, tuple | list) else found
         inner = _find(value, name)
         if inner is not None:
