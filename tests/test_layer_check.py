@@ -77,22 +77,6 @@ def test_classic_example_matches_the_reference_layer() -> None:
     assert np.all(np.abs(averaged.numpy() - want_weights.numpy()) <= bound + torch_bound)
 
 
-def test_classic_example_in_one_line() -> None:
-    """check_layer(mha): eval mode, and train mode with torch's own dropout draw for the dropout
-    properties; every declared convention verified and reported; the module left as it was."""
-    mha = _classic()
-    before = {name: p.detach().clone() for name, p in mha.state_dict().items()}
-    report = check_layer(mha, max_examples=3, seed=0)
-    assert report.passed, str(report)
-    statuses = _statuses(report)
-    assert statuses["gqa_equals_repeated_kv_heads"] == Status.NOT_APPLICABLE  # torch MHA has no GQA
-    assert statuses["dropout_matches_explicit_mask"] == Status.CONVENTION_DIFFERS
-    assert statuses["weights_follow_declared_convention"] == Status.CONVENTION_DIFFERS
-    text = report.render()
-    assert "weights: averaged over the heads" in text and "weights: after dropout" in text
-    assert mha.training and all(torch.equal(before[n], p) for n, p in mha.state_dict().items())
-
-
 def test_torch_paths_and_their_fully_masked_rows() -> None:
     """torch MHA's fully masked rows: NaN on the fast path and where it computes the weights (verified,
     convention differs), SDPA's zeros (out = bo, the reference) otherwise; float64 and bfloat16 too,
@@ -103,10 +87,10 @@ def test_torch_paths_and_their_fully_masked_rows() -> None:
                          properties=("fully_masked_rows_follow_declared_convention", "layer_matches_reference"))
     assert report.passed, str(report)
     assert _statuses(report)["fully_masked_rows_follow_declared_convention"] == Status.CONVENTION_DIFFERS
-    assert "fully masked rows (weights path): out NaN" in report.render()
+    assert "fully masked rows (torch need_weights path): NaN" in report.render()
     fast = check_layer(torch.nn.MultiheadAttention(8, 2, batch_first=True), max_examples=10, seed=0,
                        properties=("fully_masked_rows_follow_declared_convention",))
-    assert fast.passed and "fully masked rows (fast path): out NaN" in fast.render(), str(fast)
+    assert fast.passed and "fully masked rows (torch fast path): NaN" in fast.render(), str(fast)
 
 
 class _DrawsFirst(torch.nn.MultiheadAttention):  # type: ignore[name-defined]
@@ -274,3 +258,30 @@ def test_keras_multi_head_attention(monkeypatch: pytest.MonkeyPatch) -> None:
     report = check_layer(layer, max_examples=3, seed=0,
                          properties=("layer_matches_reference", "key_padding_equals_mask"))
     assert report.passed, str(report)
+
+
+
+def test_classic_example_in_one_line() -> None:
+    """check_layer(mha): eval mode, and train mode with torch's own dropout draw for the dropout
+    properties; every declared convention verified and reported; the module left as it was; and
+    README's "Checking a layer" shows what it really prints."""
+    import pathlib
+    import re
+
+    mha = _classic()
+    before = {name: p.detach().clone() for name, p in mha.state_dict().items()}
+    report = check_layer(mha, max_examples=5, seed=0)
+    assert report.passed, str(report)
+    statuses = _statuses(report)
+    assert statuses["gqa_equals_repeated_kv_heads"] == Status.NOT_APPLICABLE  # torch MHA has no GQA
+    assert statuses["dropout_matches_explicit_mask"] == Status.CONVENTION_DIFFERS
+    assert statuses["weights_follow_declared_convention"] == Status.CONVENTION_DIFFERS
+    text = report.render()
+    assert "weights: averaged over the heads" in text and "weights: after dropout" in text
+    assert mha.training and all(torch.equal(before[n], p) for n, p in mha.state_dict().items())
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Checking a layer", 1)[1].split("\n## ", 1)[0]
+    call, shown = re.search(r"```python\n.*?print\((check_layer\(mha.*?\))\).*?```\n\n```text\n(.*?)```",
+                            section, flags=re.DOTALL).groups()  # type: ignore[union-attr]
+    assert call == "check_layer(mha, max_examples=5, seed=0)"
+    assert shown.rstrip("\n") == text, "README.md's one-line check output differs from check_layer's"

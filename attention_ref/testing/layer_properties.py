@@ -115,6 +115,7 @@ def layer_calls(
     need_weights: bool | None = None,
     own: bool = False,
     identity: bool = False,
+    self_attention: bool | None = None,
     max_length: int = 5,
     max_features: int = 8,
 ) -> LayerCall:
@@ -127,6 +128,8 @@ def layer_calls(
     layer's mask layout (per head unless it takes one mask for every head), with fully masked rows
     forced by ``fully_masked_rows`` (a masked row, or a fully padded batch element); causal is
     top-left; dropout draws a keep-mask ``(B, H, L, S)`` (a layer that draws its own uses the seed).
+    ``self_attention``: key and value are the query (True), never (False), or now and then (None,
+    when the features agree; always for a layer that takes one input).
     """
     subject = target.subject
     supports = subject.supports
@@ -153,8 +156,9 @@ def layer_calls(
         length = draw(st.sampled_from(FEW_LAYER_SHAPES["length"]))
     else:
         batch, length = draw(st.integers(1, 3)), draw(st.integers(1, max_length))
-    self_attention = subject.self_attention_only or ((dims.d_q == dims.d_k == dims.d_v)
-                                                     and draw(st.integers(0, 3)) == 0)
+    if self_attention is None:
+        self_attention = subject.self_attention_only or ((dims.d_q == dims.d_k == dims.d_v)
+                                                         and draw(st.integers(0, 3)) == 0)
     if self_attention:
         keys = length
     else:
@@ -263,19 +267,26 @@ def _unit(weights: np.ndarray) -> float:
     return UNIT_ROUNDOFF.get(name, UNIT_ROUNDOFF["float32"])
 
 
-def weights_view(subject: LayerSubject, case: LayerCase, per_head: np.ndarray, bound: np.ndarray,
+def weights_view(view: str, dropout: str, case: LayerCase, per_head: np.ndarray, bound: np.ndarray,
                  unit: float) -> tuple[np.ndarray, np.ndarray]:
-    """The expected weights in the layer's declared view, and their bound (module docstring)."""
+    """The expected weights in a layer's declared ``view`` ("per_head" or "averaged") and ``dropout``
+    ("before" or "after"), from the per-head weights before dropout and their bound, and the bound of
+    that view (module docstring); ``unit`` is the unit roundoff of the returned weights' dtype."""
     expected, limit = np.asarray(per_head, np.float64), np.asarray(bound, np.float64)
-    if subject.weights_dropout == "after" and case.dropout_mask is not None:
+    if dropout == "after" and case.dropout_mask is not None:
         multiplier = np.broadcast_to(case.attention_case().dropout_multiplier(), expected.shape)
         expected = expected * multiplier
         limit = limit * multiplier + 2 * unit * expected
-    if subject.weights_view == "averaged":
+    if view == "averaged":
         heads = expected.shape[1]
         expected = expected.mean(axis=1)
         limit = limit.mean(axis=1) + (heads + 1) * unit * expected
     return expected, limit
+
+
+def _declared_view(subject: LayerSubject, case: LayerCase, per_head: np.ndarray, bound: np.ndarray,
+                   unit: float) -> tuple[np.ndarray, np.ndarray]:
+    return weights_view(subject.weights_view, subject.weights_dropout, case, per_head, bound, unit)
 
 
 def judge(target: LayerTarget, call: LayerCall, *, converted: bool = False) -> Judged:
@@ -316,8 +327,8 @@ def judge(target: LayerTarget, call: LayerCall, *, converted: bool = False) -> J
             seen = weights[nan_rows].astype(np.float64)
             assert np.isnan(seen).all(), (f"fully masked rows{where}: the declared convention is NaN, so their "
                                           f"weights are NaN; got {seen[~np.isnan(seen)][0]!r}\n  call: {call!r}")
-        target.observed[f"fully masked rows{where}: out NaN in every row with a fully masked head"
-                        f"{' (and the weights)' if weights is not None else ''}, verified"] += int(rows.sum())
+        target.observed[f"fully masked rows{where}: NaN in every out row with a fully masked head (and in its "
+                        f"weights when returned), verified"] += int(rows.sum())
     elif convention == "mean_v":
         expected, bound = _mean_v_out(case, head_rows, bounds)
         assert_layer_close(f"fully masked rows{where} (declared mean_v: the head's mean projected value)",
@@ -328,7 +339,7 @@ def judge(target: LayerTarget, call: LayerCall, *, converted: bool = False) -> J
         target.observed[f"fully masked rows{where}: not compared (declared skip, NOT verified)"] += int(rows.sum())
     out[rows] = oracle.out[rows].astype(out.dtype)  # the reference's values, so that every other check applies
     if weights is not None:
-        expected_weights, _ = weights_view(subject, case, oracle.weights, bounds.weights, _unit(weights))
+        expected_weights, _ = _declared_view(subject, case, oracle.weights, bounds.weights, _unit(weights))
         mask = head_rows if subject.weights_view == "per_head" else rows
         weights[mask] = expected_weights[mask].astype(weights.dtype)
     return Judged(out, weights, case, bounds, raw)
@@ -356,7 +367,7 @@ def compare_to_oracle(target: LayerTarget, judged: Judged, call: LayerCall, what
     label = f"{what}: " if what else ""
     assert_layer_close(f"{label}out", judged.out, oracle.out, judged.bounds.out, call, judged.bounds.derivation)
     if judged.weights is not None:
-        expected, bound = weights_view(target.subject, judged.case, oracle.weights, judged.bounds.weights,
+        expected, bound = _declared_view(target.subject, judged.case, oracle.weights, judged.bounds.weights,
                                        _unit(judged.weights))
         assert_layer_close(f"{label}weights ({target.subject.weights_view}, {target.subject.weights_dropout} dropout)",
                            judged.weights, expected, bound, call)
@@ -378,9 +389,9 @@ def compare_calls(target: LayerTarget, first: Judged, second: Judged, call: Laye
     bound = first.bounds + second.bounds
     assert_layer_close(f"{what}: out", first.out, second.out, bound.out, call, bound.derivation)
     if first.weights is not None and second.weights is not None:
-        _, b1 = weights_view(target.subject, first.case, first.case.oracle().weights, first.bounds.weights,
+        _, b1 = _declared_view(target.subject, first.case, first.case.oracle().weights, first.bounds.weights,
                              _unit(first.weights))
-        _, b2 = weights_view(target.subject, second.case, second.case.oracle().weights, second.bounds.weights,
+        _, b2 = _declared_view(target.subject, second.case, second.case.oracle().weights, second.bounds.weights,
                              _unit(second.weights))
         assert_layer_close(f"{what}: weights", first.weights, second.weights, b1 + b2, call)
         record_weights_evidence(target, first)
@@ -530,6 +541,44 @@ def key_padding_equals_mask(target: LayerTarget, call: LayerCall) -> None:
     as_mask = LayerCall(call.case.replace(key_padding_mask=None, mask=mask), call.self_attention, call.need_weights,
                         call.dropout_seed)
     compare_calls(target, judge(target, call), judge(target, as_mask), call, "key_padding_mask vs the equal mask")
+
+
+def _ignored_key_calls(target: LayerTarget) -> st.SearchStrategy[Any] | None:
+    subject = target.subject
+    if not {"mask", "key_padding_mask"} & subject.supports or subject.self_attention_only:
+        return None
+    return st.tuples(layer_calls(target, own=subject.is_instance, self_attention=False,
+                                 mask=True if "key_padding_mask" not in subject.supports else None,
+                                 key_padding=True if "key_padding_mask" in subject.supports else None),
+                     st.integers(0, 2**32 - 1))
+
+
+@layer_property("ignored_keys_change_nothing", (8, 16), strategy=_ignored_key_calls)
+def ignored_keys_change_nothing(target: LayerTarget, example: tuple[LayerCall, int]) -> None:
+    """New key and value rows where no query attends (masked or padded for every query and head)
+    change nothing, bit for bit: a correct layer gives such keys weight exactly 0."""
+    call, seed = example
+    first = judge(target, call)
+    case = first.case
+    allowed = np.broadcast_to(case.attention_case().allowed(), case.oracle().weights.shape)
+    ignored = ~np.any(allowed, axis=(1, 2))  # (B, S): keys no query of any head attends
+    rng = np.random.default_rng(seed)
+    key, value = np.array(case.key), np.array(case.value)
+    key[ignored] = random_values(rng, key[ignored].shape, "normal", 5.0).astype(key.dtype)
+    value[ignored] = random_values(rng, value[ignored].shape, "normal", 5.0).astype(value.dtype)
+    changed = LayerCall(call.case.replace(key=key, value=value), call.self_attention, call.need_weights,
+                        call.dropout_seed)
+    second = judge(target, changed)
+    where = f"{int(ignored.sum())} ignored keys (B, S) {np.argwhere(ignored).tolist()} given new key and value rows"
+    for name, a, b in (("out", first.out, second.out), ("weights", first.weights, second.weights)):
+        if a is None or b is None:
+            continue
+        same = np.array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64))
+        if not same:
+            worst = np.unravel_index(np.argmax(np.nan_to_num(np.abs(np.asarray(a, np.float64) - b), nan=np.inf)),
+                                     a.shape)
+            raise AssertionError(f"{name} changed when {where}: at {tuple(int(i) for i in worst)} {a[worst]!r} became "
+                                 f"{b[worst]!r} (must be bit for bit the same)\n  call: {call!r}")
 
 
 def _round_trip_calls(target: LayerTarget) -> st.SearchStrategy[LayerCall] | None:

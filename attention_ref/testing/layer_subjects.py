@@ -370,7 +370,7 @@ class FactorySubject(LayerSubject):
 #: batch_first, no grad...), the explicit softmax when the weights are asked for, and
 #: ``scaled_dot_product_attention`` otherwise; and what a fully masked row gives on each (torch 2.13,
 #: CPU: NaN, NaN, and SDPA's zeros).
-TORCH_MHA_PATHS = {"fast path": "nan", "weights path": "nan", "sdpa path": "zero"}
+TORCH_MHA_PATHS = {"torch fast path": "nan", "torch need_weights path": "nan", "torch SDPA path": "zero"}
 
 
 @contextlib.contextmanager
@@ -425,7 +425,8 @@ class TorchMHASubject(LayerSubject):
                              f"bias={module.in_proj_bias is not None}, batch_first={module.batch_first}"
                              + ("" if module._qkv_same_embed_dim else f", kdim={module.kdim}, vdim={module.vdim}")
                              + ")")
-        self.kind = f"{type(module).__name__} instance (torch nn.MultiheadAttention)"
+        self.kind = ("torch nn.MultiheadAttention instance" if type(module).__name__ == "MultiheadAttention"
+                     else f"{type(module).__name__} instance (a torch nn.MultiheadAttention)")
         paths = ", ".join(f"{convention} ({path})" for path, convention in TORCH_MHA_PATHS.items())
         self.declared = ("weights: averaged, after dropout", f"fully masked rows: {paths}",
                          "train mode: dropout with torch's own draw, reproduced from a seed" if self.dropout_p
@@ -510,7 +511,8 @@ class TorchMHASubject(LayerSubject):
             module.eval()
         if not module.batch_first:
             out = out.transpose(0, 1)
-        path = "fast path" if calls else ("weights path" if call.need_weights or training else "sdpa path")
+        path = "torch fast path" if calls else ("torch need_weights path" if call.need_weights or training
+                                                else "torch SDPA path")
         return RawResult(backend.to_numpy(out), None if weights is None or not call.need_weights
                          else backend.to_numpy(weights), keep, path, TORCH_MHA_PATHS[path])
 
