@@ -6,7 +6,10 @@ supports and which of its conventions differ from SPEC.md. An adapter only *maps
 bias and mask folded into the one float mask torch takes, causal folded into that mask when torch
 refuses both, masks broadcast to the 4-D shape jax requires); it never computes part of the answer.
 
-Targets (``available_targets(device)``), each only when its framework is installed:
+Targets come from builders, ``builder(device) -> list[Target]``, named by import path in
+``TARGET_BUILDERS`` (the crosscheck's column order), so that a worker process can build its one
+target again from its name (``find_target``); a builder imports no framework on the CPU.
+``available_targets(device)`` lists every target whose framework is installed:
 
 * ``torch.sdpa[BACKEND]``: ``torch.nn.functional.scaled_dot_product_attention`` pinned to one SDPA
   backend with ``torch.nn.attention.sdpa_kernel``: on the CPU ``MATH`` and ``FLASH_ATTENTION`` (the
@@ -16,23 +19,31 @@ Targets (``available_targets(device)``), each only when its framework is install
 * ``jax.nn.dot_product_attention[xla]`` (and ``[cudnn]`` on a GPU): layout (B, L, H, E); a fully
   masked row gives mean(v) (a finite mask fill).
 * ``flax.nnx.dot_product_attention``: the same conventions, no scale keyword.
+* ``keras.ops.dot_product_attention[jax]``, ``[torch]`` and ``[torch, bias]``: keras 3 on its jax
+  and torch backends, each in a process of its own (``Target.environment``: ``KERAS_BACKEND``).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..plan import FLOATING_DTYPES
+from .report import PropertyOutcome, Status
 
 HALF_AND_SINGLE = ("float16", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
 class Target:
-    """A framework kernel with the arguments of ``attention_ref.testing.check``."""
+    """A framework kernel with the arguments of ``attention_ref.testing.check``, and how the
+    crosscheck runs it.
+
+    A target that is not a kernel (a framework layer, say) subclasses this and overrides
+    :meth:`plan` and :meth:`run`; the crosscheck needs nothing else of it."""
 
     name: str
     framework: str
@@ -46,10 +57,61 @@ class Target:
     few_shapes: bool = False
     #: Declared conventions and adapter choices, printed with the report.
     notes: tuple[str, ...] = ()
+    #: The kernel's backward pass for ``check(backward=...)``; None: the checker's autodiff of ``kernel``.
+    backward: Callable[..., Any] | None = None
+    #: Environment variables the target's worker process needs (keras: ``KERAS_BACKEND``).
+    environment: tuple[tuple[str, str], ...] = ()
+    #: Rough seconds of a default CPU crosscheck (float32, 10 examples, 2 cores); the slowest start first.
+    cost: float = 5.0
+    #: The builder that made it (``"module:function"``, set by ``available_targets``), for a worker to
+    #: build it again.
+    builder: str = ""
+
+    def plan(self, dtypes: Sequence[str], properties: Sequence[str] | None = None) -> list[PropertyOutcome]:
+        """The report's rows before anything runs: each property that will run with status ERROR (what
+        it stays if the run dies before it), the others "n/a" or "not run", in report order."""
+        from .runner import PROPERTIES
+        from .strategies import Features
+
+        features = Features(frozenset(self.supports), tuple(dtypes), few_shapes=self.few_shapes)
+        return [PropertyOutcome(prop.name, prop.rules,
+                                Status.NOT_RUN if properties is not None and prop.name not in properties
+                                else Status.ERROR if prop.applies_to(features) else Status.NOT_APPLICABLE)
+                for prop in PROPERTIES]
+
+    def run(self, *, dtypes: Sequence[str], max_examples: int, seed: int | None,
+            properties: Sequence[str] | None = None) -> Any:
+        """``check`` of the kernel with its declarations (a ``CheckReport``)."""
+        from .check import check
+
+        return check(self.kernel, framework=self.framework, supports=self.supports, layout=self.layout,
+                     dtypes=dtypes, fully_masked=self.fully_masked, max_examples=max_examples, seed=seed,
+                     name=self.name, device=self.device, few_shapes=self.few_shapes, backward=self.backward,
+                     properties=properties)
 
 
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
+
+
+def _cuda_in_torch() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _jax_platform(device: str) -> str | None:
+    """jax's platform for ``device`` ("cpu" or "gpu"), None when jax has no such device (jax is
+    imported only to ask for a GPU)."""
+    if device == "cpu":
+        return "cpu"
+    import jax
+
+    try:
+        jax.devices("gpu")
+    except RuntimeError:
+        return None
+    return "gpu"
 
 
 # ---- torch ---------------------------------------------------------------------------------------
@@ -117,10 +179,9 @@ def torch_sdpa_causal_variants(q: Any, k: Any, v: Any, *, scale: Any = None, cau
                                           enable_gqa=q.shape[-3] != k.shape[-3])
 
 
-def _torch_targets(device: str) -> list[Target]:
-    import torch
-
-    if device != "cpu" and not torch.cuda.is_available():
+def torch_targets(device: str) -> list[Target]:
+    """The torch SDPA targets (torch is imported only to ask for CUDA)."""
+    if not _installed("torch") or (device != "cpu" and not _cuda_in_torch()):
         return []
     full = ("mask", "bias", "scale", "causal", "gqa", "value_dim", "grad", "dbias")
     notes_zero = ("fully masked rows: 0 (torch's _safe_softmax), as SPEC.md",
@@ -128,11 +189,12 @@ def _torch_targets(device: str) -> list[Target]:
                   "it when a mask or bias is given (torch refuses attn_mask with is_causal)",
                   "gradients through torch.autograd (dbias through the float attn_mask); no window in SDPA; "
                   "dropout not checked (SDPA draws its own mask)")
-    targets = [Target("torch.sdpa[MATH]", "torch", torch_sdpa("MATH"), full, device=device, notes=notes_zero)]
+    targets = [Target("torch.sdpa[MATH]", "torch", torch_sdpa("MATH"), full, device=device, notes=notes_zero,
+                      cost=3)]
     if device == "cpu":
         targets.append(Target(
             "torch.sdpa[FLASH_ATTENTION]", "torch", torch_sdpa("FLASH_ATTENTION"),
-            tuple(f for f in full if f not in ("value_dim", "dbias")), device=device,
+            tuple(f for f in full if f not in ("value_dim", "dbias")), device=device, cost=10,
             notes=(*notes_zero, "the CPU flash kernel needs Ev == E; its backward refuses an attn_mask that "
                                 "requires grad, so dbias is not checked")))
     else:
@@ -151,7 +213,7 @@ def _torch_targets(device: str) -> list[Target]:
         ]
     targets.append(Target(
         "torch.sdpa causal_lower_right", "torch", torch_sdpa_causal_variants,
-        ("scale", "causal", "bottom_right", "gqa", "value_dim", "grad"), device=device,
+        ("scale", "causal", "bottom_right", "gqa", "value_dim", "grad"), device=device, cost=5,
         notes=("causal as torch.nn.attention.bias.causal_lower_right (bottom_right) / causal_upper_left "
                "(top_left); no other mask, since a CausalBias cannot be combined with one",)))
     return targets
@@ -171,8 +233,8 @@ def _jax_mask_and_bias(q: Any, k: Any, mask: Any, bias: Any) -> tuple[Any, Any]:
     return mask, bias
 
 
-def _jax_call(attention: Callable[..., Any], q: Any, k: Any, v: Any, mask: Any, bias: Any,
-              **options: Any) -> Any:
+def _jax_call(attention: Callable[..., Any], q: Any, k: Any, v: Any, mask: Any, bias: Any, *,
+              broadcast: bool = True, **options: Any) -> Any:
     """``attention(q, k, v, bias=, mask=, **options)`` with float64 inside a scoped
     ``jax.enable_x64``, jitted (one compilation per shape; a ``scale`` option is traced, not
     static) except for float16 and bfloat16: XLA on the CPU refuses their float32-accumulating dot
@@ -182,23 +244,26 @@ def _jax_call(attention: Callable[..., Any], q: Any, k: Any, v: Any, mask: Any, 
 
     with jax.enable_x64(q.dtype == jnp.float64):
         if q.dtype in (jnp.float16, jnp.bfloat16):
-            mask, bias = _jax_mask_and_bias(q, k, mask, bias)
+            if broadcast:
+                mask, bias = _jax_mask_and_bias(q, k, mask, bias)
             return attention(q, k, v, bias=bias, mask=mask, **options)
         scale = options.pop("scale", None)
         static = tuple(sorted(options.items()))
-        return _jitted(attention, static, scale is not None)(q, k, v, bias, mask, scale)
+        return _jitted(attention, static, scale is not None, broadcast)(q, k, v, bias, mask, scale)
 
 
 _JITTED: dict[Any, Any] = {}
 
 
-def _jitted(attention: Callable[..., Any], static: tuple[tuple[str, Any], ...], scaled: bool) -> Any:
+def _jitted(attention: Callable[..., Any], static: tuple[tuple[str, Any], ...], scaled: bool,
+            broadcast: bool) -> Any:
     import jax
 
-    key = (attention, static, scaled)
+    key = (attention, static, scaled, broadcast)
     if key not in _JITTED:
         def call(q: Any, k: Any, v: Any, bias: Any, mask: Any, scale: Any) -> Any:
-            mask, bias = _jax_mask_and_bias(q, k, mask, bias)
+            if broadcast:
+                mask, bias = _jax_mask_and_bias(q, k, mask, bias)
             extra = {"scale": scale} if scaled else {}
             return attention(q, k, v, bias=bias, mask=mask, **extra, **dict(static))
 
@@ -243,48 +308,193 @@ def flax_nnx(q: Any, k: Any, v: Any, *, mask: Any = None, bias: Any = None, caus
     return _jax_call(nnx.dot_product_attention, q, k, v, mask, bias, is_causal=causal, deterministic=True)
 
 
-def _jax_targets(device: str) -> list[Target]:
+def jax_backward(kernel: Callable[..., Any], *, dbias: bool) -> Callable[..., Any]:
+    """``backward(q, k, v, d_out, **keywords) -> (dq, dk, dv, dbias)`` for ``check(backward=...)``:
+    ``jax.vjp`` of ``kernel`` (its bias differentiated with ``dbias``, else held constant), jitted
+    as one program per shape, forward and backward together (as a jitted training step runs them;
+    one compilation instead of the two of the checker's default vjp of a jitted call). mask, bias
+    and scale are traced, the other keywords static; float16 and bfloat16 unjitted, as
+    ``_jax_call``."""
+
+    def backward(q: Any, k: Any, v: Any, d_out: Any, **keywords: Any) -> Any:
+        import jax
+        import jax.numpy as jnp
+
+        traced: dict[str, Any] = {name: keywords.pop(name) for name in ("mask", "bias", "scale") if name in keywords}
+        key = (kernel, dbias, tuple(sorted(keywords.items())), tuple(sorted(traced)))
+        with jax.enable_x64(q.dtype == jnp.float64):
+            if q.dtype in (jnp.float16, jnp.bfloat16):
+                return _vjp(kernel, dbias, keywords, q, k, v, d_out, traced)
+            if key not in _JITTED:
+                static = dict(keywords)
+                _JITTED[key] = jax.jit(lambda q, k, v, d_out, traced: _vjp(kernel, dbias, static, q, k, v, d_out,
+                                                                            traced))
+            return _JITTED[key](q, k, v, d_out, traced)
+
+    return backward
+
+
+def _vjp(kernel: Callable[..., Any], dbias: bool, static: dict[str, Any], q: Any, k: Any, v: Any, d_out: Any,
+         traced: dict[str, Any]) -> Any:
     import jax
 
-    platform = "cpu" if device == "cpu" else "gpu"
-    try:
-        jax.devices(platform)
-    except RuntimeError:
+    bias = traced.get("bias")
+    others = {name: x for name, x in traced.items() if name != "bias"}
+
+    def forward(q: Any, k: Any, v: Any, differentiated: Any) -> Any:
+        used = differentiated if dbias else bias
+        result = kernel(q, k, v, **static, **others, **({} if used is None else {"bias": used}))
+        return result[0] if isinstance(result, tuple) else result
+
+    _, pullback = jax.vjp(forward, q, k, v, bias if dbias else None)
+    return pullback(d_out)
+
+
+def jax_targets(device: str) -> list[Target]:
+    """jax.nn's and flax nnx's dot_product_attention (jax is imported only to ask for a GPU)."""
+    platform = _jax_platform(device) if _installed("jax") else None
+    if platform is None:
         return []
     jax_device = None if device == "cpu" else platform
     mean_v = ("fully masked rows: mean(v) over the masked keys (mask fill -0.7 * float32 max); "
               "NaN when a -inf bias alone excludes the row",)
     layout_note = ("layout (B, L, H, E); mask and bias broadcast to 4-D; jitted (float32, float64), so sizes come "
                    "from a small menu")
-    grad_note = ("gradients through jax.vjp of the (jitted) call; fully masked rows get a zero cotangent, since "
-                 "their mean(v) is a convention",)
-    targets = [Target("jax.nn.dot_product_attention[xla]", "jax", jax_nn("xla"),
+    grad_note = ("gradients: jax.vjp of the call, jitted as one program per shape; fully masked rows get a zero "
+                 "cotangent, since their mean(v) is a convention",)
+    xla = jax_nn("xla")
+    targets = [Target("jax.nn.dot_product_attention[xla]", "jax", xla,
                       ("mask", "bias", "scale", "causal", "gqa", "lse", "window", "grad", "dbias"), layout="blhd",
-                      fully_masked="mean_v", device=jax_device, few_shapes=True,
+                      fully_masked="mean_v", device=jax_device, few_shapes=True, backward=jax_backward(xla, dbias=True),
+                      cost=110,
                       notes=(*mean_v, layout_note, "lse through return_residual=True",
                              "window as local_window_size=(left, right) (top-left; None as L + S)", *grad_note))]
     if platform == "gpu":
-        targets.append(Target("jax.nn.dot_product_attention[cudnn]", "jax", jax_nn("cudnn"),
+        cudnn = jax_nn("cudnn")
+        targets.append(Target("jax.nn.dot_product_attention[cudnn]", "jax", cudnn,
                               ("mask", "bias", "scale", "causal", "gqa", "lse", "window", "grad"), layout="blhd",
                               dtypes=("float16", "bfloat16"), device=jax_device, few_shapes=True,
+                              backward=jax_backward(cudnn, dbias=False), cost=60,
                               notes=("fully masked rows: 0 (cudnn), as SPEC.md", layout_note)))
     if _installed("flax"):
         targets.append(Target("flax.nnx.dot_product_attention", "jax", flax_nnx, ("mask", "bias", "causal", "gqa"),
-                              layout="blhd", fully_masked="mean_v", device=jax_device, few_shapes=True,
+                              layout="blhd", fully_masked="mean_v", device=jax_device, few_shapes=True, cost=45,
                               notes=(*mean_v, layout_note, "no scale keyword (always 1/sqrt(E))",
                                      "gradients not re-checked: without dropout it delegates to jax.nn, whose "
                                      "gradients are; dropout not checked (flax draws its own mask)")))
     return targets
 
 
-def available_targets(device: str = "cpu") -> list[Target]:
-    """Every built-in target whose framework is installed and can run on ``device`` ("cpu" or
-    "cuda")."""
+# ---- keras ---------------------------------------------------------------------------------------
+
+
+def _keras_ops(backend: str) -> Any:
+    """``keras.ops``, once keras runs on ``backend``: keras reads ``KERAS_BACKEND`` once, when it is
+    first imported, so a keras target runs in a process of its own with that variable set
+    (``Target.environment``; ``attention-ref crosscheck`` starts one per target)."""
+    import keras
+
+    if keras.backend.backend() != backend:
+        raise RuntimeError(f"keras runs on its {keras.backend.backend()!r} backend in this process; this target "
+                           f"needs KERAS_BACKEND={backend} set before keras is imported")
+    return keras.ops
+
+
+def keras_dot_product_attention(backend: str) -> Callable[..., Any]:
+    """``keras.ops.dot_product_attention`` on keras' ``backend`` ("jax" or "torch"), with keras' own
+    layout (B, L, H, E) and defaults (``flash_attention=None``: keras decides). On the jax backend
+    the call is jitted (as keras runs it inside a jitted step), one compilation per shape."""
+
+    def kernel(q: Any, k: Any, v: Any, *, mask: Any = None, bias: Any = None, scale: Any = None,
+               causal: bool = False) -> Any:
+        ops = _keras_ops(backend)
+        if backend == "jax":
+            return _jax_call(ops.dot_product_attention, q, k, v, mask, bias, broadcast=False, scale=scale,
+                             is_causal=causal)
+        return ops.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal)
+
+    kernel.__name__ = f"keras_dot_product_attention_{backend}"
+    return kernel
+
+
+def keras_targets(device: str) -> list[Target]:
+    """keras' ``ops.dot_product_attention`` on each installed keras backend (jax, torch); keras is not
+    imported here (each target imports it in its own process, with ``KERAS_BACKEND`` set)."""
+    if not _installed("keras"):
+        return []
+    jax_platform = _jax_platform(device) if _installed("jax") else None
+    torch_ok = _installed("torch") and (device == "cpu" or _cuda_in_torch())
+    layout = ("layout (B, L, H, E) (keras' (B, T, N, H)); flash_attention=None (keras decides: never on the CPU); "
+              "float64 inputs are computed and returned in float32 by keras, so float64 is not declared; no window, "
+              "softcap (JAX on TPU only), dropout, weights or lse")
+    causal = "causal: is_causal, top-left (tril(ones(L, S)))"
+    targets = []
+    if jax_platform is not None:
+        kernel = keras_dot_product_attention("jax")
+        targets.append(Target(
+            "keras.ops.dot_product_attention[jax]", "jax", kernel,
+            ("mask", "bias", "scale", "causal", "gqa", "grad", "dbias"), layout="blhd", fully_masked="mean_v",
+            dtypes=HALF_AND_SINGLE, device=None if device == "cpu" else jax_platform, few_shapes=True,
+            backward=jax_backward(kernel, dbias=True), environment=(("KERAS_BACKEND", "jax"),), cost=80,
+            notes=("fully masked rows: mean(v) over the masked keys (keras hands the call to jax.nn, mask fill "
+                   "-0.7 * float32 max); NaN when a -inf bias alone excludes the row",
+                   layout, causal, "mask and bias passed as given (keras broadcasts them); jitted (float32), so "
+                   "sizes come from a small menu; Ev == E (keras requires value of key's shape)",
+                   "gradients: jax.vjp of the call, jitted as one program per shape; fully masked rows get a zero "
+                   "cotangent")))
+    if torch_ok:
+        kernel = keras_dot_product_attention("torch")
+        environment = (("KERAS_BACKEND", "torch"),)
+        torch_common = ("keras hands the call to torch SDPA without pinning a backend (torch's own dispatch: the "
+                        "CPU flash kernel where it applies)",)
+        targets += [
+            Target("keras.ops.dot_product_attention[torch]", "torch", kernel,
+                   ("mask", "scale", "causal", "gqa", "value_dim", "grad"), layout="blhd", fully_masked="mean_v",
+                   dtypes=HALF_AND_SINGLE, device=device, environment=environment, cost=8,
+                   notes=("fully masked rows: mean(v) over the masked keys (keras turns the bool mask into an "
+                          "additive -0.7 * 3.38953e38, -0.7 * 65500 in float16)", layout, causal, *torch_common,
+                          "no bias here: keras' torch backend refuses a mask with a bias (ValueError 'Only one of "
+                          "`bias` and `mask` can be provided'), and a -inf bias row gives 0, not the mask's mean(v); "
+                          "bias is the [torch, bias] target")),
+            Target("keras.ops.dot_product_attention[torch, bias]", "torch", kernel,
+                   ("bias", "scale", "gqa", "value_dim", "grad", "dbias"), layout="blhd",
+                   dtypes=HALF_AND_SINGLE, device=device, environment=environment, cost=8,
+                   notes=("the bias alone (keras passes it to torch SDPA as attn_mask); fully masked rows (a -inf "
+                          "bias row): 0 (torch's _safe_softmax), as SPEC.md", layout, *torch_common,
+                          "no causal here: keras passes the bias as attn_mask together with is_causal=True, which "
+                          "torch's math backend refuses (RuntimeError) and the CPU flash kernel takes (NaN for "
+                          "scale <= 0); causal is checked on the [torch] target")),
+        ]
+    return targets
+
+
+#: The builders of the built-in targets (``builder(device) -> list[Target]``, by import path, so that a
+#: worker process can build its target again), in the crosscheck's column order.
+TARGET_BUILDERS = (
+    "attention_ref.testing.adapters:torch_targets",
+    "attention_ref.testing.adapters:jax_targets",
+    "attention_ref.testing.adapters:keras_targets",
+)
+
+
+def load_builder(path: str) -> Callable[[str], list[Target]]:
+    """The builder named ``"module:function"``."""
+    module, _, function = path.partition(":")
+    builder: Callable[[str], list[Target]] = getattr(importlib.import_module(module), function)
+    return builder
+
+
+def available_targets(device: str = "cpu", builders: Sequence[str] = TARGET_BUILDERS) -> list[Target]:
+    """Every target of ``builders`` whose framework is installed and can run on ``device`` ("cpu" or
+    "cuda"), each with its ``builder`` set."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    targets: list[Target] = []
-    if _installed("torch"):
-        targets += _torch_targets(device)
-    if _installed("jax"):
-        targets += _jax_targets(device)
-    return targets
+    return [replace(target, builder=path) for path in builders for target in load_builder(path)(device)]
+
+
+def find_target(name: str, device: str, builder: str) -> Target:
+    """The target called ``name`` that ``builder`` makes for ``device`` (LookupError when it makes none)."""
+    for target in available_targets(device, (builder,)):
+        if target.name == name:
+            return target
+    raise LookupError(f"{builder} makes no target {name!r} on {device}")

@@ -6,26 +6,57 @@ a cell is ``pass``, ``FAIL``, ``ERROR`` (the property could not run), ``differs 
 given the declared conventions [n,...], which were exercised and verified) or ``n/a`` (the target
 lacks a feature the property needs). Under the matrix: each target's declared conventions, the
 evidence for every "differs" and the shrunk failing case of every FAIL and ERROR.
+
+The targets run in ``jobs`` worker processes at a time (``attention_ref.testing.crosscheck_worker``),
+the slowest first (``Target.cost``); a worker runs one target after another as long as they need
+the same environment (``Target.environment``: keras reads ``KERAS_BACKEND`` once per process). A
+worker that crashes or hangs (``timeout``) costs only the target it was running, whose unfinished
+properties become ERROR with the end of the worker's stderr; the next target gets a new worker.
+The report is in the targets' order whatever ``jobs`` is.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
+import pickle
 import re
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from .adapters import Target, available_targets
-from .check import CheckReport, check
-from .report import Status, render_table, summary_line
+from .adapters import TARGET_BUILDERS, Target, available_targets
+from .check import CheckReport
+from .crosscheck_worker import DONE
+from .report import PropertyOutcome, Status, render_table, summary_line
 from .runner import PROPERTIES, check_property_names
 
-#: The dtypes checked by default: float32 on the CPU (about 3 minutes on 2 cores), half precision too on CUDA.
+#: The dtypes checked by default: float32 on the CPU, half precision too on CUDA.
 DEFAULT_DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16", "float32")}
+#: Seconds a target's worker may run (start-up included) before it is stopped and its unfinished
+#: properties become ERROR.
+DEFAULT_TIMEOUT = 1800.0
+#: The lines of a dead worker's stderr (and stdout) that its ERROR outcomes quote.
+STDERR_TAIL_LINES = 25
 
 #: A matrix cell per status ("convention differs" becomes "differs [n,...]" with its footnotes).
 _CELLS = {Status.PASS: "pass", Status.FAIL: "FAIL", Status.ERROR: "ERROR", Status.NOT_APPLICABLE: "n/a",
           Status.NOT_RUN: "-"}
+
+
+def default_jobs() -> int:
+    """Worker processes at a time by default: one per available core, at most 4 (each holds a
+    framework, about 1 GB with jax)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
 
 
 @dataclass
@@ -60,7 +91,9 @@ class CrosscheckReport:
                     cells[outcome.name] = _CELLS[outcome.status]
             columns.append(cells)
         names = [target.name for target, _, _ in self.results]
-        rows = [(prop.name, *(cells.get(prop.name, "n/a") for cells in columns)) for prop in PROPERTIES]
+        properties = dict.fromkeys([*(prop.name for prop in PROPERTIES),
+                                    *(o.name for _, report, _ in self.results for o in report.outcomes)])
+        rows = [(name, *(cells.get(name, "n/a") for cells in columns)) for name in properties]
         lines = [f"crosscheck on {self.device}: {len(names)} framework kernels against SPEC.md", "",
                  *render_table(("property", *names), rows, min_width=12)]
         lines += ["", "Declared conventions (exercised by the property):"]
@@ -88,24 +121,272 @@ def crosscheck(
     only: Sequence[str] = (),
     properties: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    jobs: int | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    builders: Sequence[str] = TARGET_BUILDERS,
 ) -> CrosscheckReport:
-    """Check every built-in target available on ``device`` ("cpu" or "cuda"), in each of ``dtypes``
-    it supports (default: all it supports), ``max_examples`` per property. ``only`` keeps the
-    targets whose name contains one of its strings; ``properties`` names the properties to run
-    (default: all; the others are "not run"); ``progress`` receives a line per target."""
+    """Check every target of ``builders`` available on ``device`` ("cpu" or "cuda"), in each of
+    ``dtypes`` it supports (default: all it supports), ``max_examples`` per property. ``only`` keeps
+    the targets whose name contains one of its strings; ``properties`` names the properties to run
+    (default: all; the others are "not run"); ``progress`` receives a line when a target starts and
+    when it ends. The targets run in ``jobs`` worker processes at a time (default
+    ``default_jobs()``), each target for at most ``timeout`` seconds (None: no limit)."""
     check_property_names(properties)
-    report = CrosscheckReport(device)
-    for target in available_targets(device):
+    if jobs is not None and jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
+    selected: list[tuple[Target, tuple[str, ...]]] = []
+    for target in available_targets(device, builders):
         if only and not any(part in target.name for part in only):
             continue
         chosen = tuple(d for d in target.dtypes if dtypes is None or d in dtypes)
-        if not chosen:
-            continue
-        if progress is not None:
-            progress(f"checking {target.name} ({', '.join(chosen)}) ...")
-        start = time.perf_counter()
-        result = check(target.kernel, framework=target.framework, supports=target.supports, layout=target.layout,
-                       dtypes=chosen, fully_masked=target.fully_masked, max_examples=max_examples, seed=seed,
-                       name=target.name, device=target.device, few_shapes=target.few_shapes, properties=properties)
-        report.results.append((target, result, time.perf_counter() - start))
+        if chosen:
+            selected.append((target, chosen))
+    jobs = min(jobs or default_jobs(), max(1, len(selected)))
+    # One worker runs the targets in column order; several take the slowest first.
+    order = sorted(range(len(selected)), key=lambda i: -selected[i][0].cost if jobs > 1 else i)
+    with tempfile.TemporaryDirectory(prefix="attention-ref-crosscheck-") as directory:
+        pool = _Pool(directory, device=device, max_examples=max_examples, seed=seed, properties=properties,
+                     timeout=timeout, progress=progress, selected=selected, pending=list(order))
+        threads = [threading.Thread(target=pool.serve, name=f"crosscheck-worker-{n}", daemon=True)
+                   for n in range(jobs)]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(0.2)
+        finally:  # interrupted (or done): stop the workers still running, start no other
+            pool.stop_all()
+            for thread in threads:
+                thread.join()
+    report = CrosscheckReport(device)
+    report.results = [(target, *pool.results[i]) for i, (target, _) in enumerate(selected)]
     return report
+
+
+class _Worker:
+    """A worker process for targets of one environment, and the end of its log file."""
+
+    def __init__(self, environment: tuple[tuple[str, str], ...], log_path: str, shared: dict[str, str]) -> None:
+        self.environment = environment
+        self.log_path = log_path
+        variables = {**shared, **os.environ, **dict(environment),
+                     # the worker imports what this process imports (attention_ref, a builder's module)
+                     "PYTHONPATH": os.pathsep.join(os.path.abspath(p or os.curdir) for p in sys.path
+                                                   if os.path.isdir(p or os.curdir))}
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "attention_ref.testing.crosscheck_worker"],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                            env=variables, start_new_session=True)
+        self.answers = b""
+
+    def log_size(self) -> int:
+        return os.path.getsize(self.log_path)
+
+    def ask(self, request: dict[str, Any], timeout: float | None) -> str | None:
+        """Send one request and wait for its answer: None when done, else what went wrong (the worker is
+        then stopped)."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self.process.stdin.write((json.dumps(request) + "\n").encode())
+            self.process.stdin.flush()
+        except OSError:
+            pass  # it died already: its exit status says how, below
+        stream = self.process.stdout.fileno()
+        while b"\n" not in self.answers:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([stream], [], [], wait)
+            if not ready:
+                self.stop()
+                return f"timed out after {timeout:g} s"
+            chunk = os.read(stream, 4096)
+            if not chunk:
+                return f"exited with status {self.stop()}"
+            self.answers += chunk
+        answer, _, self.answers = self.answers.partition(b"\n")
+        if answer.decode().strip() != DONE:
+            return f"answered {answer[:200]!r}"
+        return None
+
+    def stop(self) -> int:
+        """Kill the worker and the processes it started (its own session); its exit status."""
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                self.process.kill()
+        status = self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                stream.close()
+        return status
+
+    def close(self) -> None:
+        """End of requests: the worker exits; stopped if it does not within a few seconds."""
+        try:
+            if self.process.stdin is not None:
+                self.process.stdin.close()
+            self.process.wait(10)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        self.stop()
+
+
+@dataclass
+class _Pool:
+    """The crosscheck's worker threads: each takes the next pending target, sends it to its worker
+    process (a new one when the target's environment differs, or the last one died) and turns what
+    the worker left into a ``CheckReport``."""
+
+    directory: str
+    device: str
+    max_examples: int
+    seed: int | None
+    properties: Sequence[str] | None
+    timeout: float | None
+    progress: Callable[[str], None] | None
+    selected: list[tuple[Target, tuple[str, ...]]]
+    pending: list[int]
+    results: dict[int, tuple[CheckReport, float]] = field(default_factory=dict)
+    workers: set[_Worker] = field(default_factory=set)
+    numbers: Iterator[int] = field(default_factory=itertools.count)
+    stopped: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def say(self, line: str) -> None:
+        if self.progress is not None:
+            with self.lock:
+                self.progress(line)
+
+    def serve(self) -> None:
+        worker: _Worker | None = None
+        try:
+            while True:
+                with self.lock:
+                    if self.stopped or not self.pending:
+                        return
+                    index = self.pending.pop(0)
+                target, dtypes = self.selected[index]
+                if worker is not None and worker.environment != target.environment:
+                    worker.close()
+                    self._forget(worker)
+                    worker = None
+                self.say(f"checking {target.name} ({', '.join(dtypes)}) ...")
+                start = time.perf_counter()
+                try:
+                    if worker is None:
+                        worker = self._start(target.environment)
+                    result, seconds, alive = self._check(worker, index, target, dtypes)
+                except Exception as error:  # the crosscheck could not run its worker (an ERROR, never a FAIL)
+                    result = _dead_worker_report(target, dtypes, self.properties, {},
+                                                 f"could not run ({type(error).__name__}: {error})", "")
+                    seconds, alive = time.perf_counter() - start, False
+                if not alive and worker is not None:
+                    worker.stop()
+                    self._forget(worker)
+                    worker = None
+                self.results[index] = (result, seconds)
+                self.say(f"{target.name}: {result.summary()} ({time.perf_counter() - start:.1f} s)")
+        finally:
+            if worker is not None:
+                worker.close()
+                self._forget(worker)
+
+    def _start(self, environment: tuple[tuple[str, str], ...]) -> _Worker:
+        with self.lock:
+            if self.stopped:
+                raise RuntimeError("the crosscheck was stopped")
+            worker = _Worker(environment, os.path.join(self.directory, f"worker-{next(self.numbers)}.log"),
+                             _shared_jax_cache(self.directory))
+            self.workers.add(worker)
+        return worker
+
+    def _forget(self, worker: _Worker) -> None:
+        with self.lock:
+            self.workers.discard(worker)
+
+    def _check(self, worker: _Worker, index: int, target: Target,
+               dtypes: tuple[str, ...]) -> tuple[CheckReport, float, bool]:
+        """The target's report from ``worker``, its seconds, and whether the worker is still usable."""
+        path = os.path.join(self.directory, f"{index}.results")
+        request = {"name": target.name, "builder": target.builder, "device": self.device, "dtypes": list(dtypes),
+                   "max_examples": self.max_examples, "seed": self.seed,
+                   "properties": None if self.properties is None else list(self.properties), "results": path}
+        log_start, start = worker.log_size(), time.perf_counter()
+        died = worker.ask(request, self.timeout)
+        records = _read_records(path)
+        done = [record for record in records if record[0] == "done"]
+        outcomes = {record[1].name: record[1] for record in records if record[0] == "outcome"}
+        if died is None and done:
+            _, header, seconds = done[-1]
+            return CheckReport(header, list(outcomes.values()), dtypes=dtypes), seconds, True
+        if self.stopped:
+            died = "was stopped (the crosscheck was interrupted)"
+        result = _dead_worker_report(target, dtypes, self.properties, outcomes,
+                                     died or "answered without its last record", _tail(worker.log_path, log_start))
+        return result, time.perf_counter() - start, False
+
+    def stop_all(self) -> None:
+        """Stop every worker still running; no thread takes another target."""
+        with self.lock:
+            self.stopped = True
+            workers = list(self.workers)
+        for worker in workers:
+            worker.stop()
+
+
+def _shared_jax_cache(directory: str) -> dict[str, str]:
+    """jax's persistent compilation cache in the run's directory, every program cached: targets that
+    hand the same program to XLA (flax nnx delegates to jax.nn) compile it once per run, the others
+    load the same executable (the user's own ``JAX_*`` settings win)."""
+    return {"JAX_COMPILATION_CACHE_DIR": os.path.join(directory, "jax-cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def _read_records(path: str) -> list[tuple[Any, ...]]:
+    """The worker's records, up to the first incomplete one (a worker killed while writing)."""
+    records: list[tuple[Any, ...]] = []
+    try:
+        with open(path, "rb") as file:
+            while True:
+                records.append(pickle.load(file))
+    except (FileNotFoundError, EOFError, pickle.UnpicklingError, AttributeError, ValueError):
+        pass
+    return records
+
+
+def _tail(path: str, start: int = 0) -> str:
+    """The last lines of the log from byte ``start`` (what the worker wrote for one target)."""
+    try:
+        with open(path, "rb") as file:
+            file.seek(start)
+            lines = file.read().decode("utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return ""
+    return "\n".join(lines[-STDERR_TAIL_LINES:])
+
+
+def _dead_worker_report(target: Target, dtypes: tuple[str, ...], properties: Sequence[str] | None,
+                        outcomes: dict[str, PropertyOutcome], died: str, tail: str) -> CheckReport:
+    """The outcomes a worker wrote before it died, the property it was on as ERROR with its stderr's
+    end, and every other property it was to run as ERROR (not checked)."""
+    stderr = "\n".join(["worker stderr ends:", *("  " + line for line in tail.splitlines())] if tail
+                       else ["worker stderr: empty"])
+    result = CheckReport(f"{target.name} (its worker {died})", dtypes=dtypes)
+    dying: str | None = None
+    for planned in target.plan(dtypes, properties):
+        if planned.name in outcomes:
+            result.outcomes.append(outcomes[planned.name])
+        elif planned.status != Status.ERROR:  # not run or not applicable, as planned
+            result.outcomes.append(planned)
+        elif dying is None:
+            dying = planned.name
+            result.outcomes.append(PropertyOutcome(planned.name, planned.rules, Status.ERROR,
+                                                   f"the crosscheck worker {died} while checking this property\n"
+                                                   f"{stderr}"))
+        else:
+            result.outcomes.append(PropertyOutcome(planned.name, planned.rules, Status.ERROR,
+                                                   f"not checked: the crosscheck worker {died} while checking "
+                                                   f"{dying}"))
+    return result
