@@ -58,7 +58,7 @@ def test_bug_is_caught_by_its_property(name: str) -> None:
 
 def test_correct_layer_passes_every_property_in_every_dtype() -> None:
     report = check_layer(make_layer(), framework="torch", supports=LAYER_SUPPORTS, **LAYER_DECLARATIONS, seed=0,
-                         max_examples=12, dtypes=("float16", "bfloat16", "float32", "float64"))
+                         max_examples=25, dtypes=("float16", "bfloat16", "float32", "float64"))
     assert report.passed, str(report)
     statuses = {o.name: o.status for o in report.outcomes}
     assert statuses.pop("converters_round_trip") == Status.NOT_APPLICABLE  # instances only
@@ -104,3 +104,19 @@ def test_readme_lists_the_layer_zoo() -> None:
     assert _readme_rows() == expected, f"README.md's layer bug table differs from tests/zoo/layer_bugs.py; it " \
                                        f"should be:\n{markdown_table()}"
     assert f"{len(LAYER_BUGS)} planted layer bugs" in README.read_text()
+
+
+#: Bugs a second property must catch too: the exact property sees every bug that reads a key no query
+#: may attend.
+ALSO_CAUGHT = [("padding_mask_head_major", "ignored_keys_change_nothing"),
+               ("causal_dropped_with_key_padding", "ignored_keys_change_nothing"),
+               ("scale_from_model_dim", "identity_projections_equal_attention")]
+
+
+@pytest.mark.usefixtures("without_shrinking")
+@pytest.mark.parametrize(("name", "catches"), ALSO_CAUGHT, ids=[f"{n}-{p}" for n, p in ALSO_CAUGHT])
+def test_bug_is_also_caught_by(name: str, catches: str) -> None:
+    bug = LAYER_BUGS_BY_NAME[name]
+    report = check_layer(bug.make, framework="torch", supports=bug.supports, **LAYER_DECLARATIONS, seed=0,
+                         max_examples=BUG_EXAMPLES, properties=(catches,))
+    assert {o.name: o.status for o in report.outcomes}[catches] == Status.FAIL, str(report)

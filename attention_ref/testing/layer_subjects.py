@@ -130,6 +130,11 @@ class LayerCall:
     def dtype(self) -> str:
         return self.case.dtype
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """Hypothesis prints the failing call with this repr (not field by field: a large layer's
+        params would fill pages)."""
+        printer.text(repr(self))
+
     def __repr__(self) -> str:
         c = self.case
         small = c.query.size + c.key.size + c.value.size + sum(x.size for x in c.params if x is not None) <= 400
