@@ -111,6 +111,32 @@ def test_an_unreproducible_dropout_draw_is_an_error_not_a_fail() -> None:
     assert "could not be reproduced" in report.render()
 
 
+class _DropoutWithoutRescale(torch.nn.MultiheadAttention):  # type: ignore[name-defined]
+    """torch's own dropout draw (the same RNG calls), without its 1 / (1 - p) rescale."""
+
+    def forward(self, *args: Any, **keywords: Any) -> Any:
+        functional = torch.nn.functional
+        original = functional.dropout
+
+        def unscaled(x: Any, p: float = 0.5, training: bool = True, inplace: bool = False) -> Any:
+            return original(x, p, training, inplace) * (1 - p)
+
+        functional.dropout = unscaled
+        try:
+            return super().forward(*args, **keywords)
+        finally:
+            functional.dropout = original
+
+
+@pytest.mark.usefixtures("without_shrinking")
+def test_train_mode_dropout_is_checked() -> None:
+    """The keep-mask is reproduced (so the zeros agree) and out is compared on it: a missing rescale FAILs."""
+    torch.manual_seed(0)
+    report = check_layer(_DropoutWithoutRescale(8, 2, dropout=0.5, batch_first=True), max_examples=20, seed=0,
+                         properties=("dropout_matches_explicit_mask",))
+    assert _statuses(report)["dropout_matches_explicit_mask"] == Status.FAIL, str(report)
+
+
 @pytest.mark.usefixtures("without_shrinking")
 def test_declarations_are_applied_and_checked() -> None:
     """The zoo layer takes torch MHA's masks (True = masked out): declared as True = attend, it FAILs."""
