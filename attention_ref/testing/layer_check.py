@@ -32,7 +32,7 @@ property needs); not run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import hypothesis
@@ -128,7 +128,3 @@ def check_layer(
             else:
                 report.outcomes.append(PropertyOutcome(prop.name, prop.rules, Status.PASS))
     return report
-
-
-#: The signature of a factory, for type checkers: ``make(params) -> layer``.
-LayerFactory = Callable[[Any], Callable[..., Any]]
