@@ -302,10 +302,12 @@ def jax_nn(implementation: str) -> Callable[..., Any]:
 
 
 def flax_nnx(q: Any, k: Any, v: Any, *, mask: Any = None, bias: Any = None, causal: bool = False) -> Any:
-    """``flax.nnx.dot_product_attention`` in (B, L, H, E), no dropout."""
+    """``flax.nnx.dot_product_attention`` in (B, L, H, E), no dropout; mask and bias as given (flax
+    documents them broadcastable to (batch..., heads, L, S))."""
     from flax import nnx
 
-    return _jax_call(nnx.dot_product_attention, q, k, v, mask, bias, is_causal=causal, deterministic=True)
+    return _jax_call(nnx.dot_product_attention, q, k, v, mask, bias, broadcast=False, is_causal=causal,
+                     deterministic=True)
 
 
 def jax_backward(kernel: Callable[..., Any], *, dbias: bool) -> Callable[..., Any]:
@@ -378,8 +380,10 @@ def jax_targets(device: str) -> list[Target]:
                               notes=("fully masked rows: 0 (cudnn), as SPEC.md", layout_note)))
     if _installed("flax"):
         targets.append(Target("flax.nnx.dot_product_attention", "jax", flax_nnx, ("mask", "bias", "causal", "gqa"),
-                              layout="blhd", fully_masked="mean_v", device=jax_device, few_shapes=True, cost=45,
-                              notes=(*mean_v, layout_note, "no scale keyword (always 1/sqrt(E))",
+                              layout="blhd", fully_masked="mean_v", device=jax_device, few_shapes=True, cost=30,
+                              notes=(*mean_v, "layout (B, L, H, E); mask and bias passed as given (flax broadcasts "
+                                     "them); jitted (float32, float64), so sizes come from a small menu",
+                                     "no scale keyword (always 1/sqrt(E))",
                                      "gradients not re-checked: without dropout it delegates to jax.nn, whose "
                                      "gradients are; dropout not checked (flax draws its own mask)")))
     return targets
@@ -435,7 +439,7 @@ def keras_targets(device: str) -> list[Target]:
             "keras.ops.dot_product_attention[jax]", "jax", kernel,
             ("mask", "bias", "scale", "causal", "gqa", "grad", "dbias"), layout="blhd", fully_masked="mean_v",
             dtypes=HALF_AND_SINGLE, device=None if device == "cpu" else jax_platform, few_shapes=True,
-            backward=jax_backward(kernel, dbias=True), environment=(("KERAS_BACKEND", "jax"),), cost=80,
+            backward=jax_backward(kernel, dbias=True), environment=(("KERAS_BACKEND", "jax"),), cost=100,
             notes=("fully masked rows: mean(v) over the masked keys (keras hands the call to jax.nn, mask fill "
                    "-0.7 * float32 max); NaN when a -inf bias alone excludes the row",
                    layout, causal, "mask and bias passed as given (keras broadcasts them); jitted (float32), so "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import pickle
 import re
@@ -41,8 +42,8 @@ from .runner import PROPERTIES, check_property_names
 
 #: The dtypes checked by default: float32 on the CPU, half precision too on CUDA.
 DEFAULT_DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16", "float32")}
-#: Seconds a target's worker may run (start-up included) before it is stopped and its unfinished
-#: properties become ERROR.
+#: Seconds a target's worker may run by default (start-up included) before it is stopped and its
+#: unfinished properties become ERROR, per dtype and per 10 examples (never fewer than this).
 DEFAULT_TIMEOUT = 1800.0
 #: The lines of a dead worker's stderr (and stdout) that its ERROR outcomes quote.
 STDERR_TAIL_LINES = 25
@@ -122,7 +123,7 @@ def crosscheck(
     properties: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
     jobs: int | None = None,
-    timeout: float | None = DEFAULT_TIMEOUT,
+    timeout: float | None = None,
     builders: Sequence[str] = TARGET_BUILDERS,
 ) -> CrosscheckReport:
     """Check every target of ``builders`` available on ``device`` ("cpu" or "cuda"), in each of
@@ -130,7 +131,8 @@ def crosscheck(
     the targets whose name contains one of its strings; ``properties`` names the properties to run
     (default: all; the others are "not run"); ``progress`` receives a line when a target starts and
     when it ends. The targets run in ``jobs`` worker processes at a time (default
-    ``default_jobs()``), each target for at most ``timeout`` seconds (None: no limit)."""
+    ``default_jobs()``), each target for at most ``timeout`` seconds (default: ``DEFAULT_TIMEOUT`` per
+    dtype and per 10 examples; ``math.inf``: no limit)."""
     check_property_names(properties)
     if jobs is not None and jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
@@ -183,11 +185,11 @@ class _Worker:
     def log_size(self) -> int:
         return os.path.getsize(self.log_path)
 
-    def ask(self, request: dict[str, Any], timeout: float | None) -> str | None:
+    def ask(self, request: dict[str, Any], timeout: float) -> str | None:
         """Send one request and wait for its answer: None when done, else what went wrong (the worker is
         then stopped)."""
         assert self.process.stdin is not None and self.process.stdout is not None
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None or math.isinf(timeout) else time.monotonic() + timeout
         try:
             self.process.stdin.write((json.dumps(request) + "\n").encode())
             self.process.stdin.flush()
@@ -298,7 +300,7 @@ class _Pool:
             if self.stopped:
                 raise RuntimeError("the crosscheck was stopped")
             worker = _Worker(environment, os.path.join(self.directory, f"worker-{next(self.numbers)}.log"),
-                             _shared_jax_cache(self.directory))
+                             _shared_environment(self.directory, self.device))
             self.workers.add(worker)
         return worker
 
@@ -314,7 +316,10 @@ class _Pool:
                    "max_examples": self.max_examples, "seed": self.seed,
                    "properties": None if self.properties is None else list(self.properties), "results": path}
         log_start, start = worker.log_size(), time.perf_counter()
-        died = worker.ask(request, self.timeout)
+        limit = self.timeout
+        if limit is None:
+            limit = DEFAULT_TIMEOUT * len(dtypes) * max(1.0, self.max_examples / 10)
+        died = worker.ask(request, limit)
         records = _read_records(path)
         done = [record for record in records if record[0] == "done"]
         outcomes = {record[1].name: record[1] for record in records if record[0] == "outcome"}
@@ -336,12 +341,17 @@ class _Pool:
             worker.stop()
 
 
-def _shared_jax_cache(directory: str) -> dict[str, str]:
-    """jax's persistent compilation cache in the run's directory, every program cached: targets that
-    hand the same program to XLA (flax nnx delegates to jax.nn) compile it once per run, the others
-    load the same executable (the user's own ``JAX_*`` settings win)."""
-    return {"JAX_COMPILATION_CACHE_DIR": os.path.join(directory, "jax-cache"),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+def _shared_environment(directory: str, device: str) -> dict[str, str]:
+    """What every worker of a run shares (the user's own settings win): jax's persistent compilation
+    cache in the run's directory, every program cached, so that targets handing XLA the same program
+    (flax nnx delegates to jax.nn) compile it once per run and load the same executable after; on
+    CUDA, jax allocating GPU memory as it goes, so that several jax workers fit on one GPU (by
+    default each would take 75% of it at start)."""
+    shared = {"JAX_COMPILATION_CACHE_DIR": os.path.join(directory, "jax-cache"),
+              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    if device != "cpu":
+        shared["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    return shared
 
 
 def _read_records(path: str) -> list[tuple[Any, ...]]:
