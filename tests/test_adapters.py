@@ -15,8 +15,9 @@ import json, sys
 from attention_ref.testing.adapters import available_targets, find_target
 targets = available_targets("cpu")
 again = [find_target(t.name, "cpu", t.builder).name for t in targets]
+imported = sorted(m for m in ("torch", "jax", "flax", "keras") if m in sys.modules)
 print(json.dumps({"targets": [[t.name, t.framework, t.builder, dict(t.environment)] for t in targets],
-                  "again": again, "imported": sorted(m for m in ("torch", "jax", "flax", "keras") if m in sys.modules)}))
+                  "again": again, "imported": imported}))
 """
 
 
