@@ -20,9 +20,7 @@ from ..result import AttentionOutput
 from ..tolerance import calibrated_error_bounds
 from ..tolerance.layer import (
     LayerErrorBounds,
-    calibrated_out_bound,
     logit_perturbation,
-    out_size,
     output_bound,
     projection_bound,
     value_perturbation,
@@ -98,23 +96,13 @@ class LayerCase(AttentionOptions):
             out = out + p.bo
         return AttentionOutput(out, attention.weights, attention.lse)
 
-    def reference_out(self) -> np.ndarray:
-        """out of SPEC.md's own layer (the NumPy backend) on this case, in the input dtype."""
-        from .. import multi_head_attention
-
-        return np.asarray(multi_head_attention(self.query, self.key, self.value, self.params, backend="numpy",
-                                               **self.keywords()))
-
     def bounds(self, *, compute_dtype: str | None = None, out_dtype: str | None = None,
                intermediate_dtype: str | None = None, calibrated: bool = False) -> LayerErrorBounds:
         """The layer rule's bounds (``attention_ref.tolerance.layer``) for this case, computed in
         ``compute_dtype`` (default the spec's) and returned in ``out_dtype`` (default the input
         dtype). ``intermediate_dtype``: the dtype a framework layer stores its projected q, k, v and o
-        in (None: the compute dtype, as SPEC.md's layer). ``calibrated``: the calibrated rule for other
-        people's layers (``attention_ref.tolerance.layer``): for float32 intermediates, at most twice
-        the error of SPEC.md's own float32 layer; for half-precision ones, the per-head attention held
-        to the calibrated attention rule; for float64 ones (where SPEC.md's layer is the oracle
-        itself), the derived bound."""
+        in (None: the compute dtype, as SPEC.md's layer). ``calibrated``: the per-head attention held to
+        the calibrated rule for other people's kernels, in the intermediate dtype."""
         compute = compute_dtype or self.default_compute_dtype
         storage = intermediate_dtype or compute
         p = self.params64()
@@ -131,8 +119,7 @@ class LayerCase(AttentionOptions):
         extra = logit_perturbation(q, k_rep, dq, dk_rep, scale=case.resolved_scale, allowed=allowed)
         attention = case.bounds(compute_dtype=compute, out_dtype=storage, extra_logit_error=extra)
         oracle = case.oracle()
-        half = storage in ("float16", "bfloat16")
-        if calibrated and half:
+        if calibrated:
             attention = calibrated_error_bounds(
                 attention, q, k_rep, v_rep, allowed=allowed, bias=case.bias, scale=case.resolved_scale,
                 softcap=case.softcap, expected_out=oracle.out, expected_weights=oracle.weights,
@@ -141,11 +128,6 @@ class LayerCase(AttentionOptions):
                                                      dropout_multiplier=case.dropout_multiplier())
         out = output_bound(np.asarray(oracle.out, np.float64), o_bound, p.wo, p.bo, self.oracle().out,
                            compute_dtype=compute, out_dtype=out_dtype or self.dtype)
-        if calibrated and storage == "float32":
-            size = out_size(np.asarray(oracle.weights, np.float64), case.dropout_multiplier(),
-                            np.asarray(self.value, np.float64), p.wv, p.bv, p.wo, p.bo)
-            out = calibrated_out_bound(out, self.reference_out(), self.oracle().out, size,
-                                       out_dtype=out_dtype or self.dtype, softcap=self.softcap)
         rule = "calibrated" if calibrated else "derived"
         return LayerErrorBounds(out, attention.weights,
                                 f"{rule} layer bound for {compute} compute, {storage} intermediates, "

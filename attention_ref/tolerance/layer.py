@@ -20,21 +20,6 @@ elementwise, on the float64 oracle's values:
 
 The float64 oracle's own error is added by running the same formulas with ``u`` raised by the
 float64 unit roundoff. Worst-case sums, never a fudge factor.
-
-**The calibrated rule, for other people's layers** (``calibrated_out_bound``). The worst-case sums
-grow with the widths: at d = 512 the derived bound is several times |out|, too loose to catch a
-wrong scale. Other people's layers are therefore held, as FlashAttention's and PyTorch's own tests
-hold kernels, to at most ``factor`` (2, 3 with a softcap: ``BASELINE_FACTOR``) times the error of a
-reference implementation in the same precision, plus one rounding of what feeds each element:
-``factor * (e_base + u_out * size)``, with ``e_base`` the largest error over the whole out of
-SPEC.md's own layer (the NumPy backend) against the float64 oracle, and ``size`` what feeds the
-element in absolute values through the chain, ``(|P Z| · (|value|·|Wv| + |bv|)) · |Wo| + |bo|``
-(``out_size``; a sum that cancels does not shrink it).
-Where that exceeds the derived bound, the derived bound applies. This is the rule for float32
-intermediates. For half-precision ones (float16, bfloat16), whose roundings dominate, it is the
-derived bound with the calibrated attention rule inside (``calibrated_error_bounds``), which only
-loosens it; for float64 ones it is the derived bound (SPEC.md's float64 layer is the oracle itself,
-so its error calibrates nothing).
 """
 
 from __future__ import annotations
@@ -43,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .forward import BASELINE_FACTOR, BASELINE_FACTOR_SOFTCAP, SMALLEST_NORMAL, UNIT_ROUNDOFF
+from .forward import SMALLEST_NORMAL, UNIT_ROUNDOFF
 
 
 @dataclass(frozen=True)
@@ -110,32 +95,3 @@ def output_bound(o: np.ndarray, o_bound: np.ndarray, wo: np.ndarray, bo: np.ndar
     propagated = np.einsum("...hlv,hvo->...lo", o_bound, np.abs(wo))
     return (propagated + terms * _u(compute_dtype) * size + UNIT_ROUNDOFF[out_dtype] * np.abs(out)
             + SMALLEST_NORMAL[out_dtype])
-
-
-def out_size(weights: np.ndarray, dropout_multiplier: np.ndarray | float, value: np.ndarray, wv: np.ndarray,
-             bv: np.ndarray | None, wo: np.ndarray, bo: np.ndarray | None) -> np.ndarray:
-    """``(*B, L, d_out)``: what feeds each element of out, in absolute values through the whole chain,
-    ``(|P Z| · (|value|·|Wv| + |bv|)) · |Wo| + |bo|`` (P the weights ``(*B, H, L, S)``, Z the dropout
-    multiplier, kv heads repeated), so that cancellation in any sum does not shrink it."""
-    v_size = np.einsum("...sd,dhk->...hsk", np.abs(value), np.abs(wv))
-    if bv is not None:
-        v_size = v_size + np.abs(bv)[:, None, :]
-    v_size = np.repeat(v_size, wo.shape[0] // wv.shape[1], axis=-3)
-    o_size = np.matmul(np.abs(weights * np.asarray(dropout_multiplier, np.float64)), v_size)
-    size = np.einsum("...hlv,hvo->...lo", o_size, np.abs(wo))
-    return size if bo is None else size + np.abs(bo)
-
-
-def calibrated_out_bound(derived: np.ndarray, reference_out: np.ndarray, exact_out: np.ndarray, size: np.ndarray,
-                         *, out_dtype: str, softcap: float | None) -> np.ndarray:
-    """The calibrated rule (module docstring) for out: per element, the smaller of the ``derived``
-    bound and ``factor * (e_base + u_out * size)``, where ``e_base`` is the largest error of
-    ``reference_out`` (SPEC.md's layer in the same dtype) against ``exact_out`` over the finite
-    elements, and ``size`` is ``out_size``. Elements where either is not finite keep the derived
-    bound."""
-    reference = np.asarray(reference_out, np.float64)
-    finite = np.isfinite(reference) & np.isfinite(exact_out)
-    e_base = float(np.max(np.abs(reference - exact_out), where=finite, initial=0.0))
-    factor = BASELINE_FACTOR if softcap is None else BASELINE_FACTOR_SOFTCAP
-    calibrated = factor * (e_base + UNIT_ROUNDOFF[out_dtype] * size + SMALLEST_NORMAL[out_dtype])
-    return np.where(finite, np.minimum(derived, calibrated), derived)
