@@ -53,13 +53,21 @@ def _unscaled_kernel(q: Any, k: Any, v: Any) -> Any:
     return _textbook(q, k, v, 1.0)  # the bug: no 1/sqrt(E)
 
 
+def _kernel_needing_its_environment(q: Any, k: Any, v: Any) -> Any:
+    if os.environ.get("ATTENTION_REF_TEST_WORKER") != "set":
+        raise RuntimeError("ATTENTION_REF_TEST_WORKER is not set in this worker")
+    return _numpy_kernel(q, k, v)
+
+
 def broken_targets(device: str) -> list[Any]:
     from attention_ref.testing.adapters import Target
 
     return [Target("numpy.crashes", "numpy", _crashing_kernel, (), dtypes=("float64",), cost=1),
             Target("numpy.hangs", "numpy", _hanging_kernel, (), dtypes=("float64",), cost=2),
             Target("numpy.textbook", "numpy", _numpy_kernel, (), dtypes=("float64",), cost=3),
-            Target("numpy.unscaled", "numpy", _unscaled_kernel, (), dtypes=("float64",), cost=4)]
+            Target("numpy.unscaled", "numpy", _unscaled_kernel, (), dtypes=("float64",), cost=4),
+            Target("numpy.needs_its_environment", "numpy", _kernel_needing_its_environment, (), dtypes=("float64",),
+                   environment=(("ATTENTION_REF_TEST_WORKER", "set"),), cost=5)]
 
 
 # ---- tests -------------------------------------------------------------------------------------------
@@ -138,21 +146,31 @@ def _without_times(text: str) -> str:
 
 
 def test_the_report_is_the_same_whatever_the_number_of_workers() -> None:
-    """A correct kernel and one without its scale (a FAIL with its shrunk case), by one worker and by
-    two: the same matrix, the same details, in the targets' order (two workers start the costlier
-    target first)."""
+    """A correct kernel, one without its scale (a FAIL with its shrunk case) and one that runs only in
+    a worker with its environment variable, by one worker and by two: the same matrix, the same
+    details, in the targets' order (two workers start the costliest target first)."""
     from attention_ref.testing.crosscheck import crosscheck
 
-    options: dict[str, Any] = dict(builders=(BROKEN,), only=("numpy.textbook", "numpy.unscaled"), max_examples=5,
+    options: dict[str, Any] = dict(builders=(BROKEN,), max_examples=5,
+                                   only=("numpy.textbook", "numpy.unscaled", "numpy.needs_its_environment"),
                                    properties=("matches_float64_oracle", "default_scale_is_inverse_sqrt_head_dim"))
     started: list[str] = []
     one = crosscheck(jobs=1, **options)
     two = crosscheck(jobs=2, progress=started.append, **options)
-    assert [t.name for t, _, _ in two.results] == ["numpy.textbook", "numpy.unscaled"]
-    assert started[0] == "checking numpy.unscaled (float64) ..."
+    assert [t.name for t, _, _ in two.results] == ["numpy.textbook", "numpy.unscaled", "numpy.needs_its_environment"]
+    assert started[0] == "checking numpy.needs_its_environment (float64) ..."
     assert _statuses(one, "numpy.unscaled")["matches_float64_oracle"] == "FAIL"
-    assert _statuses(one, "numpy.textbook")["matches_float64_oracle"] == "pass"
+    for name in ("numpy.textbook", "numpy.needs_its_environment"):
+        assert _statuses(one, name)["matches_float64_oracle"] == "pass", one.render()
     assert _without_times(one.render()) == _without_times(two.render())
+
+
+def test_a_worker_runs_the_targets_its_environment_allows() -> None:
+    from attention_ref.testing.crosscheck import _compatible
+
+    keras_jax = (("KERAS_BACKEND", "jax"),)
+    assert _compatible(keras_jax, ()) and _compatible(keras_jax, keras_jax) and _compatible((), ())
+    assert not _compatible(keras_jax, (("KERAS_BACKEND", "torch"),)) and not _compatible((), keras_jax)
 
 
 def test_keras_runs_on_each_backend_with_its_declared_conventions() -> None:

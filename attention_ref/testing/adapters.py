@@ -395,7 +395,7 @@ def jax_targets(device: str) -> list[Target]:
 def _keras_ops(backend: str) -> Any:
     """``keras.ops``, once keras runs on ``backend``: keras reads ``KERAS_BACKEND`` once, when it is
     first imported, so a keras target runs in a process of its own with that variable set
-    (``Target.environment``; ``attention-ref crosscheck`` starts one per target)."""
+    (``Target.environment``: the crosscheck's workers never mix environments)."""
     import keras
 
     if keras.backend.backend() != backend:

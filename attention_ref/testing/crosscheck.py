@@ -8,8 +8,9 @@ lacks a feature the property needs). Under the matrix: each target's declared co
 evidence for every "differs" and the shrunk failing case of every FAIL and ERROR.
 
 The targets run in ``jobs`` worker processes at a time (``attention_ref.testing.crosscheck_worker``),
-the slowest first (``Target.cost``); a worker runs one target after another as long as they need
-the same environment (``Target.environment``: keras reads ``KERAS_BACKEND`` once per process). A
+the slowest first (``Target.cost``); a worker runs one target after another as long as none needs
+an environment variable it was not started with (``Target.environment``: keras reads
+``KERAS_BACKEND`` once per process, so keras on jax and keras on torch never share a worker). A
 worker that crashes or hangs (``timeout``) costs only the target it was running, whose unfinished
 properties become ERROR with the end of the worker's stderr; the next target gets a new worker.
 The report is in the targets' order whatever ``jobs`` is.
@@ -162,12 +163,15 @@ def crosscheck(
             for thread in threads:
                 thread.join()
     report = CrosscheckReport(device)
-    report.results = [(target, *pool.results[i]) for i, (target, _) in enumerate(selected)]
+    for i, (target, chosen) in enumerate(selected):  # a target no thread finished is an ERROR, never left out
+        result = pool.results.get(i) or (_dead_worker_report(target, chosen, properties, {}, "was not run", ""), 0.0)
+        report.results.append((target, *result))
     return report
 
 
 class _Worker:
-    """A worker process for targets of one environment, and the end of its log file."""
+    """A worker process started with one target's environment variables (it runs any target that needs
+    no other value of them), and its log file."""
 
     def __init__(self, environment: tuple[tuple[str, str], ...], log_path: str, shared: dict[str, str]) -> None:
         self.environment = environment
@@ -189,7 +193,7 @@ class _Worker:
         """Send one request and wait for its answer: None when done, else what went wrong (the worker is
         then stopped)."""
         assert self.process.stdin is not None and self.process.stdout is not None
-        deadline = None if timeout is None or math.isinf(timeout) else time.monotonic() + timeout
+        deadline = None if math.isinf(timeout) else time.monotonic() + timeout
         try:
             self.process.stdin.write((json.dumps(request) + "\n").encode())
             self.process.stdin.flush()
@@ -238,8 +242,8 @@ class _Worker:
 @dataclass
 class _Pool:
     """The crosscheck's worker threads: each takes the next pending target, sends it to its worker
-    process (a new one when the target's environment differs, or the last one died) and turns what
-    the worker left into a ``CheckReport``."""
+    process (a new one when the target needs environment variables that worker was not started
+    with, or the last one died) and turns what the worker left into a ``CheckReport``."""
 
     directory: str
     device: str
@@ -270,7 +274,7 @@ class _Pool:
                         return
                     index = self.pending.pop(0)
                 target, dtypes = self.selected[index]
-                if worker is not None and worker.environment != target.environment:
+                if worker is not None and not _compatible(worker.environment, target.environment):
                     worker.close()
                     self._forget(worker)
                     worker = None
@@ -341,10 +345,17 @@ class _Pool:
             worker.stop()
 
 
+def _compatible(worker: tuple[tuple[str, str], ...], target: tuple[tuple[str, str], ...]) -> bool:
+    """Whether a worker started with ``worker``'s environment variables can run a target that needs
+    ``target``'s: it has each of them, with the same value (a target that needs none runs anywhere)."""
+    have = dict(worker)
+    return all(have.get(name) == value for name, value in target)
+
+
 def _shared_environment(directory: str, device: str) -> dict[str, str]:
     """What every worker of a run shares (the user's own settings win): jax's persistent compilation
     cache in the run's directory, every program cached, so that targets handing XLA the same program
-    (flax nnx delegates to jax.nn) compile it once per run and load the same executable after; on
+    (flax nnx and keras on jax both call jax.nn) compile it once per run and load it after; on
     CUDA, jax allocating GPU memory as it goes, so that several jax workers fit on one GPU (by
     default each would take 75% of it at start)."""
     shared = {"JAX_COMPILATION_CACHE_DIR": os.path.join(directory, "jax-cache"),
