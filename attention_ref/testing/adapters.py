@@ -478,6 +478,9 @@ TARGET_BUILDERS = (
     "attention_ref.testing.adapters:torch_targets",
     "attention_ref.testing.adapters:jax_targets",
     "attention_ref.testing.adapters:keras_targets",
+    "attention_ref.testing.layer_targets:torch_layer_targets",
+    "attention_ref.testing.layer_targets:flax_layer_targets",
+    "attention_ref.testing.layer_targets:keras_layer_targets",
 )
 
 

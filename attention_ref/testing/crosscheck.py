@@ -79,9 +79,37 @@ class CrosscheckReport:
     def render(self) -> str:
         if not self.results:
             return f"crosscheck on {self.device}: no framework kernel is installed (pip install torch, jax or flax)"
+        from .layer_properties import LAYER_PROPERTIES
+        from .layer_targets import LayerTarget
+
         footnotes: list[str] = []
+        kernels = [r for r in self.results if not isinstance(r[0], LayerTarget)]
+        layers = [r for r in self.results if isinstance(r[0], LayerTarget)]
+        lines: list[str] = []
+        for results, known, what in ((kernels, PROPERTIES, "framework kernels"),
+                                     (layers, LAYER_PROPERTIES, "framework layers")):
+            if results:
+                lines += [*(["", ""] if lines else []), *self._matrix(results, [p.name for p in known], what,
+                                                                      footnotes)]
+        lines += ["", "Declared conventions (exercised by the property):"]
+        lines += [f"  [{i}] {text}" for i, text in enumerate(footnotes, 1)]
+        for target, report, seconds in self.results:
+            lines += ["", f"{target.name} ({target.framework}, {target.layout}, dtypes {', '.join(report.dtypes)}; "
+                          f"{report.summary()}, {seconds:.1f} s)",
+                      f"  supports: {', '.join(target.supports) or 'as the layer declares'}"]
+            lines += [f"  note: {note}" for note in target.notes]
+            for outcome in report.outcomes:
+                if not outcome.status.ok:
+                    detail = "\n".join("    " + line for line in outcome.detail.splitlines())
+                    lines += [f"  {outcome.status} {outcome.name}:", detail]
+        return "\n".join([*lines, "", self.summary()])
+
+    def _matrix(self, results: list[tuple[Target, CheckReport, float]], known: list[str], what: str,
+                footnotes: list[str]) -> list[str]:
+        """One matrix: a row per property (``known`` first, in order), a column per target; the
+        evidence of every "differs" cell numbered in ``footnotes`` (shared by all matrices)."""
         columns: list[dict[str, str]] = []
-        for _, report, _ in self.results:
+        for _, report, _ in results:
             cells = {}
             for outcome in report.outcomes:
                 if outcome.status == Status.CONVENTION_DIFFERS:  # one footnote per line of evidence
@@ -92,26 +120,24 @@ class CrosscheckReport:
                 else:
                     cells[outcome.name] = _CELLS[outcome.status]
             columns.append(cells)
-        names = [target.name for target, _, _ in self.results]
-        properties = dict.fromkeys([*(prop.name for prop in PROPERTIES),
-                                    *(o.name for _, report, _ in self.results for o in report.outcomes)])
+        names = [target.name for target, _, _ in results]
+        properties = dict.fromkeys([*known, *(o.name for _, report, _ in results for o in report.outcomes)])
         rows = [(name, *(cells.get(name, "n/a") for cells in columns)) for name in properties]
-        lines = [f"crosscheck on {self.device}: {len(names)} framework kernels against SPEC.md", "",
-                 *render_table(("property", *names), rows, min_width=12)]
-        lines += ["", "Declared conventions (exercised by the property):"]
-        lines += [f"  [{i}] {text}" for i, text in enumerate(footnotes, 1)]
-        for target, report, seconds in self.results:
-            lines += ["", f"{target.name} ({target.framework}, {target.layout}, dtypes {', '.join(report.dtypes)}; "
-                          f"{report.summary()}, {seconds:.1f} s)",
-                      f"  supports: {', '.join(target.supports)}"]
-            lines += [f"  note: {note}" for note in target.notes]
-            for outcome in report.outcomes:
-                if not outcome.status.ok:
-                    detail = "\n".join("    " + line for line in outcome.detail.splitlines())
-                    lines += [f"  {outcome.status} {outcome.name}:", detail]
-        return "\n".join([*lines, "", self.summary()])
+        return [f"crosscheck on {self.device}: {len(names)} {what} against SPEC.md", "",
+                *render_table(("property", *names), rows, min_width=12)]
 
     __str__ = render
+
+
+def _check_names(properties: Sequence[str] | None) -> None:
+    """ValueError unless every name is a kernel or a layer property."""
+    from .layer_properties import LAYER_PROPERTIES
+
+    known = {p.name for p in PROPERTIES} | {p.name for p in LAYER_PROPERTIES}
+    unknown = set(properties or ()) - known
+    if unknown:
+        check_property_names(sorted(unknown))  # its message lists the kernel properties
+        raise ValueError(f"unknown properties {sorted(unknown)}")
 
 
 def crosscheck(
@@ -134,7 +160,7 @@ def crosscheck(
     when it ends. The targets run in ``jobs`` worker processes at a time (default
     ``default_jobs()``), each target for at most ``timeout`` seconds (default: ``DEFAULT_TIMEOUT`` per
     dtype and per 10 examples; ``math.inf``: no limit)."""
-    check_property_names(properties)
+    _check_names(properties)
     if jobs is not None and jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     selected: list[tuple[Target, tuple[str, ...]]] = []
