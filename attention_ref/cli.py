@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                             "(default: torch autograd / jax.vjp of the kernel)")
 
     cross = commands.add_parser(
-        "crosscheck", help="check every installed framework kernel (torch SDPA, jax.nn, flax nnx) against SPEC.md")
+        "crosscheck", help="check every installed framework kernel and layer (torch SDPA and "
+                           "nn.MultiheadAttention, jax.nn, flax, keras, Hugging Face) against SPEC.md")
     cross.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     cross.add_argument("--dtype", action="append", dest="dtypes", metavar="DTYPE",
                        help="repeatable; default float32 on the CPU, float16 and bfloat16 and float32 on CUDA")
@@ -71,7 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     cross.add_argument("--seed", type=int, default=0, help="fix Hypothesis' random choices (default 0)")
     cross.add_argument("--strict", action="store_true", help="exit 1 when any target fails a property")
     cross.add_argument("--property", action="append", dest="properties", metavar="NAME",
-                       help="run only this property (repeatable; default: all)")
+                       help="run only this property, of the kernels or the layers (repeatable; default: all)")
+    cross.add_argument("--jobs", type=int, default=None, metavar="N",
+                       help="worker processes at a time (default: one per core, at most 4)")
+    cross.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                       help="stop a target's worker after SECONDS; its unfinished properties are ERROR "
+                            "(default: 1800 per dtype and per 10 examples)")
     return parser
 
 
@@ -121,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         cross_report = crosscheck(device=args.device, dtypes=tuple(args.dtypes or DEFAULT_DTYPES[args.device]),
                                   max_examples=args.max_examples, seed=args.seed, only=tuple(args.only or ()),
-                                  properties=args.properties,
+                                  properties=args.properties, jobs=args.jobs, timeout=args.timeout,
                                   progress=lambda line: print(line, file=sys.stderr, flush=True))
         print(cross_report.render())
         return 1 if args.strict and not cross_report.passed else 0
