@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from ..frameworks import shape_of
+from ..frameworks import framework_of, shape_of
 
 
 class MHAParams(NamedTuple):
@@ -73,4 +73,6 @@ class MHAParams(NamedTuple):
 def average_weights(weights: Any) -> Any:
     """torch ``nn.MultiheadAttention``'s head-averaged view of per-head weights ``(B..., H, L, S)``:
     their mean over the head axis, ``(B..., L, S)``, in the weights' dtype and framework."""
-    return weights.mean(axis=-3) if not hasattr(weights, "dim") else weights.mean(dim=-3)
+    if framework_of(weights) == "torch":
+        return weights.mean(dim=-3)
+    return weights.mean(axis=-3)
