@@ -133,12 +133,3 @@ class LayerCase(AttentionOptions):
                                 f"{rule} layer bound for {compute} compute, {storage} intermediates, "
                                 f"{out_dtype or self.dtype} out (attention_ref/tolerance/layer.py)")
 
-
-def layer_error_bounds(query: np.ndarray, key: np.ndarray, value: np.ndarray, params: MHAParams, *,
-                       key_padding_mask: np.ndarray | None = None, compute_dtype: str | None = None,
-                       out_dtype: str | None = None, intermediate_dtype: str | None = None,
-                       calibrated: bool = False, **options: Any) -> LayerErrorBounds:
-    """``LayerCase(...).bounds(...)`` for NumPy arguments as given to ``multi_head_attention``."""
-    case = LayerCase(query=query, key=key, value=value, params=params, key_padding_mask=key_padding_mask, **options)
-    return case.bounds(compute_dtype=compute_dtype, out_dtype=out_dtype, intermediate_dtype=intermediate_dtype,
-                       calibrated=calibrated)

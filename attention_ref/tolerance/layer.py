@@ -1,8 +1,8 @@
 """The tolerance rule of the multi-head attention layer (SPEC.md rule 17, "Accuracy"): how far the
 layer's out may lie from the exact answer. It extends the attention rule (``forward``) through the
-projections by the same first-order forward error analysis. ``LayerCase.bounds`` (and
-``layer_error_bounds``) in ``attention_ref.testing.layer_cases`` assemble it for one call, and every
-layer comparison asks them for its bounds.
+projections by the same first-order forward error analysis. ``LayerCase.bounds`` in
+``attention_ref.testing.layer_cases`` assembles it for one call, and every layer comparison asks it
+for its bounds.
 
 With ``u`` the unit roundoff of the compute dtype, ``u_s`` that of the dtype the projected q, k, v
 and the per-head o are *stored* in (the compute dtype for SPEC.md's layer, whose only rounding is out's;
