@@ -12,10 +12,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
-from hypothesis import settings
+from hypothesis import Phase, settings
 
 from attention_ref.testing import register_profiles
 from attention_ref.testing.profiles import DEFAULT_PROFILE
@@ -55,3 +56,17 @@ def backend(request: pytest.FixtureRequest) -> object:
     import attention_ref as ar
 
     return ar.get_backend(request.param)
+
+
+@pytest.fixture
+def without_shrinking() -> Iterator[None]:
+    """The current Hypothesis profile without its shrink phase, which ``check`` and ``check_layer``
+    inherit: a bug test asks only whether the property fails, and shrinking the failing case is nearly
+    all of its time (seconds to tens of seconds a bug; benchmarks/checker.py keeps it, as users run
+    ``check``)."""
+    current = settings.get_current_profile_name()
+    settings.register_profile(f"{current}.no_shrink", parent=settings.get_profile(current),
+                              phases=(Phase.explicit, Phase.reuse, Phase.generate))
+    settings.load_profile(f"{current}.no_shrink")
+    yield
+    settings.load_profile(current)

@@ -4,10 +4,8 @@ names, passes the correct layer, and README.md lists the same table."""
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Iterator
 
 import pytest
-from hypothesis import Phase, settings
 
 from attention_ref.testing import check_layer
 from attention_ref.testing.layer_properties import LAYER_PROPERTIES, get_layer_property
@@ -31,18 +29,6 @@ from .zoo.layer_bugs import (  # noqa: E402
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 #: Examples for a bug's one property: the cap on the search, which stops at the first failure.
 BUG_EXAMPLES = 100
-
-
-@pytest.fixture
-def without_shrinking() -> Iterator[None]:
-    """The current profile without its shrink phase (check_layer inherits it): a bug test asks only
-    whether the property fails; shrinking the case is most of its time."""
-    current = settings.get_current_profile_name()
-    settings.register_profile(f"{current}.no_shrink", parent=settings.get_profile(current),
-                              phases=(Phase.explicit, Phase.reuse, Phase.generate))
-    settings.load_profile(f"{current}.no_shrink")
-    yield
-    settings.load_profile(current)
 
 
 @pytest.mark.usefixtures("without_shrinking")

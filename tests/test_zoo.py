@@ -4,10 +4,7 @@ and false alarms over more seeds at the default settings)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-from hypothesis import Phase, settings
 
 from attention_ref.testing import PROPERTIES
 from attention_ref.testing.check import CheckReport, check
@@ -20,19 +17,6 @@ from .zoo import ALL_DTYPES, BUGS, BUGS_BY_NAME, CORRECT_KERNELS  # noqa: E402
 
 #: Examples for a bug's one property: the cap on the search, which stops at the first failure.
 BUG_CI_EXAMPLES = 100
-
-
-@pytest.fixture
-def without_shrinking() -> Iterator[None]:
-    """The current Hypothesis profile without its shrink phase, which ``check`` inherits: a bug test
-    asks only whether the property fails, and shrinking the failing case is nearly all of its time
-    (seconds to tens of seconds a bug; benchmarks/checker.py keeps it, as users run ``check``)."""
-    current = settings.get_current_profile_name()
-    settings.register_profile(f"{current}.no_shrink", parent=settings.get_profile(current),
-                              phases=(Phase.explicit, Phase.reuse, Phase.generate))
-    settings.load_profile(f"{current}.no_shrink")
-    yield
-    settings.load_profile(current)
 
 
 @pytest.mark.usefixtures("without_shrinking")
