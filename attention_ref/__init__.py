@@ -52,18 +52,22 @@ ArrayT = TypeVar("ArrayT")
 @overload
 def attention(q: ArrayT, k: ArrayT, v: ArrayT, *, backend: str | Backend | None = ...,
               return_weights: Literal[False] = ..., return_lse: Literal[False] = ..., compute_dtype: Any = ...,
+              block_q: int | None = ..., block_k: int | None = ..., dense: bool = ...,
               **options: Unpack[AttentionKeywords]) -> ArrayT: ...
 @overload
 def attention(q: ArrayT, k: ArrayT, v: ArrayT, *, backend: str | Backend | None = ..., return_weights: Literal[True],
               return_lse: bool = ..., compute_dtype: Any = ...,
+              block_q: int | None = ..., block_k: int | None = ..., dense: bool = ...,
               **options: Unpack[AttentionKeywords]) -> AttentionOutput: ...
 @overload
 def attention(q: ArrayT, k: ArrayT, v: ArrayT, *, backend: str | Backend | None = ..., return_weights: bool = ...,
               return_lse: Literal[True], compute_dtype: Any = ...,
+              block_q: int | None = ..., block_k: int | None = ..., dense: bool = ...,
               **options: Unpack[AttentionKeywords]) -> AttentionOutput: ...
 @overload
 def attention(q: ArrayT, k: ArrayT, v: ArrayT, *, backend: str | Backend | None = ..., return_weights: bool = ...,
               return_lse: bool = ..., compute_dtype: Any = ...,
+              block_q: int | None = ..., block_k: int | None = ..., dense: bool = ...,
               **options: Unpack[AttentionKeywords]) -> ArrayT | AttentionOutput: ...
 
 
@@ -85,6 +89,9 @@ def attention(
     return_weights: bool = False,
     return_lse: bool = False,
     compute_dtype: Any = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    dense: bool = False,
 ) -> Any:
     """Scaled dot-product attention (SPEC.md) on ``backend``: a name, a backend object, or None to
     use the backend of q's framework. The other arguments are those of ``Backend.attention``:
@@ -93,7 +100,8 @@ def attention(
     options = AttentionOptions(mask=mask, bias=bias, scale=scale, causal=causal, alignment=alignment,
                                softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask)
     return _resolve(backend, q).attention_with(q, k, v, options, return_weights=return_weights,
-                                               return_lse=return_lse, compute_dtype=compute_dtype)
+                                               return_lse=return_lse, compute_dtype=compute_dtype, block_q=block_q,
+                                               block_k=block_k, dense=dense)
 
 
 def attention_vjp(
@@ -113,12 +121,16 @@ def attention_vjp(
     dropout_p: float = 0.0,
     dropout_mask: Any = None,
     compute_dtype: Any = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    dense: bool = False,
 ) -> Gradients:
     """The gradients of attention (SPEC.md rule 14) on ``backend`` (as for ``attention``):
     ``Gradients(dq, dk, dv, dbias)`` of ``sum(attention(q, k, v, **keywords) * d_out)``."""
     options = AttentionOptions(mask=mask, bias=bias, scale=scale, causal=causal, alignment=alignment,
                                softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask)
-    return _resolve(backend, q).attention_vjp_with(q, k, v, d_out, options, compute_dtype=compute_dtype)
+    return _resolve(backend, q).attention_vjp_with(q, k, v, d_out, options, compute_dtype=compute_dtype,
+                                                   block_q=block_q, block_k=block_k, dense=dense)
 
 
 def multi_head_attention(

@@ -110,6 +110,39 @@ class AttentionPlan:
     #: Dropout probability and whether a keep-mask was given (rule 13).
     dropout_p: float = 0.0
     has_dropout_mask: bool = False
+    #: The blocked algorithm's tile, ``block_q`` queries by ``block_k`` keys (rule 19), each at most
+    #: L and S (and at least 1); both None for the dense algorithm.
+    block_q: int | None = None
+    block_k: int | None = None
+
+    @property
+    def blocked(self) -> bool:
+        """Whether the call runs the blocked algorithm (rule 19) rather than the dense one."""
+        return self.block_k is not None
+
+    @property
+    def num_query_blocks(self) -> int:
+        """``ceil(L / block_q)`` (0 for L = 0); blocked plans only."""
+        assert self.block_q is not None
+        return -(-self.q_len // self.block_q)
+
+    @property
+    def num_key_blocks(self) -> int:
+        """``ceil(S / block_k)`` (0 for S = 0); blocked plans only."""
+        assert self.block_k is not None
+        return -(-self.kv_len // self.block_k)
+
+    def key_block_range(self, q_start: int, q_stop: int) -> tuple[int, int]:
+        """``(first, stop)``: the key blocks ``first <= b < stop`` (block b holds keys
+        ``b * block_k ... (b + 1) * block_k - 1``) that causal and window leave any key in, for the
+        queries ``q_start <= i < q_stop`` (rule 19: the others are skipped). Blocked plans only."""
+        assert self.block_k is not None
+        low, high = self.key_range
+        first_key = 0 if low is None else max(0, q_start + low)
+        last_key = self.kv_len - 1 if high is None else min(self.kv_len - 1, q_stop - 1 + high)
+        if q_stop <= q_start or last_key < first_key:
+            return 0, 0
+        return first_key // self.block_k, last_key // self.block_k + 1
 
     @property
     def group_size(self) -> int:

@@ -148,6 +148,40 @@ def _check_dropout(dropout_p: Any, dropout_mask: Any) -> float:
     return p
 
 
+def _check_block(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int or None, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    return int(value)
+
+
+def _check_blocks(block_q: Any, block_k: Any, dense: Any, return_weights: bool,
+                  default_blocks: tuple[int, int], q_len: int, kv_len: int) -> tuple[int | None, int | None]:
+    """rule 19: the tile ``(block_q, block_k)`` of the blocked algorithm, each clipped to ``[1, L]`` and
+    ``[1, S]``; ``(None, None)`` for the dense algorithm (``dense=True`` or ``return_weights``)."""
+    block_q, block_k = _check_block("block_q", block_q), _check_block("block_k", block_k)
+    dense = _check_flag("dense", dense)
+    given = [name for name, b in (("block_q", block_q), ("block_k", block_k)) if b is not None]
+    if given and dense:
+        raise ValueError(f"{' and '.join(given)} set the blocked algorithm's tile; dense=True takes neither")
+    if given and return_weights:
+        verb = "apply" if len(given) == 2 else "applies"
+        raise ValueError(f"return_weights=True computes the dense weights; {' and '.join(given)} {verb} only "
+                         "without it")
+    if dense or return_weights:
+        return None, None
+    block_q = default_blocks[0] if block_q is None else block_q
+    block_k = default_blocks[1] if block_k is None else block_k
+    return max(1, min(block_q, q_len)), max(1, min(block_k, kv_len))
+
+
+#: The blocked algorithm's tile when a backend names none (rule 19).
+DEFAULT_BLOCKS = (256, 512)
+
+
 def validate_attention_args(
     q: Any,
     k: Any,
@@ -157,6 +191,10 @@ def validate_attention_args(
     return_weights: Any = False,
     return_lse: Any = False,
     compute_dtype: Any = None,
+    block_q: Any = None,
+    block_k: Any = None,
+    dense: Any = False,
+    default_blocks: tuple[int, int] = DEFAULT_BLOCKS,
     backend_framework: str | None = None,
 ) -> AttentionPlan:
     """Check every argument of ``attention`` (SPEC.md rule 12) and return the plan of the call.
@@ -164,8 +202,9 @@ def validate_attention_args(
     ``options`` holds the attention keywords (mask, bias, scale, causal, alignment, softcap, window,
     dropout_p, dropout_mask) exactly as the caller passed them; nothing in it is trusted yet.
 
-    ``backend_framework`` is the framework of the backend that will run the call (None: any).
-    Raises TypeError for a wrong type or dtype and ValueError for a wrong shape or value; each
+    ``block_q``, ``block_k`` and ``dense`` choose the algorithm (rule 19); ``default_blocks`` is the
+    backend's tile when neither block is given. ``backend_framework`` is the framework of the backend
+    that will run the call (None: any). Raises TypeError for a wrong type or dtype and ValueError for a wrong shape or value; each
     message names the argument and, for shapes, the shapes involved.
     """
     mask, bias, dropout_mask = options.mask, options.bias, options.dropout_mask
@@ -258,6 +297,8 @@ def validate_attention_args(
     resolved_dropout_p = _check_dropout(options.dropout_p, dropout_mask)
     return_weights = _check_flag("return_weights", return_weights)
     return_lse = _check_flag("return_lse", return_lse)
+    resolved_block_q, resolved_block_k = _check_blocks(block_q, block_k, dense, return_weights, default_blocks,
+                                                       q_shape[-2], k_shape[-2])
 
     return AttentionPlan(
         framework=framework,
@@ -283,6 +324,8 @@ def validate_attention_args(
         window_right=window_right,
         dropout_p=resolved_dropout_p,
         has_dropout_mask=dropout_mask is not None,
+        block_q=resolved_block_q,
+        block_k=resolved_block_k,
     )
 
 
@@ -294,11 +337,16 @@ def validate_vjp_args(
     options: AttentionOptions = DEFAULT_OPTIONS,
     *,
     compute_dtype: Any = None,
+    block_q: Any = None,
+    block_k: Any = None,
+    dense: Any = False,
+    default_blocks: tuple[int, int] = DEFAULT_BLOCKS,
     backend_framework: str | None = None,
 ) -> AttentionPlan:
     """``validate_attention_args`` for ``attention_vjp``, then ``d_out``: an array of the same
     framework, dtype and device as q, of the output's shape ``(..., Hq, L, Ev)``."""
-    plan = validate_attention_args(q, k, v, options, compute_dtype=compute_dtype, backend_framework=backend_framework)
+    plan = validate_attention_args(q, k, v, options, compute_dtype=compute_dtype, block_q=block_q, block_k=block_k,
+                                   dense=dense, default_blocks=default_blocks, backend_framework=backend_framework)
     if framework_of(d_out) != plan.framework:
         got = f"a {framework_of(d_out)} array" if framework_of(d_out) else type(d_out).__name__
         raise TypeError(f"d_out must be an array of q's framework, got {got}")

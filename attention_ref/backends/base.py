@@ -17,7 +17,7 @@ from ..layers.plan import LayerPlan
 from ..layers.validation import validate_layer_args, validate_layer_vjp_args
 from ..plan import DEFAULT_OPTIONS, AttentionKeywords, AttentionOptions, AttentionPlan
 from ..result import AttentionOutput, Gradients, LayerGradients
-from ..validation import validate_attention_args, validate_vjp_args
+from ..validation import DEFAULT_BLOCKS, validate_attention_args, validate_vjp_args
 
 ArrayT = TypeVar("ArrayT")
 
@@ -35,20 +35,25 @@ class Backend(abc.ABC):
     name: str
     #: Framework of the arrays this backend takes and returns.
     framework: str
+    #: The blocked algorithm's tile ``(block_q, block_k)`` when a call names none (rule 19).
+    default_blocks: tuple[int, int] = DEFAULT_BLOCKS
 
     @overload
     def attention(self, q: ArrayT, k: ArrayT, v: ArrayT, *, return_weights: Literal[False] = ...,
-                  return_lse: Literal[False] = ..., compute_dtype: Any = ...,
-                  **options: Unpack[AttentionKeywords]) -> ArrayT: ...
+                  return_lse: Literal[False] = ..., compute_dtype: Any = ..., block_q: int | None = ...,
+                  block_k: int | None = ..., dense: bool = ..., **options: Unpack[AttentionKeywords]) -> ArrayT: ...
     @overload
     def attention(self, q: ArrayT, k: ArrayT, v: ArrayT, *, return_weights: Literal[True], return_lse: bool = ...,
-                  compute_dtype: Any = ..., **options: Unpack[AttentionKeywords]) -> AttentionOutput: ...
+                  compute_dtype: Any = ..., block_q: int | None = ..., block_k: int | None = ..., dense: bool = ...,
+                  **options: Unpack[AttentionKeywords]) -> AttentionOutput: ...
     @overload
     def attention(self, q: ArrayT, k: ArrayT, v: ArrayT, *, return_weights: bool = ..., return_lse: Literal[True],
-                  compute_dtype: Any = ..., **options: Unpack[AttentionKeywords]) -> AttentionOutput: ...
+                  compute_dtype: Any = ..., block_q: int | None = ..., block_k: int | None = ..., dense: bool = ...,
+                  **options: Unpack[AttentionKeywords]) -> AttentionOutput: ...
     @overload
     def attention(self, q: ArrayT, k: ArrayT, v: ArrayT, *, return_weights: bool = ..., return_lse: bool = ...,
-                  compute_dtype: Any = ..., **options: Unpack[AttentionKeywords]) -> ArrayT | AttentionOutput: ...
+                  compute_dtype: Any = ..., block_q: int | None = ..., block_k: int | None = ..., dense: bool = ...,
+                  **options: Unpack[AttentionKeywords]) -> ArrayT | AttentionOutput: ...
 
     def attention(
         self,
@@ -68,13 +73,18 @@ class Backend(abc.ABC):
         return_weights: bool = False,
         return_lse: bool = False,
         compute_dtype: Any = None,
+        block_q: int | None = None,
+        block_k: int | None = None,
+        dense: bool = False,
     ) -> Any:
         """Scaled dot-product attention as SPEC.md defines it.
 
         q ``(*B, Hq, L, E)``, k ``(*B, Hkv, S, E)``, v ``(*B, Hkv, S, Ev)`` (or rank 2, one head);
         mask (bool, True = may attend), bias and dropout_mask (bool, True = keep) broadcastable to
         ``(*B, Hq, L, S)``; ``window=(left, right)`` (rule 7); ``dropout_p`` with its mask (rule 13);
-        ``compute_dtype`` None, "float32" or "float64" (rule 10).
+        ``compute_dtype`` None, "float32" or "float64" (rule 10); ``block_q`` and ``block_k`` the
+        blocked algorithm's tile (None: the backend's ``default_blocks``), ``dense=True`` the dense
+        algorithm, which ``return_weights`` implies (rule 19).
         Returns out ``(*B, Hq, L, Ev)`` in the input dtype, or ``AttentionOutput(out, weights, lse)``
         when ``return_weights`` or ``return_lse`` is set (weights, before dropout, and lse in the
         compute dtype).
@@ -82,13 +92,15 @@ class Backend(abc.ABC):
         options = AttentionOptions(mask=mask, bias=bias, scale=scale, causal=causal, alignment=alignment,
                                    softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask)
         return self.attention_with(q, k, v, options, return_weights=return_weights, return_lse=return_lse,
-                                   compute_dtype=compute_dtype)
+                                   compute_dtype=compute_dtype, block_q=block_q, block_k=block_k, dense=dense)
 
     def attention_with(self, q: Any, k: Any, v: Any, options: AttentionOptions = DEFAULT_OPTIONS, *,
-                       return_weights: bool = False, return_lse: bool = False, compute_dtype: Any = None) -> Any:
+                       return_weights: bool = False, return_lse: bool = False, compute_dtype: Any = None,
+                       block_q: int | None = None, block_k: int | None = None, dense: bool = False) -> Any:
         """``attention`` with its keywords as one ``AttentionOptions``."""
         plan = validate_attention_args(q, k, v, options, return_weights=return_weights, return_lse=return_lse,
-                                       compute_dtype=compute_dtype, backend_framework=self.framework)
+                                       compute_dtype=compute_dtype, block_q=block_q, block_k=block_k, dense=dense,
+                                       default_blocks=self.default_blocks, backend_framework=self.framework)
         out, weights, lse = self._attention(plan, q, k, v, options.mask, options.bias, options.dropout_mask)
         if not (plan.return_weights or plan.return_lse):
             return out
@@ -111,22 +123,29 @@ class Backend(abc.ABC):
         dropout_p: float = 0.0,
         dropout_mask: Any = None,
         compute_dtype: Any = None,
+        block_q: int | None = None,
+        block_k: int | None = None,
+        dense: bool = False,
     ) -> Gradients:
         """The gradients of ``sum(attention(q, k, v, **keywords) * d_out)`` (SPEC.md rule 14).
 
-        The keywords are those of ``attention`` without the return flags; d_out has out's shape and
+        The keywords are those of ``attention`` without the return flags (the blocked algorithm's
+        backward recomputes the weights per tile, rule 19); d_out has out's shape and
         q's dtype. Returns ``Gradients(dq, dk, dv, dbias)``: dq, dk, dv in the input dtype, computed
         in the compute dtype; dbias (only when bias is given) in bias's shape and dtype. Excluded
         keys and fully excluded rows get exactly zero gradient.
         """
         options = AttentionOptions(mask=mask, bias=bias, scale=scale, causal=causal, alignment=alignment,
                                    softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask)
-        return self.attention_vjp_with(q, k, v, d_out, options, compute_dtype=compute_dtype)
+        return self.attention_vjp_with(q, k, v, d_out, options, compute_dtype=compute_dtype, block_q=block_q,
+                                       block_k=block_k, dense=dense)
 
     def attention_vjp_with(self, q: Any, k: Any, v: Any, d_out: Any, options: AttentionOptions = DEFAULT_OPTIONS,
-                           *, compute_dtype: Any = None) -> Gradients:
+                           *, compute_dtype: Any = None, block_q: int | None = None, block_k: int | None = None,
+                           dense: bool = False) -> Gradients:
         """``attention_vjp`` with its keywords as one ``AttentionOptions``."""
-        plan = validate_vjp_args(q, k, v, d_out, options, compute_dtype=compute_dtype,
+        plan = validate_vjp_args(q, k, v, d_out, options, compute_dtype=compute_dtype, block_q=block_q,
+                                 block_k=block_k, dense=dense, default_blocks=self.default_blocks,
                                  backend_framework=self.framework)
         dq, dk, dv, dbias = self._attention_vjp(plan, q, k, v, options.mask, options.bias, options.dropout_mask,
                                                 d_out)
@@ -165,7 +184,7 @@ class Backend(abc.ABC):
         self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any
     ) -> tuple[Any, Any, Any]:
         """Compute ``(out, weights, lse)`` for a validated plan (mask, bias and dropout_mask None
-        when absent).
+        when absent), by the blocked algorithm when ``plan.blocked`` (rule 19), else the dense one.
 
         out has ``plan.out_shape`` in ``plan.dtype``; weights ``plan.logits_shape`` and lse
         ``plan.lse_shape`` in ``plan.compute_dtype`` (either may be None when not requested).
