@@ -25,8 +25,9 @@ KERNEL_FEATURE_HELP = {
 #: The features a kernel may support, in the order of ``KERNEL_FEATURE_HELP``.
 KERNEL_FEATURES = tuple(KERNEL_FEATURE_HELP)
 #: Further features of a full implementation of SPEC.md (our backends): inputs of any rank,
-#: ``compute_dtype``, and the spec's error messages.
-SPEC_FEATURES = (*KERNEL_FEATURES, "any_rank", "compute_dtype", "spec_errors")
+#: ``compute_dtype``, the spec's error messages, and the blocked algorithm's ``block_q``, ``block_k``
+#: and ``dense`` keywords (rule 19).
+SPEC_FEATURES = (*KERNEL_FEATURES, "any_rank", "compute_dtype", "spec_errors", "blocks")
 
 #: What a kernel may return, in this order: out first, then weights and lse.
 RESULTS = ("out", "weights", "lse")

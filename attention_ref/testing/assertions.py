@@ -118,7 +118,7 @@ def assert_matches(result: AttentionOutput, expected: AttentionOutput, bounds: E
 
 
 def assert_attention_close(actual: AttentionOutput | np.ndarray, case: AttentionCase, *,
-                           calibrated: bool = True) -> None:
+                           calibrated: bool = True, key_block: int | None = None) -> None:
     """The tolerance rule: ``actual`` (an ``AttentionOutput`` of NumPy arrays, or the bare out array)
     matches the float64 oracle of ``case``.
 
@@ -126,13 +126,14 @@ def assert_attention_close(actual: AttentionOutput | np.ndarray, case: Attention
     people's kernels (default) or, with ``calibrated=False``, the derived bound SPEC.md holds its own
     backends to; exactly where SPEC.md fixes the value (excluded keys: weight 0; fully excluded rows:
     out 0, weights 0, lse -inf). NaN never passes. Raises AssertionError showing the worst element,
-    its error, the bound and its derivation, and the case.
+    its error, the bound and its derivation, and the case. ``key_block``: the blocked algorithm's
+    ``block_k`` that computed ``actual`` (rule 19; None: dense, or one key block).
     """
     __tracebackhide__ = True
     if not isinstance(actual, AttentionOutput):
         actual = AttentionOutput(np.asarray(actual))
     oracle = case.oracle()
-    assert_matches(actual, oracle, case.bounds(oracle=oracle, calibrated=calibrated), case)
+    assert_matches(actual, oracle, case.bounds(oracle=oracle, calibrated=calibrated, key_block=key_block), case)
 
 
 def assert_matches_oracle(subject: Subject, case: AttentionCase, result: AttentionOutput | None = None) -> None:
@@ -160,16 +161,17 @@ def assert_same_results(
 
 
 def assert_gradients_close(actual: Gradients, case: AttentionCase, d_out: np.ndarray, *, calibrated: bool = True,
-                           expected: Gradients | None = None, with_dbias: bool = True) -> None:
+                           expected: Gradients | None = None, with_dbias: bool = True,
+                           key_block: int | None = None) -> None:
     """The gradient tolerance rule: ``actual`` (NumPy ``Gradients``) matches the float64 oracle's gradients
     for the cotangent ``d_out`` within ``attention_ref.tolerance.gradients`` (calibrated for other
     people's kernels, the default), exactly 0 where SPEC.md fixes them, never NaN. dbias is compared
-    when the case has a bias and ``with_dbias``."""
+    when the case has a bias and ``with_dbias``; ``key_block`` as for ``assert_attention_close``."""
     __tracebackhide__ = True
     expected = case.oracle_gradients(d_out) if expected is None else expected
     if not with_dbias:
         expected = expected._replace(dbias=None)
-    bounds = case.gradient_bounds(d_out, expected, calibrated=calibrated)
+    bounds = case.gradient_bounds(d_out, expected, calibrated=calibrated, key_block=key_block)
     zeros = case.structural_zero_gradients()
     for name in GRADIENT_NAMES:
         want = getattr(expected, name)

@@ -234,17 +234,20 @@ class AttentionCase(AttentionOptions):
         oracle: AttentionOutput | None = None,
         extra_logit_error: np.ndarray | float = 0.0,
         calibrated: bool = False,
+        key_block: int | None = None,
     ) -> ErrorBounds:
         """``attention_ref.tolerance.error_bounds`` for this case (default: the spec's compute dtype
         and the input dtype); with ``calibrated``, the calibrated rule for other people's kernels
-        (``attention_ref.tolerance.calibrated_error_bounds``)."""
+        (``attention_ref.tolerance.calibrated_error_bounds``); ``key_block`` the blocked algorithm's
+        ``block_k`` (rule 19; None: dense)."""
         oracle = self.oracle() if oracle is None else oracle
         k, v = self.repeated_kv()
         data = dict(allowed=self.allowed(), bias=self.bias, scale=self.resolved_scale, softcap=self.softcap,
                     dropout_multiplier=self.dropout_multiplier(),
                     expected_out=oracle.out, expected_weights=oracle.weights, expected_lse=oracle.lse)
         derived = error_bounds(self.q, k, v, **data, compute_dtype=compute_dtype or self.default_compute_dtype,
-                               out_dtype=out_dtype or self.dtype, extra_logit_error=extra_logit_error)
+                               out_dtype=out_dtype or self.dtype, extra_logit_error=extra_logit_error,
+                               key_block=key_block)
         if not calibrated:
             return derived
         return calibrated_error_bounds(derived, self.q, k, v, **data, dtype=self.dtype)
@@ -263,7 +266,8 @@ class AttentionCase(AttentionOptions):
                                None if self.bias is None else self.bias.dtype.name)
 
     def gradient_bounds(self, d_out: np.ndarray, expected: Gradients, *, compute_dtype: str | None = None,
-                        oracle: AttentionOutput | None = None, calibrated: bool = False) -> GradientBounds:
+                        oracle: AttentionOutput | None = None, calibrated: bool = False,
+                        key_block: int | None = None) -> GradientBounds:
         """``attention_ref.tolerance.gradients`` bounds for this case's gradients (default: the spec's
         compute dtype, results in the input dtype and dbias in bias's dtype); ``expected`` is the
         oracle's ``Gradients``; with ``calibrated``, the calibrated rule for other people's kernels."""
@@ -274,7 +278,7 @@ class AttentionCase(AttentionOptions):
                                         compute_dtype=compute_dtype or self.default_compute_dtype,
                                         out_dtype=self.dtype,
                                         bias_dtype=None if self.bias is None else self.bias.dtype.name,
-                                        dot_size=dot_size, bias_size=bias_size)
+                                        dot_size=dot_size, bias_size=bias_size, key_block=key_block)
         if not calibrated:
             return derived
         return calibrated_gradient_bounds(derived, problem, tuple(expected), self.dtype)
@@ -340,12 +344,12 @@ def _converted(impl: Implementation, case: AttentionCase) -> dict[str, Any]:
             for name, x in (("q", case.q), ("k", case.k), ("v", case.v), *case.array_keywords().items())}
 
 
-def call_vjp(impl: Implementation, case: AttentionCase, d_out: np.ndarray) -> Gradients:
+def call_vjp(impl: Implementation, case: AttentionCase, d_out: np.ndarray, **kwargs: Any) -> Gradients:
     """Run ``impl.attention_vjp`` on the case and the cotangent ``d_out`` (converted with
-    ``impl.asarray``); returns NumPy gradients."""
+    ``impl.asarray``); returns NumPy gradients. ``kwargs`` override the case's options."""
     arrays = _converted(impl, case)
     result = impl.attention_vjp(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), impl.asarray(d_out), **arrays,
-                                **case.scalar_keywords())
+                                **{**case.scalar_keywords(), **kwargs})
     return Gradients(*(None if x is None else impl.to_numpy(x) for x in result))
 
 

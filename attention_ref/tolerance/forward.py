@@ -112,6 +112,14 @@ class ErrorBounds:
                            f"[{self.derivation}] + [{other.derivation}]")
 
 
+def key_blocks(keys: int, key_block: int | None) -> int:
+    """``nb = ceil(S / block_k)``, the key blocks of the blocked algorithm (SPEC.md rule 19); 1 for the
+    dense algorithm (``key_block`` None) and for S = 0."""
+    if key_block is None or keys == 0:
+        return 1
+    return max(1, -(-keys // key_block))
+
+
 def row_error(
     u: float,
     *,
@@ -121,17 +129,39 @@ def row_error(
     head_dim: int,
     keys: int,
     extra_logit_error: np.ndarray | float,
+    num_key_blocks: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(delta, eta, rho)`` per row for unit roundoff u (see the module docstring): the logit error, the
-    relative error of each exponential and of each weight. The gradient bounds use them too."""
+    relative error of each exponential and of each weight. The gradient bounds use them too.
+
+    ``num_key_blocks`` (nb) > 1 adds the online softmax's rescalings (rule 19): ``2 u (X + B)`` to
+    delta (the rounded differences of the running maxima) and ``(nb - 1) (T + 1) u`` to each
+    exponential (one exp and one product per rescaling)."""
     t, d = TRANSCENDENTAL_ERROR, DIVISION_ERROR
     capped_size = dot_size if softcap is None else np.minimum(dot_size, softcap)
     delta = (head_dim + 1) * u * dot_size + 4 * u * (capped_size + bias_size) + extra_logit_error
     if softcap is not None:
         delta = delta + d * u * dot_size + (t + 2) * u * softcap
-    eta = np.expm1(delta + t * u)
+    if num_key_blocks > 1:
+        delta = delta + 2 * u * (capped_size + bias_size)  # rule 19: the running maxima's differences
+    eta = np.expm1(delta + t * u + (num_key_blocks - 1) * (t + 1) * u)  # rule 19: nb - 1 rescalings
     rho = 2 * eta + (keys - 1 + DIVISION_ERROR) * u
     return delta, eta, rho
+
+
+def out_compute_error(u: float, rho: np.ndarray, keys: int, values: np.ndarray, has_dropout: bool) -> np.ndarray:
+    """The error of out in the compute dtype, before its rounding to the output dtype, ``(..., L, Ev)``:
+    ``(rho' + S u (1 + rho')) V`` with ``rho' = rho`` (+ 2 u with dropout: the multiplier and the
+    product rounded) and ``values`` V the largest attended ``|v|`` per channel (times the multiplier)."""
+    rho_dropped = rho + 2 * u if has_dropout else rho
+    return (rho_dropped + keys * u * (1 + rho_dropped))[..., None] * values
+
+
+def lse_compute_error(u: float, delta: np.ndarray, eta: np.ndarray, keys: int, lse: np.ndarray) -> np.ndarray:
+    """The error of lse in the compute dtype, ``(..., L)``: ``delta + eta + (S - 1) u + (T + 1) u |lse|``
+    (``|lse|`` counted 0 where lse is -inf)."""
+    finite_lse = np.where(np.isfinite(lse), np.abs(lse), 0.0)
+    return delta + eta + max(keys - 1, 0) * u + (TRANSCENDENTAL_ERROR + 1) * u * finite_lse
 
 
 def error_bounds(
@@ -150,6 +180,7 @@ def error_bounds(
     out_dtype: str,
     extra_logit_error: np.ndarray | float = 0.0,
     dropout_multiplier: np.ndarray | float = 1.0,
+    key_block: int | None = None,
 ) -> ErrorBounds:
     """Bounds on ``|result - exact|`` for a result computed in ``compute_dtype`` and returned in
     ``out_dtype``, plus the float64 oracle's own error.
@@ -160,7 +191,8 @@ def error_bounds(
     known perturbation of the logits, e.g. the rounding of a bias the caller changed.
     ``dropout_multiplier`` is ``keep / (1 - p)`` (broadcastable to the logits) or 1 without dropout:
     the out bound then covers the attended values scaled by it and two more roundings per term
-    (the multiplier's and the product's).
+    (the multiplier's and the product's). ``key_block`` is the blocked algorithm's ``block_k``
+    (rule 19; None: the dense algorithm).
     """
     q64, k64, v64 = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     allowed = np.asarray(allowed, dtype=bool)
@@ -171,26 +203,25 @@ def error_bounds(
 
     head_dim, keys = q64.shape[-1], k64.shape[-2]
     row = dict(dot_size=dot_size, bias_size=bias_size, softcap=softcap, head_dim=head_dim, keys=keys,
-               extra_logit_error=extra_logit_error)
+               extra_logit_error=extra_logit_error, num_key_blocks=key_blocks(keys, key_block))
     u_out, tiny_out = UNIT_ROUNDOFF[out_dtype], SMALLEST_NORMAL[out_dtype]
     tiny_compute = SMALLEST_NORMAL[compute_dtype]
 
     compute_out_error = np.zeros(np.shape(expected_out))
     weights_bound = np.full(allowed.shape, tiny_compute)
     lse_bound = np.zeros(dot_size.shape)
-    finite_lse = np.where(np.isfinite(expected_lse), np.abs(expected_lse), 0.0)
     for u in (UNIT_ROUNDOFF[compute_dtype], UNIT_ROUNDOFF["float64"]):
         delta, eta, rho = row_error(u, **row)
-        rho_dropped = rho + 2 * u if has_dropout else rho
-        compute_out_error = compute_out_error + (rho_dropped + keys * u * (1 + rho_dropped))[..., None] * values
+        compute_out_error = compute_out_error + out_compute_error(u, rho, keys, values, has_dropout)
         weights_bound = weights_bound + rho[..., None] * np.asarray(expected_weights, np.float64)
-        lse_bound = lse_bound + delta + eta + max(keys - 1, 0) * u + (TRANSCENDENTAL_ERROR + 1) * u * finite_lse
+        lse_bound = lse_bound + lse_compute_error(u, delta, eta, keys, np.asarray(expected_lse, np.float64))
     # Rounding y (the compute-dtype result) to the output dtype: |rnd(y) - x| <= u_out |x| + (1 + u_out) |y - x|.
     out_bound = (u_out * np.abs(np.asarray(expected_out, np.float64)) + (1 + u_out) * compute_out_error
                  + tiny_out + keys * tiny_compute)
     return ErrorBounds(out=out_bound, weights=weights_bound, lse=lse_bound,
-                       derivation=f"derived first-order bound for {compute_dtype} compute, {out_dtype} out "
-                                  "(attention_ref/tolerance/forward.py)")
+                       derivation=f"derived first-order bound for {compute_dtype} compute, {out_dtype} out"
+                                  + ("" if key_block is None else f", key blocks of {key_block}")
+                                  + " (attention_ref/tolerance/forward.py)")
 
 
 def row_sizes(q64: np.ndarray, k64: np.ndarray, *, allowed: np.ndarray, bias: np.ndarray | None,

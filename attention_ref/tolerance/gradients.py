@@ -55,7 +55,17 @@ import numpy as np
 
 from ..broadcasting import reduce_to_shape
 from ..frameworks import numpy_dtype
-from .forward import SMALLEST_NORMAL, TRANSCENDENTAL_ERROR, UNIT_ROUNDOFF, row_error, same_dtype_baseline
+from .forward import (
+    SMALLEST_NORMAL,
+    TRANSCENDENTAL_ERROR,
+    UNIT_ROUNDOFF,
+    key_blocks,
+    lse_compute_error,
+    out_compute_error,
+    row_error,
+    same_dtype_baseline,
+    value_size,
+)
 
 #: The calibrated rule's factor for gradients, and with a softcap.
 GRADIENT_BASELINE_FACTOR = 3
@@ -108,6 +118,23 @@ class GradientProblem:
             return x
         return x.reshape(*x.shape[:-3], x.shape[-3] // self.group, self.group, *x.shape[-2:]).sum(axis=-3)
 
+    def exact_logits(self) -> np.ndarray:
+        """The exact logits x ``(..., Hq, L, S)`` (rules 3-5), -inf on excluded keys."""
+        x = self.scale * np.matmul(self.q, np.swapaxes(self.k, -1, -2))
+        if self.softcap is not None:
+            x = self.softcap * np.tanh(x / self.softcap)
+        if self.bias is not None:
+            x = x + self.bias
+        return np.where(self.allowed, x, -np.inf)
+
+    def exact_lse(self) -> np.ndarray:
+        """The exact lse ``(..., Hq, L)``: -inf on fully excluded rows."""
+        x = self.exact_logits()
+        row_max = x.max(axis=-1, keepdims=True, initial=-np.inf)
+        safe_max = np.where(np.isfinite(row_max), row_max, 0.0)
+        with np.errstate(divide="ignore"):
+            return (safe_max + np.log(np.exp(x - safe_max).sum(axis=-1, keepdims=True)))[..., 0]
+
     def exact_parts(self) -> dict[str, np.ndarray]:
         """The exact intermediates: dW, D, dS, t (tanh, or None) and dR."""
         dw = self.multiplier * np.matmul(self.d_out, np.swapaxes(self.v, -1, -2))
@@ -122,9 +149,12 @@ class GradientProblem:
         return dict(dw=dw, row=row, ds=ds, t=t, dr=dr)
 
 
-def _compute_error(problem: GradientProblem, u: float, tiny: float, delta: np.ndarray,
-                   rho: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """The compute-dtype error of (dq, dk, dv, dbias) for unit roundoff u (module docstring)."""
+def _compute_error(problem: GradientProblem, u: float, tiny: float, delta: np.ndarray, rho: np.ndarray,
+                   row_error_override: np.ndarray | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The compute-dtype error of (dq, dk, dv, dbias) for unit roundoff u (module docstring): rho the
+    weights' relative error per row, ``row_error_override`` ``(..., L, 1)`` the error of D when it is
+    not ``rowsum(P dW)`` (the FlashAttention-2 backward's ``rowsum(dO O)``, rule 19)."""
     p, z, a = problem.weights, problem.multiplier, problem.allowed
     parts = problem.exact_parts()
     dw, row, ds, t, dr = parts["dw"], parts["row"], parts["ds"], parts["t"], parts["dr"]
@@ -138,6 +168,8 @@ def _compute_error(problem: GradientProblem, u: float, tiny: float, delta: np.nd
               + tiny)
     row_err = ((p_err * np.abs(dw) + p * dw_err).sum(axis=-1, keepdims=True)
                + keys * u * (p * np.abs(dw)).sum(axis=-1, keepdims=True) + keys * tiny)
+    if row_error_override is not None:
+        row_err = row_error_override
     centred = np.abs(dw - row)
     ds_err = p_err * centred + p * (dw_err + row_err + u * centred) + u * np.abs(ds) + tiny * a
     dr_err = ds_err
@@ -168,20 +200,52 @@ def _compute_error(problem: GradientProblem, u: float, tiny: float, delta: np.nd
     return dq, dk, dv, dbias
 
 
+def _flash_backward_error(problem: GradientProblem, u: float, tiny: float, dot_size: np.ndarray,
+                          bias_size: np.ndarray, num_key_blocks: int,
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The compute-dtype error of the FlashAttention-2 backward (SPEC.md rule 19) for unit roundoff u:
+    the weights recomputed as ``exp(x - lse)`` from the blocked forward's lse, relative error
+    ``expm1(delta + e_lse + u (X + B + |lse|) + T u)``, and ``D = rowsum(dO O)`` from its unrounded out,
+    error ``sum_c |dO_c| (e_O,c + Ev u |O_c|) + Ev tiny``."""
+    head_dim, keys, value_dim = problem.q.shape[-1], problem.k.shape[-2], problem.v.shape[-1]
+    delta, eta, rho = row_error(u, dot_size=dot_size, bias_size=bias_size, softcap=problem.softcap,
+                                head_dim=head_dim, keys=keys, extra_logit_error=0.0, num_key_blocks=num_key_blocks)
+    lse = problem.exact_lse()
+    capped_size = dot_size if problem.softcap is None else np.minimum(dot_size, problem.softcap)
+    finite_lse = np.where(np.isfinite(lse), np.abs(lse), 0.0)
+    lse_err = lse_compute_error(u, delta, eta, keys, lse)
+    rho_p = np.expm1(delta + lse_err + u * (capped_size + bias_size + finite_lse) + TRANSCENDENTAL_ERROR * u)
+    pz = problem.weights * problem.multiplier
+    values = value_size(problem.v, problem.allowed) * problem.multiplier.max(axis=-1, initial=1.0)[..., None]
+    has_dropout = bool(np.any(problem.multiplier != 1.0))
+    out_err = out_compute_error(u, rho, keys, values, has_dropout)
+    abs_dout, abs_out = np.abs(problem.d_out), np.abs(np.matmul(pz, problem.v))
+    d_err = (abs_dout * (out_err + value_dim * u * abs_out)).sum(axis=-1, keepdims=True) + value_dim * tiny
+    return _compute_error(problem, u, tiny, delta, rho_p, row_error_override=d_err)
+
+
 def gradient_error_bounds(problem: GradientProblem, expected: tuple[np.ndarray | None, ...], *, compute_dtype: str,
                           out_dtype: str, bias_dtype: str | None, dot_size: np.ndarray,
-                          bias_size: np.ndarray) -> GradientBounds:
+                          bias_size: np.ndarray, key_block: int | None = None) -> GradientBounds:
     """Bounds on ``|g - exact|`` for gradients computed in ``compute_dtype`` and returned in
     ``out_dtype`` (dbias in ``bias_dtype``), plus the float64 oracle's own error. ``expected`` is the
     oracle's ``(dq, dk, dv, dbias)``; ``dot_size`` and ``bias_size`` are the per-row sizes of
-    ``attention_ref.tolerance.forward`` (they give the logit and weight errors)."""
+    ``attention_ref.tolerance.forward`` (they give the logit and weight errors).
+
+    Either backward of SPEC.md may have computed them (rule 14's, or rule 19's FlashAttention-2
+    backward after a blocked forward with key blocks of ``key_block``, or of the whole row when None),
+    so the bound is the larger of the two analyses, element by element."""
     head_dim, keys = problem.q.shape[-1], problem.k.shape[-2]
+    num_key_blocks = key_blocks(keys, key_block)
     total: tuple[np.ndarray | None, ...] | None = None
     for u in (UNIT_ROUNDOFF[compute_dtype], UNIT_ROUNDOFF["float64"]):
         delta, _, rho = row_error(u, dot_size=dot_size, bias_size=bias_size, softcap=problem.softcap,
                                   head_dim=head_dim, keys=keys, extra_logit_error=0.0)
         tiny = SMALLEST_NORMAL[compute_dtype] if u == UNIT_ROUNDOFF[compute_dtype] else SMALLEST_NORMAL["float64"]
-        errors = _compute_error(problem, u, tiny, delta, rho)
+        dense = _compute_error(problem, u, tiny, delta, rho)
+        flash = _flash_backward_error(problem, u, tiny, dot_size, bias_size, num_key_blocks)
+        errors = tuple(None if a is None or b is None else np.maximum(a, b)
+                       for a, b in zip(dense, flash, strict=True))
         total = errors if total is None else tuple(None if a is None or b is None else a + b
                                                    for a, b in zip(total, errors, strict=True))
     assert total is not None

@@ -16,7 +16,8 @@ cases go through:
   own: the oracle's cases and the explicit masks of rules 7 and 8 exercise it, and rule 12 its errors);
 * ``rule08_exclusion``: excluded keys and fully excluded rows;
 * ``rule09_stability``; ``rule10_dtypes``; ``rule11_results``; ``rule12_errors``; ``rule13_dropout``;
-* ``rule14_gradients``.
+* ``rule14_gradients``;
+* ``rule19_blocked``: results without weights, and the blocked algorithm with any tile.
 
 Every tolerance comes from ``bounds_for(subject, case)`` (``attention_ref.testing.assertions``): the
 derived bound for implementations of SPEC.md, the calibrated rule for other people's kernels
@@ -41,6 +42,7 @@ from . import (
     rule12_errors,
     rule13_dropout,
     rule14_gradients,
+    rule19_blocked,
 )
 
 __all__ = [
@@ -58,4 +60,5 @@ __all__ = [
     "rule12_errors",
     "rule13_dropout",
     "rule14_gradients",
+    "rule19_blocked",
 ]
