@@ -100,6 +100,13 @@ BAD_INPUTS: tuple[BadInput, ...] = (
              kwargs=dict(dropout_p=0.5, dropout_mask=_array(3, 5))),
     BadInput("dropout mask not broadcastable", ValueError, ("dropout_mask", "(4, 5)", "(3, 5)"),
              kwargs=dict(dropout_p=0.5, dropout_mask=np.ones((4, 5), dtype=bool))),
+    BadInput("zero block_q", ValueError, ("block_q", "positive int", "0"), kwargs=dict(block_q=0)),
+    BadInput("float block_k", TypeError, ("block_k", "positive int", "1.5"), kwargs=dict(block_k=1.5)),
+    BadInput("bool block_q", TypeError, ("block_q", "True"), kwargs=dict(block_q=True)),
+    BadInput("non-bool dense", TypeError, ("dense", "1"), kwargs=dict(dense=1)),
+    BadInput("a tile with dense", ValueError, ("block_k", "dense=True"), kwargs=dict(block_k=2, dense=True)),
+    BadInput("a tile with the weights", ValueError, ("block_q", "return_weights=True"),
+             kwargs=dict(block_q=2, return_weights=True)),
 )
 
 #: Bad cotangents of ``attention_vjp`` (q (3, 8), k (5, 8), v (5, 4): out (3, 4)).
@@ -127,7 +134,7 @@ def front_door_error(bad: BadInput) -> BaseException | None:
 
 
 #: The keywords of ``attention`` that are not options (``AttentionOptions``).
-_CALL_FLAGS = ("return_weights", "return_lse", "compute_dtype")
+_CALL_FLAGS = ("return_weights", "return_lse", "compute_dtype", "block_q", "block_k", "dense")
 
 
 def check_bad_inputs(impl: Implementation, *, vjp: bool = True) -> None:

@@ -23,6 +23,12 @@ error of exp/tanh/log and ``D = 2`` the error of a division (both in units of ``
 * weights: ``|d p_rj| <= rho_r p_rj + tiny`` (``tiny``: smallest normal of the compute dtype);
 * lse: ``|d lse_r| <= delta_r + eta_r + (S - 1) u + (T + 1) u |lse_r|``.
 
+* the blocked algorithm (SPEC.md rule 19, ``key_block`` = its ``block_k``, ``nb = ceil(S / block_k)``
+  key blocks; nb = 1 is the dense algorithm): for nb > 1, ``delta_r`` gains ``2 u (X_r + B_r)`` (the
+  rounded differences of the running maxima sum to at most ``2 (X_r + B_r)``) and ``eta_r`` gains
+  ``(nb - 1) (T + 1) u`` (each rescaling multiplies by one exponential, one rounding more). Sums
+  taken block by block still round each term at most S times, which the S-term sums count.
+
 The reference answer is the float64 oracle on the *same rounded inputs*, so input rounding is not
 part of the bound; the oracle's own error (the same formula with the float64 ``u``) is added.
 The worst-case sums (``n u`` for n terms) make the rule conservative by about sqrt(n) in practice;

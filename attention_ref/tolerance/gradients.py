@@ -24,6 +24,14 @@ multiplier (1 without dropout), dO the cotangent, and the per-row weight error `
 * ``dbias = dS`` summed over the bias's broadcast dims (``m`` terms per element):
   ``sum(dS_err) + m u sum(|dS|) + m tiny``.
 
+**The FlashAttention-2 backward** (SPEC.md rule 19, after a blocked forward) recomputes P as
+``exp(x - lse)`` from the forward's lse and takes ``D = rowsum(dO O)`` from its unrounded out. Its
+``dP_err`` uses ``rho_P = expm1(delta + e_lse + u (X + B + |lse|) + T u)`` (the logit error, the lse
+error ``e_lse`` of the forward rule, the subtraction, the exp) in place of ``rho``, and
+``D_err = sum_c |dO_c| (e_O,c + Ev u |O_c|) + Ev tiny`` (``e_O`` the forward rule's out error in the
+compute dtype), the rest as above. An implementation may compute either backward, so the bound is
+the larger of the two, element by element.
+
 Every stored intermediate (P Z, dW, D, dS, dR) may be flushed to zero when subnormal (XLA on the
 CPU and GPU kernels do), so each error above also has a ``tiny`` (the compute dtype's smallest
 normal number; ``S tiny`` for D), and so do the final sums (``(n + 1) tiny``) and ``scale dR``,
