@@ -18,7 +18,7 @@ from ._common import SEEDS
 BLOCK_SIZES = st.sampled_from((1, 2, 3, 5, 64))
 
 
-@attention_property("results_without_weights_match_oracle", (11, 19), cases={})
+@attention_property("results_without_weights_match_oracle", (11, 19), cases={}, requires=("weights",))
 def results_without_weights_match_oracle(subject: Subject, case: AttentionCase) -> None:
     """out (and lse, when returned) without ``return_weights`` match the float64 oracle within the
     tolerance rule (every feature, every dtype): the weights' request changes nothing else."""
