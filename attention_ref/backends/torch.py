@@ -257,12 +257,18 @@ def layer_backward(
 class TorchBackend(Backend):
     name = "torch"
     framework = "torch"
+    #: rule 19's tile when a call names none (measured: see the module docstring of torch_blocked).
+    default_blocks = (256, 512)
 
     def _attention(
         self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         # rule 12: the front door (validation.py) has checked every argument before this hook runs
         with ieee_float32_matmul(q.device):  # rule 10: TF32 off on CUDA
+            if plan.blocked:  # rule 19: bounded memory, differentiable through BlockedAttention
+                from . import torch_blocked  # it imports this module's ieee_float32_matmul
+                out, lse = torch_blocked.blocked_attention(plan, q, k, v, mask, bias, dropout_mask)
+                return out, None, lse
             return forward(plan, q, k, v, mask, bias, dropout_mask)
 
     def _attention_vjp(
@@ -270,6 +276,9 @@ class TorchBackend(Backend):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         # rule 12: the front door (validation.py) has checked every argument, d_out included
         with ieee_float32_matmul(q.device):  # rule 10: TF32 off on CUDA
+            if plan.blocked:  # rule 19: the FlashAttention-2 backward
+                from . import torch_blocked
+                return torch_blocked.blocked_backward(plan, q, k, v, mask, bias, dropout_mask, d_out)
             return attention_backward(plan, q, k, v, mask, bias, dropout_mask, d_out)
 
     def _multi_head_attention(
