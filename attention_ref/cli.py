@@ -22,6 +22,13 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--seed", type=int, default=None, help="fix Hypothesis' random choices")
     verify.add_argument("--property", action="append", dest="properties", metavar="NAME",
                         help="run only this property (repeatable; default: all)")
+    verify.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="properties not started within SECONDS of the start are reported 'not run'")
+    verify.add_argument("--progress", action="store_true", help="print a line to stderr as each property ends")
+    verify.add_argument("--device", default=None, type=_device, metavar="DEVICE",
+                        help="cpu, cuda or gpu (the same), optionally :N: the torch and jax backends' arrays are "
+                             "put there, so the properties run there (default: where each backend makes its "
+                             "arrays; with a GPU, the default backends are torch and jax, numpy being CPU-only)")
 
     check = commands.add_parser(
         "check", help="check an attention kernel against SPEC.md",
@@ -81,6 +88,39 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _device(text: str) -> str:
+    from .testing.verify import parse_device
+
+    try:
+        parse_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _require_cuda() -> None:
+    """SystemExit unless torch or jax (those installed) sees a CUDA device; jax, asked, allocates GPU
+    memory only as it goes (this process computes nothing)."""
+    import importlib.util
+    import os
+
+    from .testing.verify import DeviceNotAvailableError, on_device
+
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    reasons = []
+    for name in ("torch", "jax"):
+        if importlib.util.find_spec(name) is None:
+            continue
+        try:
+            on_device(name, "cuda")
+        except DeviceNotAvailableError as error:
+            reasons.append(str(error))
+        else:
+            return
+    if reasons:
+        raise SystemExit("attention-ref crosscheck: no CUDA device: " + "; ".join(reasons))
+
+
 def _returns(text: str) -> tuple[str, ...]:
     from .features import parse_returns
 
@@ -114,10 +154,15 @@ def _check(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "verify":
-        from .testing.verify import verify
+        from .testing.verify import DeviceNotAvailableError, verify
 
-        report = verify(args.backends, max_examples=args.max_examples, seed=args.seed,
-                        properties=args.properties)
+        try:
+            report = verify(args.backends, max_examples=args.max_examples, seed=args.seed,
+                            properties=args.properties, device=args.device, time_limit=args.time_limit,
+                            progress=(lambda line: print(line, file=sys.stderr, flush=True)) if args.progress
+                            else None)
+        except DeviceNotAvailableError as error:
+            raise SystemExit(f"attention-ref verify: {error}") from None
         print(report.render())
         return 0 if report.passed else 1
     if args.command == "check":
@@ -125,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "crosscheck":
         from .testing.crosscheck import DEFAULT_DTYPES, crosscheck
 
+        if args.device == "cuda":
+            _require_cuda()
         cross_report = crosscheck(device=args.device, dtypes=tuple(args.dtypes or DEFAULT_DTYPES[args.device]),
                                   max_examples=args.max_examples, seed=args.seed, only=tuple(args.only or ()),
                                   properties=args.properties, jobs=args.jobs, timeout=args.timeout,

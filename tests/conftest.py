@@ -5,6 +5,11 @@ another (``attention_ref.dev`` or ``attention_ref.thorough`` for longer searches
 pytest plugin then loads. A backend whose framework is not installed is skipped, unless
 ``ATTENTION_REF_REQUIRE_ALL_BACKENDS=1`` (set by CI), where it fails: every test that needs a
 framework gets it through ``import_or_skip`` or ``BACKENDS``.
+
+``--device cuda`` (or gpu, cpu; optionally ``:N``) puts the arrays that the ``backend`` fixture's
+``asarray`` makes for the torch and jax backends on that device (``attention_ref.testing.verify.on_device``;
+numpy stays on the CPU); ``tested_backend(name)`` gives the same backend to tests that take a name. A
+device that torch or jax (those installed) cannot use is a usage error before any test runs.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import importlib.util
 import os
 from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
 
 import pytest
 from hypothesis import Phase, settings
@@ -24,11 +30,32 @@ from attention_ref.testing.profiles import DEFAULT_PROFILE
 register_profiles()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu", help="where the torch and jax backends' arrays go: cpu (default), "
+                     "cuda or gpu, optionally :N (numpy stays on the CPU)")
+
+
+#: The ``--device`` of this run.
+DEVICE = "cpu"
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    """Load the default profile unless the command line names one (Hypothesis' plugin loads that)."""
+    """Load the default profile unless the command line names one (Hypothesis' plugin loads that);
+    check ``--device``."""
+    global DEVICE
     if not config.getoption("--hypothesis-profile", default=None):
         settings.load_profile(DEFAULT_PROFILE)
+    DEVICE = config.getoption("--device")
+    from attention_ref.testing.verify import DEVICE_FRAMEWORKS, on_device, parse_device
+
+    try:
+        if parse_device(DEVICE)[0] != "cpu":
+            for name in DEVICE_FRAMEWORKS:
+                if importlib.util.find_spec(name) is not None:
+                    on_device(name, DEVICE)
+    except ValueError as error:  # DeviceNotAvailableError included
+        raise pytest.UsageError(f"--device {DEVICE}: {error}") from None
 
 
 BACKEND_NAMES = ("numpy", "jax", "torch")
@@ -51,11 +78,18 @@ BACKENDS = [_param(name) for name in BACKEND_NAMES]
 TESTED_BACKEND_NAMES = [n for n in BACKEND_NAMES if REQUIRE_ALL or importlib.util.find_spec(n) is not None]
 
 
+def tested_backend(name: str) -> Any:
+    """The backend called ``name``, its arrays on this run's ``--device`` (numpy's on the CPU)."""
+    import attention_ref as ar
+    from attention_ref.testing.verify import DEVICE_FRAMEWORKS, on_device
+
+    backend = ar.get_backend(name)
+    return on_device(backend, DEVICE if backend.framework in DEVICE_FRAMEWORKS else "cpu")
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> object:
-    import attention_ref as ar
-
-    return ar.get_backend(request.param)
+    return tested_backend(request.param)
 
 
 @pytest.fixture
