@@ -24,7 +24,7 @@ import math
 from typing import Any
 
 import torch
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import once_differentiable
 
 from ..plan import AttentionPlan
 from .torch import ieee_float32_matmul
@@ -335,7 +335,7 @@ class BlockedAttention(torch.autograd.Function):
     bias, the masks, out in the compute dtype and lse; never the weights."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,  # type: ignore[override]
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 bias: torch.Tensor | None, plan: AttentionPlan, mask: torch.Tensor | None,
                 dropout_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         bias_c = None if bias is None else bias.to(getattr(torch, plan.compute_dtype))  # rule 5: exact
@@ -343,14 +343,14 @@ class BlockedAttention(torch.autograd.Function):
             tiles = _Tiles(plan, q, k, v, mask, bias_c, dropout_mask)
             out, lse = _forward_arrays(plan, tiles, tiles.compute)
         ctx.save_for_backward(tiles.q, tiles.k, tiles.v, bias_c, mask, dropout_mask, out, lse)
-        ctx.plan = plan  # type: ignore[attr-defined]
-        ctx.shapes = tuple(None if x is None else (x.shape, x.dtype) for x in (q, k, v, bias))  # type: ignore[attr-defined]
+        ctx.plan = plan
+        ctx.shapes = tuple(None if x is None else (x.shape, x.dtype) for x in (q, k, v, bias))
         ctx.set_materialize_grads(False)
         return out.to(getattr(torch, plan.dtype)), lse  # rule 11: out rounded once
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, d_out: torch.Tensor | None,  # type: ignore[override]
+    def backward(ctx: Any, d_out: torch.Tensor | None,
                  d_lse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         plan: AttentionPlan = ctx.plan
         q, k, v, bias, mask, dropout_mask, out, lse = ctx.saved_tensors

@@ -1,0 +1,294 @@
+"""The torch backend's blocked algorithm (SPEC.md rule 19, ``attention_ref/backends/torch_blocked.py``):
+results and gradients against the float64 oracle within the tolerance of rule 19 (``key_block=``),
+blocked against dense within twice that bound, autograd through ``attention`` against
+``attention_vjp``, ``torch.autograd.gradcheck`` in float64, and no graph without ``requires_grad``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from attention_ref.testing.assertions import assert_attention_close, assert_gradients_close, assert_within
+from attention_ref.testing.cases import AttentionCase, call, call_vjp, random_cotangent
+
+from .conftest import import_or_skip
+
+torch = import_or_skip("torch")
+
+import attention_ref as ar  # noqa: E402
+from attention_ref.backends import torch_blocked  # noqa: E402
+
+BACKEND = ar.get_backend("torch")
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _inputs(seed: int, q_shape: tuple[int, ...], k_shape: tuple[int, ...], value_dim: int,
+            dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = _rng(seed)
+    v_shape = (*k_shape[:-1], value_dim)
+    return tuple(rng.standard_normal(s).astype(dtype) for s in (q_shape, k_shape, v_shape))  # type: ignore[return-value]
+
+
+def _cases() -> dict[str, tuple[AttentionCase, tuple[int, int]]]:
+    """Named cases with the tile each runs at: several query and key blocks, short last blocks."""
+    rng = _rng(0)
+    cases: dict[str, tuple[AttentionCase, tuple[int, int]]] = {}
+    q, k, v = _inputs(1, (2, 6, 13, 8), (2, 2, 17, 8), 5)
+    cases["gqa"] = (AttentionCase(q, k, v), (4, 5))
+    bias = rng.standard_normal((6, 1, 17)).astype(np.float32)
+    mask = rng.random((2, 1, 13, 17)) > 0.3
+    cases["broadcast bias and mask"] = (AttentionCase(q, k, v, bias=bias, mask=mask), (3, 4))
+    keep = rng.random((2, 6, 13, 1)) > 0.25  # a dropout mask broadcast along the keys
+    full_keep = rng.random((2, 6, 13, 17)) > 0.4
+    cases["dropout"] = (AttentionCase(q, k, v, dropout_p=0.25, dropout_mask=keep), (4, 6))
+    cases["dropout, full mask, softcap"] = (AttentionCase(q, k, v, dropout_p=0.4, dropout_mask=full_keep,
+                                                          softcap=1.5), (5, 3))
+    cases["dropout mask with p = 0"] = (AttentionCase(q, k, v, dropout_mask=full_keep), (13, 4))
+    cases["softcap and bias"] = (AttentionCase(q, k, v, softcap=0.8, bias=4 * bias, scale=2.0), (4, 4))
+    cases["causal, bottom_right, window"] = (AttentionCase(q, k, v, causal=True, alignment="bottom_right",
+                                                           window=(5, None)), (4, 3))
+    cases["window, top_left"] = (AttentionCase(q, k, v, window=(2, 3)), (3, 2))
+    ql, kl, vl = _inputs(2, (1, 2, 19, 4), (1, 2, 7, 4), 4)
+    cases["bottom_right with L > S"] = (AttentionCase(ql, kl, vl, causal=True, alignment="bottom_right"), (4, 3))
+    row_mask = np.ones((13, 17), dtype=bool)
+    row_mask[[0, 5, 12]] = False  # fully excluded rows
+    row_mask[:, 3] = False  # a key no query attends
+    inf_bias = rng.standard_normal((13, 17)).astype(np.float32)
+    inf_bias[2, 7] = -np.inf  # one key excluded by its bias
+    inf_bias[8] = -np.inf  # a row excluded by its bias
+    cases["excluded rows, -inf bias"] = (AttentionCase(q, k, v, mask=row_mask, bias=inf_bias), (4, 5))
+    r2 = _inputs(3, (9, 6), (11, 6), 3)
+    cases["rank 2, causal"] = (AttentionCase(*r2, causal=True, bias=rng.standard_normal((11,)).astype(np.float32)),
+                               (2, 4))
+    b3 = _inputs(4, (2, 3, 2, 5, 4), (2, 3, 1, 6, 4), 2)
+    cases["two batch dims, MQA"] = (AttentionCase(*b3, bias=rng.standard_normal((3, 1, 5, 1)).astype(np.float32)),
+                                    (2, 4))
+    q64, k64, v64 = _inputs(5, (1, 4, 10, 6), (1, 2, 14, 6), 7, np.float64)
+    cases["float64"] = (AttentionCase(q64, k64, v64, causal=True, bias=rng.standard_normal((4, 10, 14))), (3, 4))
+    return cases
+
+
+CASES = _cases()
+HALF = ["float16", "bfloat16"]
+
+
+def _half_case(dtype: str) -> AttentionCase:
+    import ml_dtypes
+
+    np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    q, k, v = _inputs(6, (2, 4, 11, 8), (2, 2, 15, 8), 8, np_dtype)
+    bias = _rng(7).standard_normal((4, 11, 15)).astype(np_dtype)
+    return AttentionCase(q, k, v, bias=bias, causal=True, window=(6, None))
+
+
+def _blocks(block_q: int, block_k: int) -> dict[str, int]:
+    return {"block_q": block_q, "block_k": block_k}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_blocked_matches_the_oracle_and_the_dense_path(name: str) -> None:
+    """out and lse within rule 19's bound of the oracle (exact on fully excluded rows), and the
+    dense path within twice it (rule 19's bound is at least the dense one)."""
+    case, (block_q, block_k) = CASES[name]
+    blocked = call(BACKEND, case, return_lse=True, **_blocks(block_q, block_k))
+    assert blocked.weights is None
+    assert_attention_close(blocked, case, calibrated=False, key_block=block_k)
+    dense = call(BACKEND, case, return_lse=True, dense=True)
+    bounds = case.bounds(calibrated=False, key_block=block_k) * 2  # rule 10: two results that must be equal
+    assert_within("blocked vs dense: out", blocked.out, dense.out, bounds.out, case)
+    assert_within("blocked vs dense: lse", blocked.lse, dense.lse, bounds.lse, case)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_blocked_gradients_match_the_oracle_and_the_dense_path(name: str) -> None:
+    """dq, dk, dv, dbias within rule 19's gradient bound (exactly 0 where rule 14 fixes them), and
+    the dense path's within twice it."""
+    case, (block_q, block_k) = CASES[name]
+    d_out = random_cotangent(case, 11)
+    blocked = call_vjp(BACKEND, case, d_out, **_blocks(block_q, block_k))
+    assert_gradients_close(blocked, case, d_out, calibrated=False, key_block=block_k)
+    dense = call_vjp(BACKEND, case, d_out, dense=True)
+    expected = case.oracle_gradients(d_out)
+    bounds = case.gradient_bounds(d_out, expected, key_block=block_k) * 2  # the blocked bound holds the dense
+    for field in ("dq", "dk", "dv", "dbias"):
+        if getattr(expected, field) is not None:
+            assert_within(f"blocked vs dense: {field}", getattr(blocked, field), getattr(dense, field),
+                          getattr(bounds, field), case)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_inputs_compute_in_float32(dtype: str) -> None:
+    case = _half_case(dtype)
+    blocked = call(BACKEND, case, return_lse=True, **_blocks(4, 4))
+    assert blocked.out.dtype == case.q.dtype and blocked.lse.dtype == np.float32
+    assert_attention_close(blocked, case, calibrated=False, key_block=4)
+    d_out = random_cotangent(case, 3)
+    grads = call_vjp(BACKEND, case, d_out, **_blocks(4, 4))
+    assert grads.dq.dtype == case.q.dtype and grads.dbias.dtype == case.q.dtype
+    assert_gradients_close(grads, case, d_out, calibrated=False, key_block=4)
+
+
+@pytest.mark.parametrize(("q_len", "kv_len"), [(0, 5), (4, 0), (0, 0)])
+def test_empty_sequences(q_len: int, kv_len: int) -> None:
+    """L = 0: empty results; S = 0: out zeros, lse -inf, zero gradients; through autograd too."""
+    q, k, v = (torch.randn(2, 3, n, 4, dtype=torch.float64, requires_grad=True) for n in (q_len, kv_len, kv_len))
+    result = ar.attention(q, k, v, return_lse=True, block_q=2, block_k=2)
+    assert result.out.shape == (2, 3, q_len, 4) and result.lse.shape == (2, 3, q_len)
+    assert torch.equal(result.out, torch.zeros_like(result.out))
+    assert torch.equal(result.lse, torch.full_like(result.lse, -torch.inf))
+    result.out.sum().backward()
+    grads = ar.attention_vjp(q, k, v, torch.ones(2, 3, q_len, 4, dtype=torch.float64), block_q=2, block_k=2)
+    for tracked, grad in zip((q, k, v), grads[:3], strict=True):
+        assert tracked.grad is not None and grad.shape == tracked.shape
+        assert torch.equal(tracked.grad, torch.zeros_like(tracked)) and torch.equal(grad, torch.zeros_like(grad))
+
+
+def _torch_arrays(case: AttentionCase, *, grad: bool) -> dict[str, Any]:
+    arrays: dict[str, Any] = {
+        name: None if x is None else BACKEND.asarray(x)
+        for name, x in (("q", case.q), ("k", case.k), ("v", case.v), *case.array_keywords().items())
+    }
+    for name in ("q", "k", "v", "bias"):
+        if grad and arrays.get(name) is not None:
+            arrays[name].requires_grad_()
+    return arrays
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dense", [False, True], ids=["blocked", "dense"])
+def test_autograd_through_attention_equals_attention_vjp(name: str, dense: bool) -> None:
+    """``out.backward(d_out)`` gives attention_vjp's dq, dk, dv and dbias: the same computation
+    (the blocked path's BlockedAttention runs the backward attention_vjp runs), so bit for bit."""
+    case, (block_q, block_k) = CASES[name]
+    algorithm: dict[str, Any] = {"dense": True} if dense else _blocks(block_q, block_k)
+    arrays = _torch_arrays(case, grad=True)
+    q, k, v = arrays.pop("q"), arrays.pop("k"), arrays.pop("v")
+    out = ar.attention(q, k, v, **arrays, **case.scalar_keywords(), **algorithm)
+    d_out = BACKEND.asarray(random_cotangent(case, 5))
+    out.backward(d_out)
+    expected = ar.attention_vjp(q, k, v, d_out, **arrays, **case.scalar_keywords(), **algorithm)
+    for field, tracked in zip(("dq", "dk", "dv", "dbias"), (q, k, v, arrays["bias"]), strict=True):
+        want = getattr(expected, field)
+        if tracked is None:
+            assert want is None
+            continue
+        assert tracked.grad is not None, field
+        assert tracked.grad.dtype == tracked.dtype and tracked.grad.shape == tracked.shape
+        assert torch.equal(tracked.grad, want), f"{field}: autograd {tracked.grad} vs attention_vjp {want}"
+
+
+def test_autograd_through_lse() -> None:
+    """A cotangent of lse (``d lse / d x = P``) reaches q, k, v and bias as the dense path's does."""
+    case, _ = CASES["softcap and bias"]
+    seed = torch.Generator().manual_seed(0)
+    results = []
+    for algorithm in (_blocks(4, 3), {"dense": True}):
+        arrays = _torch_arrays(case.replace(q=case.q.astype(np.float64), k=case.k.astype(np.float64),
+                                            v=case.v.astype(np.float64), bias=case.bias.astype(np.float64)),
+                               grad=True)
+        q, k, v = arrays.pop("q"), arrays.pop("k"), arrays.pop("v")
+        result = ar.attention(q, k, v, **arrays, **case.scalar_keywords(), return_lse=True, **algorithm)
+        seed.manual_seed(0)
+        d_lse = torch.randn(result.lse.shape, dtype=torch.float64, generator=seed)
+        d_out = torch.randn(result.out.shape, dtype=torch.float64, generator=seed)
+        torch.autograd.backward([result.lse, result.out], [d_lse, d_out])
+        results.append([x.grad for x in (q, k, v, arrays["bias"])])
+    for blocked, dense in zip(*results, strict=True):
+        torch.testing.assert_close(blocked, dense, rtol=1e-12, atol=1e-12)  # float64: ~1e-15 apart
+
+
+def _gradcheck_cases() -> dict[str, tuple[dict[str, Any], tuple[int, int], bool]]:
+    """Float64 calls of several tiles for gradcheck: (options, tile, whether lse is differentiated)."""
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.rand(1, 7, 9, generator=gen) > 0.3
+    mask[0, 2] = False  # a fully excluded row
+    keep = torch.rand(4, 7, 9, generator=gen) > 0.3
+    return {
+        "bias, mask, GQA": ({"bias": torch.randn(4, 1, 9, dtype=torch.float64, generator=gen), "mask": mask},
+                            (3, 4), False),
+        "causal, softcap, dropout": ({"causal": True, "softcap": 1.3, "dropout_p": 0.3, "dropout_mask": keep,
+                                      "bias": torch.randn(7, 9, dtype=torch.float64, generator=gen)}, (2, 3), False),
+        "window, bottom_right, lse": ({"window": (3, 1), "alignment": "bottom_right", "scale": 0.7,
+                                       "bias": torch.randn(1, 4, 7, 9, dtype=torch.float64, generator=gen)},
+                                      (4, 2), True),
+    }
+
+
+@pytest.mark.parametrize("name", list(_gradcheck_cases()))
+def test_gradcheck_float64(name: str) -> None:
+    options, (block_q, block_k), with_lse = _gradcheck_cases()[name]
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 7, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    k = torch.randn(1, 2, 9, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    v = torch.randn(1, 2, 9, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    bias = options.pop("bias").requires_grad_()
+
+    def fn(q: Any, k: Any, v: Any, bias: Any) -> Any:
+        result = ar.attention(q, k, v, bias=bias, **options, block_q=block_q, block_k=block_k, return_lse=with_lse)
+        return (result.out, result.lse) if with_lse else result
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, bias))
+
+
+def test_no_graph_without_requires_grad() -> None:
+    q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
+    bias = torch.randn(6, 6)
+    result = ar.attention(q, k, v, bias=bias, return_lse=True, block_q=2, block_k=3)
+    assert result.out.grad_fn is None and not result.out.requires_grad and result.lse.grad_fn is None
+    q.requires_grad_()
+    with torch.no_grad():
+        out = ar.attention(q, k, v, bias=bias, block_q=2, block_k=3)
+    assert out.grad_fn is None and not out.requires_grad
+    out = ar.attention(q, k, v, bias=bias, block_q=2, block_k=3)
+    assert isinstance(out.grad_fn, torch_blocked.BlockedAttention._backward_cls)  # type: ignore[attr-defined]
+
+
+def test_only_the_bias_requires_grad() -> None:
+    """Gradients reach a bias that alone requires grad; q, k, v get none."""
+    q, k, v = (torch.randn(2, 5, 3, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(2, 5, 5, dtype=torch.float64, requires_grad=True)
+    d_out = torch.randn(2, 5, 3, dtype=torch.float64)
+    ar.attention(q, k, v, bias=bias, causal=True, block_q=2, block_k=2).backward(d_out)
+    expected = ar.attention_vjp(q, k, v, d_out, bias=bias, causal=True, block_q=2, block_k=2)
+    assert q.grad is None and torch.equal(bias.grad, expected.dbias)
+
+
+def test_autograd_saves_no_weights() -> None:
+    """What BlockedAttention saves for the backward: nothing of the logits' size (L * S per head)."""
+    q_len, kv_len = 64, 96
+    q = torch.randn(1, 2, q_len, 4, requires_grad=True)
+    k, v = torch.randn(1, 2, kv_len, 4), torch.randn(1, 2, kv_len, 4)
+    saved: list[torch.Size] = []
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        saved.append(x.shape)
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = ar.attention(q, k, v, mask=torch.ones(q_len, 1, dtype=torch.bool), block_q=16, block_k=32)
+    out.sum().backward()
+    assert saved and all(np.prod(shape) < q_len * kv_len for shape in saved), saved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_the_oracle() -> None:
+    """On CUDA: results stay on the device, within rule 19's bounds (TF32 off for the call)."""
+    case, (block_q, block_k) = CASES["excluded rows, -inf bias"]
+    arrays = {name: None if x is None else torch.from_numpy(np.array(x)).cuda()
+              for name, x in (("q", case.q), ("k", case.k), ("v", case.v), *case.array_keywords().items())}
+    q, k, v = arrays.pop("q"), arrays.pop("k"), arrays.pop("v")
+    result = ar.attention(q, k, v, **arrays, **case.scalar_keywords(), return_lse=True, block_q=block_q,
+                          block_k=block_k)
+    assert result.out.device == q.device
+    assert_attention_close(ar.AttentionOutput(result.out.cpu().numpy(), None, result.lse.cpu().numpy()), case,
+                           calibrated=False, key_block=block_k)
+    d_out = random_cotangent(case, 2)
+    grads = ar.attention_vjp(q, k, v, torch.from_numpy(d_out).cuda(), **arrays, **case.scalar_keywords(),
+                             block_q=block_q, block_k=block_k)
+    assert_gradients_close(ar.Gradients(*(None if g is None else g.cpu().numpy() for g in grads)), case, d_out,
+                           calibrated=False, key_block=block_k)
