@@ -28,6 +28,7 @@ from ..layers.params import MHAParams
 from ..layers.plan import LayerPlan
 from ..plan import AttentionPlan
 from .base import Backend
+from .numpy_blocked import blocked_backward, blocked_forward
 
 
 def grouped_inputs(plan: AttentionPlan, q: Any, k: Any, v: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -271,13 +272,26 @@ def layer_backward(plan: LayerPlan, query: Any, key: Any, value: Any, params: MH
 
 
 class NumpyBackend(Backend):
+    """SPEC.md in NumPy. ``threads``: the blocked algorithm's threads (rule 19; None: every CPU this
+    process may run on, ``numpy_blocked.default_threads()``); results do not depend on it."""
+
     name = "numpy"
     framework = "numpy"
+    #: rule 19: chosen by measurement on a 2-core CPU (float32 and float64, L = S = 4096, E = 64).
+    default_blocks = (256, 512)
+
+    def __init__(self, *, threads: int | None = None):
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        self.threads = threads
 
     def _attention(
         self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         # rule 12: the front door (validation.py) has checked every argument before this hook runs
+        if plan.blocked:  # rule 19: without the weights, in bounded memory
+            out, lse = blocked_forward(plan, q, k, v, mask, bias, dropout_mask, threads=self.threads)
+            return out, None, lse
         f = forward(plan, q, k, v, mask, bias, dropout_mask)
         return results(plan, f.dropped, f.v, f.weights, f.lse)
 
@@ -285,6 +299,8 @@ class NumpyBackend(Backend):
         self, plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any, d_out: Any
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         # rule 12: the front door (validation.py) has checked every argument, d_out included
+        if plan.blocked:  # rule 19: the FlashAttention-2 backward
+            return blocked_backward(plan, q, k, v, mask, bias, dropout_mask, d_out, threads=self.threads)
         return attention_backward(plan, q, k, v, mask, bias, dropout_mask, d_out)
 
     def _multi_head_attention(
