@@ -20,6 +20,7 @@ and ``attention_backward``.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -69,16 +70,19 @@ def grouped_view(plan: AttentionPlan, x: torch.Tensor | None) -> torch.Tensor | 
 
 
 def logits(
-    plan: AttentionPlan, q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, softcap: torch.Tensor | None,
-    bias: torch.Tensor | None,
+    plan: AttentionPlan, q: torch.Tensor, k: torch.Tensor, softcap: torch.Tensor | None, bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The logits ``(*B, Hkv, G, L, S)`` of q ``(*B, Hkv, G, L, E)`` and k ``(*B, Hkv, S, E)``:
-    scaled, capped (softcap None: no cap) and biased (bias ``(*B, Hkv, G, L, S)`` or None). scale,
-    softcap and bias are in the compute dtype. Also returns ``tanh(raw / softcap)`` (None without a
-    softcap), which autograd differentiates."""
+    scaled by ``plan.scale`` (rounded to the compute dtype by the matmul that applies it), capped
+    (softcap None: no cap) and biased (bias ``(*B, Hkv, G, L, S)`` or None). softcap and bias are in
+    the compute dtype. Also returns ``tanh(raw / softcap)`` (None without a softcap), which autograd
+    differentiates."""
     # rule 10: the matmul runs in the compute dtype; the G query heads of a kv head share one matmul
-    raw = torch.matmul(q.reshape(plan.stacked_shape(plan.head_dim)), k.transpose(-1, -2))
-    x = raw.reshape(plan.grouped_logits_shape) * scale  # rule 3
+    heads = math.prod(plan.batch_shape) * plan.num_kv_heads
+    stacked = q.reshape(heads, plan.group_size * plan.q_len, plan.head_dim)
+    keys = k.reshape(heads, plan.kv_len, plan.head_dim).transpose(-1, -2)
+    raw = torch.baddbmm(q.new_zeros(()), stacked, keys, beta=0, alpha=plan.scale)  # rule 3: scale * (q · k)
+    x = raw.reshape(plan.grouped_logits_shape)
     capped = None
     if softcap is not None:
         capped = torch.tanh(x / softcap)  # rule 4
@@ -90,32 +94,34 @@ def logits(
 
 def allowed_keys(
     plan: AttentionPlan, x: torch.Tensor, mask: torch.Tensor | None, key_range: tuple[Any, Any]
-) -> torch.Tensor:
-    """Boolean ``(*B, Hkv, G, L, S)``: the keys each query attends. x the logits, mask
-    ``(*B, Hkv, G, L, S)`` or None, ``key_range = (low, high)`` as ``plan.key_range`` (query i may
-    attend key j only if ``low <= j - i <= high``; None: unbounded)."""
-    allowed = x != -torch.inf  # rule 8: a -inf logit excludes its key
-    if mask is not None:
-        allowed = allowed & mask  # rule 6
+) -> torch.Tensor | None:
+    """Boolean, broadcastable to ``(*B, Hkv, G, L, S)``: the keys mask, causal and window let each
+    query attend; None when they let every key. A -inf logit excludes its key too (rule 8) and needs
+    no entry here: it is -inf already. x the logits, mask ``(*B, Hkv, G, L, S)`` or None,
+    ``key_range = (low, high)`` as ``plan.key_range`` (query i may attend key j only if
+    ``low <= j - i <= high``; None: unbounded)."""
+    allowed = mask  # rule 6
     low, high = key_range  # rule 7: causal and window, combined by plan.key_range
+    if low is None and high is None:
+        return allowed
     key_minus_query = torch.arange(plan.kv_len, device=x.device) - torch.arange(plan.q_len, device=x.device)[:, None]
-    if low is not None:
-        allowed = allowed & (key_minus_query >= low)
-    if high is not None:
-        allowed = allowed & (key_minus_query <= high)
+    band = (key_minus_query >= (-plan.q_len if low is None else low)) & (
+        key_minus_query <= (plan.kv_len if high is None else high))  # j - i lies in [-L, S]: None is unbounded
+    return band if allowed is None else allowed & band
     return allowed
 
 
-def softmax(x: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weights ``(..., L, S)`` and lse ``(..., L)`` of the logits x ``(..., L, S)`` over the allowed
-    keys; the row max is a constant for autograd (the softmax does not depend on it)."""
-    masked = x.masked_fill(~allowed, -torch.inf)
+def softmax(x: torch.Tensor, allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """weights ``(..., L, S)`` and lse ``(..., L)`` of the logits x ``(..., L, S)`` over the keys
+    ``allowed`` (broadcastable to x; None: every key) and whose logit is not -inf (rule 8); the row
+    max is a constant for autograd (the softmax does not depend on it)."""
+    masked = x if allowed is None else x.masked_fill(~allowed, -torch.inf)
     if masked.shape[-1]:
         row_max = masked.detach().amax(dim=-1, keepdim=True)  # rule 9: over attended keys only
     else:
         row_max = masked.new_full((*masked.shape[:-1], 1), -torch.inf)
     row_max = row_max.masked_fill(row_max == -torch.inf, 0)
-    unnormalized = torch.exp(masked - row_max)  # rule 9: the row max subtracted
+    unnormalized = (masked - row_max).exp_()  # rule 9: the row max subtracted
     denominator = unnormalized.sum(dim=-1, keepdim=True)
     fully_excluded = denominator == 0  # rule 8: weights 0 and lse -inf
     safe_denominator = denominator.masked_fill(fully_excluded, 1)
@@ -159,10 +165,9 @@ def forward(
     dropout_mask as given to ``attention`` (None when absent); differentiable by autograd."""
     compute, device = getattr(torch, plan.compute_dtype), q.device
     q, k, v = grouped_inputs(plan, q, k, v)
-    scale = torch.tensor(plan.scale, dtype=compute, device=device)  # rule 10: scalars in the compute dtype
     softcap = None if plan.softcap is None else torch.tensor(plan.softcap, dtype=compute, device=device)
     biased = None if bias is None else grouped_view(plan, bias.to(compute))  # rule 5: converted exactly
-    x, _ = logits(plan, q, k, scale, softcap, biased)
+    x, _ = logits(plan, q, k, softcap, biased)
     allowed = allowed_keys(plan, x, grouped_view(plan, mask), plan.key_range)
     weights, lse = softmax(x, allowed)
     dropout_scale = torch.tensor(plan.dropout_scale, dtype=compute, device=device)
