@@ -139,7 +139,13 @@ class _Call:
         # rule 10: q, k, v converted exactly to the compute dtype (no copy when they are in it already)
         q = np.asarray(q).astype(compute, copy=False).reshape(plan.grouped_shape(plan.head_dim))
         self.k = np.asarray(k).astype(compute, copy=False).reshape(plan.kv_shape(plan.head_dim))  # rule 1
-        self.v = np.asarray(v).astype(compute, copy=False).reshape(plan.kv_shape(plan.value_dim))
+        v = np.asarray(v).reshape(plan.kv_shape(plan.value_dim))
+        # v with a column of ones: the forward's P·[v 1] gives each row's sum of p in the same matmul
+        # (without dropout; with it, the sum is of p before the multiplier and is taken apart)
+        self.v_ones = np.empty(plan.kv_shape(plan.value_dim + 1), compute)
+        self.v_ones[..., :-1] = v  # rule 10: converted exactly
+        self.v_ones[..., -1] = 1
+        self.v = self.v_ones[..., :-1]
         self.scale = compute.type(plan.scale)  # rule 10: scalars in the compute dtype
         self.softcap = None if plan.softcap is None else compute.type(plan.softcap)
         self.dropout_scale = compute.type(plan.dropout_scale)
@@ -305,10 +311,14 @@ def _forward_item(call: _Call, ws: _Workspace, idx: tuple[int, ...], qb: int, ou
     rows = plan.group_size * (qe - qs)
     m = ws.get("m", (rows,), compute)  # rule 19: m = -inf, l = 0, acc = 0
     m.fill(-np.inf)
-    l_sum = ws.get("l", (rows,), compute)
-    l_sum.fill(0)
-    acc = ws.get("acc", (rows, plan.value_dim), compute)
+    ones = call.keep is None  # l is acc's last column, from P·[v 1]
+    values = call.v_ones if ones else call.v
+    width = values.shape[-1]
+    acc = ws.get("acc", (rows, width), compute)
     acc.fill(0)
+    l_sum = acc[:, -1] if ones else ws.get("l", (rows,), compute)
+    if not ones:
+        l_sum.fill(0)
     first, stop = plan.key_block_range(qs, qe)  # rule 19: the other key blocks are skipped
     if first < stop:
         q_tile = call.gather(ws, "q", call.q, idx, qs, qe)
@@ -316,7 +326,7 @@ def _forward_item(call: _Call, ws: _Workspace, idx: tuple[int, ...], qb: int, ou
         shift = ws.get("shift", (rows,), compute)
         lowest = compute.type(np.finfo(compute).min)
         row_sum = ws.get("row_sum", (rows,), compute)
-        pv = ws.get("pv", (rows, plan.value_dim), compute)
+        pv = ws.get("pv", (rows, width), compute)
         for kb in range(first, stop):
             ks, ke = call.key_block(kb)
             x = call.logits(ws, idx, q_tile, qs, qe, ks, ke)
@@ -329,26 +339,27 @@ def _forward_item(call: _Call, ws: _Workspace, idx: tuple[int, ...], qb: int, ou
             alpha = np.exp(m, out=m)  # rule 19: alpha = exp(m - s), 1 when m is unchanged, 0 before any key
             np.subtract(x, shift[:, None], out=x)
             np.exp(x, out=x)  # rule 19: p_j = exp(x_j - s), exactly 0 on excluded keys
-            np.add.reduce(x, axis=1, out=row_sum)
-            np.multiply(l_sum, alpha, out=l_sum)
-            np.add(l_sum, row_sum, out=l_sum)  # rule 19: l = alpha l + sum_j p_j
-            if call.keep is not None:
+            if not ones:
+                np.add.reduce(x, axis=1, out=row_sum)
+                np.multiply(l_sum, alpha, out=l_sum)
+                np.add(l_sum, row_sum, out=l_sum)  # rule 19: l = alpha l + sum_j p_j
                 call.dropout(idx, qs, qe, ks, ke, x, x)  # rule 13: p_j z_j
             np.multiply(acc, alpha[:, None], out=acc)
-            np.matmul(x, call.v[idx][ks:ke], out=pv)
-            np.add(acc, pv, out=acc)  # rule 19: acc = alpha acc + sum_j p_j z_j v_j
+            np.matmul(x, values[idx][ks:ke], out=pv)
+            np.add(acc, pv, out=acc)  # rule 19: acc = alpha acc + sum_j p_j z_j v_j (and l = alpha l + sum_j p_j)
             np.copyto(m, m_new)
     # rule 8: l = 0 exactly when no key was attended (the largest attended p is exp(0) = 1); then
     # out = 0 (acc is 0) and lse = m + log 1 = -inf
     l_safe = ws.get("l_safe", (rows,), compute)
     np.copyto(l_safe, l_sum)
-    l_safe[l_sum == 0] = 1
-    np.divide(acc, l_safe[:, None], out=acc)  # rule 19: out = acc / l
+    l_safe[l_safe == 0] = 1
+    result = acc[:, :plan.value_dim]
+    np.divide(result, l_safe[:, None], out=result)  # rule 19: out = acc / l
     np.log(l_safe, out=l_safe)
     np.add(m, l_safe, out=l_safe)  # rule 19: lse = m + log l
     heads, length = plan.group_size, qe - qs
     lse[idx][:, qs:qe] = l_safe.reshape(heads, length)
-    np.copyto(out[idx][:, qs:qe], acc.reshape(heads, length, plan.value_dim), casting="unsafe")  # rule 10: rounded once
+    np.copyto(out[idx][:, qs:qe], result.reshape(heads, length, plan.value_dim), casting="unsafe")  # rule 10
 
 
 def blocked_forward(plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any, *,
