@@ -59,7 +59,7 @@ else
     DEVICE=cuda
     VERIFY_TORCH=(--max-examples 25 --seed 0)
     VERIFY_JAX=(--max-examples 5 --seed 0)  # every new shape compiles on the GPU (no buckets there)
-    CROSSCHECK=(--max-examples 10)
+    CROSSCHECK=(--max-examples 10 --jobs 8)
     SPEED=()
 fi
 # Phase 1, (a) and (b) side by side: 45% of the budget; phase 2, (c): what is left of it.
@@ -80,7 +80,8 @@ part() {
     local name=$1 file=$2 limit=$3 status began=$SECONDS
     shift 3
     say "== $name (limit ${limit}s): $*"
-    if timeout --kill-after=10 "$limit" bash -c '"$@"' part "$@" >"$OUT_DIR/$file" 2>&1; then
+    # SIGINT, not SIGTERM: Python unwinds, and the crosscheck stops its workers (they run in sessions of their own).
+    if timeout --signal=INT --kill-after=20 "$limit" bash -c '"$@"' part "$@" >"$OUT_DIR/$file" 2>&1; then
         status=ok
     else
         local rc=$?

@@ -27,8 +27,8 @@ Per case and backend:
   time to the forward call's time of the same implementation (SDPA's forward without autograd).
 
 The opt-in case ``head131k`` measures time and memory only (no rounds): each implementation in its
-own fresh process, a warm-up call, then one call timed and measured (about 4 calls of minutes each
-per implementation on 2 cores). ``--quick`` divides every length by 64 (tests of this script).
+own fresh process, a warm-up call, then one call timed and measured (two calls of minutes each per
+implementation on 2 cores). ``--quick`` divides every length by 64 (tests of this script).
 """
 
 from __future__ import annotations

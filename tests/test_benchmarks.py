@@ -128,6 +128,16 @@ def test_verify_on_cuda_without_a_gpu_says_why() -> None:
     assert "torch.cuda.is_available() is False" in message and "jax" in message and "numpy" not in message
 
 
+def test_verify_time_limit_and_progress() -> None:
+    from attention_ref.testing import verify
+
+    lines: list[str] = []
+    report = verify(["numpy"], max_examples=1, seed=0, properties=["matches_float64_oracle"], progress=lines.append)
+    assert report.passed and len(lines) == 1 and lines[0].startswith("numpy matches_float64_oracle: pass (")
+    report = verify(["numpy"], max_examples=1, time_limit=0, progress=lines.append)
+    assert len(lines) == 1 and all(o.status == "not run" for o in report.outcomes["numpy"])
+
+
 def test_crosscheck_on_cuda_without_a_gpu_says_why() -> None:
     if _cuda_seen():
         pytest.skip("a GPU is present: crosscheck --device cuda runs there (benchmarks/gpu.sh)")
