@@ -6,17 +6,16 @@ import re
 
 import pytest
 
-import attention_ref as ar
 from attention_ref.testing import PROPERTIES, run_property
 from attention_ref.testing import properties as property_modules
 
-from .conftest import BACKENDS
+from .conftest import BACKENDS, tested_backend
 
 
 @pytest.mark.parametrize("prop", PROPERTIES, ids=lambda p: f"{p.name}-rules_{'_'.join(map(str, p.rules))}")
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_property(backend_name: str, prop: object) -> None:
-    run_property(prop, ar.get_backend(backend_name))
+    run_property(prop, tested_backend(backend_name))
 
 
 def test_every_spec_rule_has_a_property() -> None:
