@@ -23,6 +23,14 @@ from attention_ref.backends import torch_blocked  # noqa: E402
 BACKEND = ar.get_backend("torch")
 
 
+@pytest.fixture(params=[torch_blocked.TILE_ELEMENTS, 1], ids=["tile", "one-head-chunks"])
+def tile_elements(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The module's tile size, and 1: every chunk one kv head (the items then share dk, dv and, for
+    a bias broadcast over heads or queries, dbias across chunks)."""
+    monkeypatch.setattr(torch_blocked, "TILE_ELEMENTS", request.param)
+    return int(request.param)
+
+
 def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
@@ -91,7 +99,7 @@ def _blocks(block_q: int, block_k: int) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_blocked_matches_the_oracle_and_the_dense_path(name: str) -> None:
+def test_blocked_matches_the_oracle_and_the_dense_path(name: str, tile_elements: int) -> None:
     """out and lse within rule 19's bound of the oracle (exact on fully excluded rows), and the
     dense path within twice it (rule 19's bound is at least the dense one)."""
     case, (block_q, block_k) = CASES[name]
@@ -105,7 +113,7 @@ def test_blocked_matches_the_oracle_and_the_dense_path(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_blocked_gradients_match_the_oracle_and_the_dense_path(name: str) -> None:
+def test_blocked_gradients_match_the_oracle_and_the_dense_path(name: str, tile_elements: int) -> None:
     """dq, dk, dv, dbias within rule 19's gradient bound (exactly 0 where rule 14 fixes them), and
     the dense path's within twice it."""
     case, (block_q, block_k) = CASES[name]
@@ -161,7 +169,7 @@ def _torch_arrays(case: AttentionCase, *, grad: bool) -> dict[str, Any]:
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("dense", [False, True], ids=["blocked", "dense"])
-def test_autograd_through_attention_equals_attention_vjp(name: str, dense: bool) -> None:
+def test_autograd_through_attention_equals_attention_vjp(name: str, dense: bool, tile_elements: int) -> None:
     """``out.backward(d_out)`` gives attention_vjp's dq, dk, dv and dbias: the same computation
     (the blocked path's BlockedAttention runs the backward attention_vjp runs), so bit for bit."""
     case, (block_q, block_k) = CASES[name]
@@ -220,7 +228,7 @@ def _gradcheck_cases() -> dict[str, tuple[dict[str, Any], tuple[int, int], bool]
 
 
 @pytest.mark.parametrize("name", list(_gradcheck_cases()))
-def test_gradcheck_float64(name: str) -> None:
+def test_gradcheck_float64(name: str, tile_elements: int) -> None:
     options, (block_q, block_k), with_lse = _gradcheck_cases()[name]
     gen = torch.Generator().manual_seed(4)
     q = torch.randn(1, 4, 7, 5, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -233,6 +241,30 @@ def test_gradcheck_float64(name: str) -> None:
         return (result.out, result.lse) if with_lse else result
 
     assert torch.autograd.gradcheck(fn, (q, k, v, bias))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_counts_agree_and_are_restored(threads: int) -> None:
+    """The forward is computed item by item the same way on any number of threads (bit for bit); the
+    gradients agree within float64 rounding; the caller's thread count is unchanged afterwards."""
+    case, (block_q, block_k) = CASES["float64"]
+    d_out = random_cotangent(case, 1)
+    before = torch.get_num_threads()
+    results = []
+    for count in (1, threads):
+        torch.set_num_threads(count)
+        try:
+            results.append((call(BACKEND, case, return_lse=True, **_blocks(block_q, block_k)),
+                            call_vjp(BACKEND, case, d_out, **_blocks(block_q, block_k))))
+        finally:
+            torch.set_num_threads(before)
+        assert torch.get_num_threads() == before
+    (first, first_grads), (second, second_grads) = results
+    np.testing.assert_array_equal(first.out, second.out)
+    np.testing.assert_array_equal(first.lse, second.lse)
+    bounds = case.gradient_bounds(d_out, case.oracle_gradients(d_out), key_block=block_k) * 2
+    for field in ("dq", "dk", "dv", "dbias"):
+        assert_within(field, getattr(second_grads, field), getattr(first_grads, field), getattr(bounds, field), case)
 
 
 def test_no_graph_without_requires_grad() -> None:
