@@ -19,7 +19,8 @@ the same order on whichever thread: the results do not depend on the thread coun
 on a ``ThreadPoolExecutor`` (BLAS calls and ufuncs release the GIL) with BLAS limited to one thread
 through ``threadpoolctl`` (the ``fast`` extra); without threadpoolctl, the calling thread runs
 them all and BLAS threads its own matmuls. Calls smaller than ``POOL_WORK`` logit elements run on the
-calling thread.
+calling thread (BLAS still limited to one thread: OpenBLAS threads small matmuls on a busy machine
+at a cost of milliseconds each).
 
 Each thread keeps its own tile buffers (a small constant number of ``G * block_q x block_k`` arrays)
 and every step writes into them in place (``out=``). Excluded keys are set to -inf by
@@ -52,7 +53,7 @@ except ImportError:  # pragma: no cover - exercised where threadpoolctl is absen
 #: blocks allow: a fixed constant, so that the chunks, and so the results, never depend on threads.
 MIN_BACKWARD_ITEMS = 8
 #: Calls with fewer logit elements (tiles visited times their size) than this run on the calling
-#: thread, without a pool (whose start costs about 0.3 ms) and without limiting BLAS.
+#: thread, without a pool (whose start costs about 0.3 ms).
 POOL_WORK = 1 << 20
 
 _controller: Any = None
@@ -139,13 +140,7 @@ class _Call:
         # rule 10: q, k, v converted exactly to the compute dtype (no copy when they are in it already)
         q = np.asarray(q).astype(compute, copy=False).reshape(plan.grouped_shape(plan.head_dim))
         self.k = np.asarray(k).astype(compute, copy=False).reshape(plan.kv_shape(plan.head_dim))  # rule 1
-        v = np.asarray(v).reshape(plan.kv_shape(plan.value_dim))
-        # v with a column of ones: the forward's P·[v 1] gives each row's sum of p in the same matmul
-        # (without dropout; with it, the sum is of p before the multiplier and is taken apart)
-        self.v_ones = np.empty(plan.kv_shape(plan.value_dim + 1), compute)
-        self.v_ones[..., :-1] = v  # rule 10: converted exactly
-        self.v_ones[..., -1] = 1
-        self.v = self.v_ones[..., :-1]
+        self.v = np.asarray(v).astype(compute, copy=False).reshape(plan.kv_shape(plan.value_dim))
         self.scale = compute.type(plan.scale)  # rule 10: scalars in the compute dtype
         self.softcap = None if plan.softcap is None else compute.type(plan.softcap)
         self.dropout_scale = compute.type(plan.dropout_scale)
@@ -253,13 +248,13 @@ class _Call:
 
 
 def _run(items: Sequence[Any], work: Callable[[_Workspace, Any], None], size: int, threads: int) -> None:
-    """``work(workspace, item)`` for every item: on a pool of ``threads`` threads with BLAS limited to
-    one thread when the call is at least ``POOL_WORK`` logit elements (``size``) and threadpoolctl is
-    importable, else on the calling thread (BLAS limited alike when the call is that large). Each
-    worker thread runs with the caller's NumPy error state."""
-    large = size >= POOL_WORK and threadpoolctl is not None
-    with _one_blas_thread() if large else nullcontext():
-        if not large or threads <= 1 or len(items) <= 1:
+    """``work(workspace, item)`` for every item, with BLAS limited to one thread when threadpoolctl is
+    importable: on a pool of ``threads`` threads when the call is at least ``POOL_WORK`` logit
+    elements (``size``), else on the calling thread (which also runs everything without
+    threadpoolctl, BLAS threading its own matmuls). Each worker thread runs with the caller's NumPy
+    error state."""
+    with _one_blas_thread():
+        if threadpoolctl is None or size < POOL_WORK or threads <= 1 or len(items) <= 1:
             workspace = _Workspace()
             for item in items:
                 work(workspace, item)
@@ -290,7 +285,7 @@ def _forward(call: _Call, out_dtype: Any, threads: int) -> tuple[np.ndarray, np.
     for qb in range(plan.num_query_blocks):
         qs, qe = call.query_block(qb)
         first, stop = plan.key_block_range(qs, qe)
-        size += (stop - first) * (qe - qs) * (plan.block_k or 0) * plan.group_size
+        size += (stop - first) * (qe - qs) * (plan.block_k or 0) * plan.group_size * len(call.heads)
         items.extend((stop - first, idx, qb) for idx in call.heads)
     items.sort(key=lambda item: -item[0])  # the longest first: the pool's threads end together
 
@@ -311,9 +306,11 @@ def _forward_item(call: _Call, ws: _Workspace, idx: tuple[int, ...], qb: int, ou
     rows = plan.group_size * (qe - qs)
     m = ws.get("m", (rows,), compute)  # rule 19: m = -inf, l = 0, acc = 0
     m.fill(-np.inf)
-    ones = call.keep is None  # l is acc's last column, from P·[v 1]
-    values = call.v_ones if ones else call.v
-    width = values.shape[-1]
+    # Without dropout, l is acc's last column: P·[v 1] (v's key block and a column of ones in a buffer)
+    # gives each row's sum of p in the matmul, without a pass over the tile. With dropout, l sums p
+    # before the multiplier, apart.
+    ones = call.keep is None
+    width = plan.value_dim + ones
     acc = ws.get("acc", (rows, width), compute)
     acc.fill(0)
     l_sum = acc[:, -1] if ones else ws.get("l", (rows,), compute)
@@ -327,8 +324,15 @@ def _forward_item(call: _Call, ws: _Workspace, idx: tuple[int, ...], qb: int, ou
         lowest = compute.type(np.finfo(compute).min)
         row_sum = ws.get("row_sum", (rows,), compute)
         pv = ws.get("pv", (rows, width), compute)
+        v_head = call.v[idx]
         for kb in range(first, stop):
             ks, ke = call.key_block(kb)
+            if ones:
+                values = ws.get("v_ones", (ke - ks, width), compute)
+                values[:, :-1] = v_head[ks:ke]
+                values[:, -1] = 1
+            else:
+                values = v_head[ks:ke]
             x = call.logits(ws, idx, q_tile, qs, qe, ks, ke)
             np.maximum.reduce(x, axis=1, out=m_new)
             np.maximum(m_new, m, out=m_new)  # rule 19: m_new = max(m, max_j x_j)
@@ -345,7 +349,7 @@ def _forward_item(call: _Call, ws: _Workspace, idx: tuple[int, ...], qb: int, ou
                 np.add(l_sum, row_sum, out=l_sum)  # rule 19: l = alpha l + sum_j p_j
                 call.dropout(idx, qs, qe, ks, ke, x, x)  # rule 13: p_j z_j
             np.multiply(acc, alpha[:, None], out=acc)
-            np.matmul(x, values[idx][ks:ke], out=pv)
+            np.matmul(x, values, out=pv)
             np.add(acc, pv, out=acc)  # rule 19: acc = alpha acc + sum_j p_j z_j v_j (and l = alpha l + sum_j p_j)
             np.copyto(m, m_new)
     # rule 8: l = 0 exactly when no key was attended (the largest attended p is exp(0) = 1); then
