@@ -142,16 +142,28 @@ class _Tiles:
 
     def items(self) -> list[tuple[int, _Chunk, int, int, int]]:
         """Every ``(cost, chunk, q_start, q_stop, index)``, costliest first (cost: kv heads times
-        visited key blocks; index: the item's place in chunk-major, query-block order)."""
+        visited keys; index: the item's place in chunk-major, query-block order)."""
         plan = self.plan
         assert plan.block_q is not None
         items: list[tuple[int, _Chunk, int, int, int]] = []
         for chunk in self.chunks:
             for q_start in range(0, plan.q_len, plan.block_q):
                 q_stop = min(plan.q_len, q_start + plan.block_q)
-                first, stop = plan.key_block_range(q_start, q_stop)
-                items.append(((stop - first) * (chunk.stop - chunk.start), chunk, q_start, q_stop, len(items)))
+                keys = sum(stop - start for start, stop in self.key_tiles(q_start, q_stop))
+                items.append((keys * (chunk.stop - chunk.start), chunk, q_start, q_stop, len(items)))
         return sorted(items, key=lambda item: (-item[0], item[4]))
+
+    def key_tiles(self, q_start: int, q_stop: int) -> list[tuple[int, int]]:
+        """The ``(k_start, k_stop)`` key ranges queries ``q_start:q_stop`` visit: the key blocks of
+        ``plan.key_block_range`` (rule 19: the others are skipped), each cut to the keys that causal
+        and the window leave any of these queries (the keys cut off have weight 0 for all of them)."""
+        plan = self.plan
+        assert plan.block_k is not None
+        first, stop = plan.key_block_range(q_start, q_stop)
+        low, high = self.low, self.high
+        first_key = 0 if low is None else max(0, q_start + low)
+        stop_key = plan.kv_len if high is None else min(plan.kv_len, q_stop + high)
+        return [(max(first_key, b * plan.block_k), min(stop_key, (b + 1) * plan.block_k)) for b in range(first, stop)]
 
     def threads(self, items: int) -> int:
         """How many threads run the items: ``torch.get_num_threads()`` on the CPU, else 1."""
@@ -314,26 +326,25 @@ def _forward_item(tiles: _Tiles, ws: _Workspace, chunk: _Chunk, q_start: int, q_
     rows, stacked, nq = chunk.stop - chunk.start, tiles.group * (q_stop - q_start), q_stop - q_start
     out_block = out[chunk.start:chunk.stop, :, q_start:q_stop]
     lse_block = lse[chunk.start:chunk.stop, :, q_start:q_stop]
-    first, stop = plan.key_block_range(q_start, q_stop)  # rule 19: the other key blocks are skipped
-    if first == stop:  # rule 8: every key excluded: out 0, lse -inf
+    key_tiles = tiles.key_tiles(q_start, q_stop)  # rule 19: the other key blocks are skipped
+    if not key_tiles:  # rule 8: every key excluded: out 0, lse -inf
         out_block.zero_()
         lse_block.fill_(_NEG_INF)
         return
     qt = tiles.query_block(tiles.q, chunk, q_start, q_stop)
     acc = ws.array(1, rows, stacked, plan.value_dim)
     m = l_sum = torch.empty(0)
-    for block in range(first, stop):
-        k_start, k_stop = block * plan.block_k, min(plan.kv_len, (block + 1) * plan.block_k)
+    for block, (k_start, k_stop) in enumerate(key_tiles):
         x = tiles.logits(ws.array(0, rows, stacked, k_stop - k_start), qt, chunk, q_start, q_stop, k_start, k_stop)
         tile_max = torch.amax(x, dim=-1)
-        m_new = tile_max if block == first else torch.maximum(m, tile_max)  # rule 19: m_new = max(m, max x)
+        m_new = tile_max if block == 0 else torch.maximum(m, tile_max)  # rule 19: m_new = max(m, max x)
         s = m_new.masked_fill(m_new == _NEG_INF, 0)  # s = m_new if m_new > -inf else 0
         p = x.sub_(s.unsqueeze(-1)).exp_()  # p = exp(x - s): exactly 0 on excluded keys
         row_sum = p.sum(dim=-1)
         if tiles.keep is not None:
             tiles.apply_dropout(p, chunk, q_start, q_stop, k_start, k_stop)  # z, after l's sum (rule 13)
         vt = tiles.v[chunk.start:chunk.stop, k_start:k_stop]
-        if block == first:  # m = -inf, l = 0, acc = 0: alpha does not matter
+        if block == 0:  # m = -inf, l = 0, acc = 0: alpha does not matter
             l_sum = row_sum
             torch.bmm(p, vt, out=acc)
         else:
@@ -391,8 +402,8 @@ def _backward_item(tiles: _Tiles, ws: _Workspace, grads: _Gradients, chunk: _Chu
     dbias added into ``grads``. out, d_out ``(R, G, L, Ev)``, lse, d_lse ``(R, G, L)``, compute dtype."""
     plan = tiles.plan
     assert plan.block_k is not None
-    first, stop = plan.key_block_range(q_start, q_stop)  # rule 19: skipped blocks have zero gradient
-    if first == stop:
+    key_tiles = tiles.key_tiles(q_start, q_stop)  # rule 19: skipped keys have zero gradient
+    if not key_tiles:
         return
     need_ds = grads.dq is not None or grads.dk is not None or grads.dbias is not None
     rows, nq = chunk.stop - chunk.start, q_stop - q_start
@@ -409,8 +420,7 @@ def _backward_item(tiles: _Tiles, ws: _Workspace, grads: _Gradients, chunk: _Chu
     if grads.dq is not None:
         dq_block = ws.array(3, rows, stacked, plan.head_dim)
         dq_block.zero_()
-    for block in range(first, stop):
-        k_start, k_stop = block * plan.block_k, min(plan.kv_len, (block + 1) * plan.block_k)
+    for k_start, k_stop in key_tiles:
         nk = k_stop - k_start
         capped = ws.array(2, rows, stacked, nk) if tiles.softcap is not None and need_ds else None
         p = tiles.logits(ws.array(0, rows, stacked, nk), qt, chunk, q_start, q_stop, k_start, k_stop, capped)
