@@ -278,7 +278,7 @@ class NumpyBackend(Backend):
     name = "numpy"
     framework = "numpy"
     #: rule 19: chosen by measurement on a 2-core CPU (float32 and float64, L = S = 4096, E = 64).
-    default_blocks = (256, 512)
+    default_blocks = (512, 256)
 
     def __init__(self, *, threads: int | None = None):
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):

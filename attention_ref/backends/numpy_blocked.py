@@ -52,6 +52,8 @@ except ImportError:  # pragma: no cover - exercised where threadpoolctl is absen
 #: The backward's least number of work items (key chunks times kv-head groups) where the key
 #: blocks allow: a fixed constant, so that the chunks, and so the results, never depend on threads.
 MIN_BACKWARD_ITEMS = 8
+#: The window bounds (``+-inf`` tiles of the keys causal and window leave) each thread keeps.
+WINDOW_BOUNDS_KEPT = 4
 #: Calls with fewer logit elements (tiles visited times their size) than this run on the calling
 #: thread, without a pool (whose start costs about 0.3 ms).
 POOL_WORK = 1 << 20
@@ -120,6 +122,7 @@ class _Workspace:
 
     def __init__(self) -> None:
         self._flat: dict[tuple[str, str], np.ndarray] = {}
+        self._window_bounds: dict[tuple[Any, ...], np.ndarray] = {}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """An uninitialised contiguous array of ``shape`` and ``dtype``, the buffer ``name`` of this thread."""
@@ -129,6 +132,37 @@ class _Workspace:
         if flat is None or flat.size < size:
             flat = self._flat[key] = np.empty(size, dtype)
         return flat[:size].reshape(shape)
+
+    def window_bound(self, low: int | None, high: int | None, offset: int, rows: int, cols: int,
+                     dtype: Any) -> np.ndarray:
+        """``(rows, cols)``: +inf where causal and window (rule 7) let query ``r`` attend key ``c`` of a
+        tile whose first key minus its first query is ``offset`` (``low <= offset + c - r <= high``),
+        -inf elsewhere. The few most recent are kept: the tiles of one query block and key block in
+        every kv head, and the diagonal tiles of every query block when block_q is a multiple of
+        block_k, share one."""
+        key = (low, high, offset, rows, cols, np.dtype(dtype).str)
+        bound = self._window_bounds.pop(key, None)
+        if bound is None:
+            key_minus_query = np.subtract.outer(-np.arange(rows), -np.arange(cols) - offset)  # offset + c - r
+            allowed = np.ones((rows, cols), bool)
+            if low is not None:
+                allowed &= key_minus_query >= low
+            if high is not None:
+                allowed &= key_minus_query <= high
+            bound = _as_bound(allowed, np.empty((rows, cols), dtype))
+            if len(self._window_bounds) >= WINDOW_BOUNDS_KEPT:
+                self._window_bounds.pop(next(iter(self._window_bounds)))
+        self._window_bounds[key] = bound
+        return bound
+
+
+def _as_bound(allowed: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out`` (a float array of allowed's shape): +inf where ``allowed``, -inf elsewhere, so that
+    ``fmin(x, out)`` keeps an attended key's logit (NaN included) and gives -inf on an excluded key
+    (rules 6-8), without a boolean-indexed pass."""
+    np.copyto(out, allowed)  # 1 attended, 0 excluded
+    np.subtract(out, 0.5, out=out)
+    return np.multiply(out, np.inf, out=out)
 
 
 class _Call:
@@ -205,36 +239,17 @@ class _Call:
                 np.copyto(converted, bias, casting="unsafe")
                 bias = converted
             np.add(tile, bias, out=tile)  # rule 5: after the softcap
-        allowed = self._allowed(ws, idx, qs, qe, ks, ke)
-        if allowed is not None:  # rules 6-8: -inf on excluded keys, the attended keys' logits kept
-            bound = ws.get("bound", allowed.shape, self.compute)
-            np.copyto(bound, allowed)  # 1 attended, 0 excluded
-            np.subtract(bound, 0.5, out=bound)
-            np.multiply(bound, np.inf, out=bound)  # +inf attended, -inf excluded
+        low, high = plan.key_range
+        # rule 7: key j minus query i spans [ks - (qe - 1), (ke - 1) - qs] on this tile; only a tile
+        # that the window cuts needs its bound (a tile wholly inside needs none)
+        if (low is not None and ks - (qe - 1) < low) or (high is not None and (ke - 1) - qs > high):
+            np.fmin(tile, ws.window_bound(low, high, ks - qs, qe - qs, width, self.compute), out=tile)
+        if self.mask is not None:  # rule 6
+            mask = self.mask.tile(idx, qs, qe, ks, ke)
+            bound = ws.get("bound", mask.shape, self.compute)
+            _as_bound(mask, bound)
             np.fmin(tile, bound, out=tile)
         return x
-
-    def _allowed(self, ws: _Workspace, idx: tuple[int, ...], qs: int, qe: int, ks: int,
-                 ke: int) -> np.ndarray | None:
-        """Boolean ``(G' or 1, qe - qs or 1, ke - ks or 1)``: the keys mask (rule 6), causal and window
-        (rule 7) let each query of the tile attend; None when they allow every key of the tile."""
-        low, high = self.plan.key_range
-        # rule 7: key j minus query i spans [ks - (qe - 1), (ke - 1) - qs] on this tile
-        cut = (low is not None and ks - (qe - 1) < low) or (high is not None and (ke - 1) - qs > high)
-        mask = None if self.mask is None else self.mask.tile(idx, qs, qe, ks, ke)
-        if not cut:
-            return mask
-        offsets = np.subtract.outer(np.arange(qs, qe), np.arange(ks, ke))  # i - j, (qe - qs, ke - ks)
-        window = np.ones(offsets.shape, bool)
-        if low is not None:
-            window &= offsets <= -low  # j - i >= low
-        if high is not None:
-            window &= offsets >= -high  # j - i <= high
-        if mask is None:
-            return window[None]
-        both = ws.get("allowed", np.broadcast_shapes(mask.shape, (1, *window.shape)), bool)
-        np.logical_and(mask, window, out=both)
-        return both
 
     def dropout(self, idx: tuple[int, ...], qs: int, qe: int, ks: int, ke: int, x: np.ndarray,
                 out: np.ndarray) -> None:
