@@ -217,13 +217,15 @@ class _Call:
         return buffer
 
     def logits(self, ws: _Workspace, idx: tuple[int, ...], q_tile: np.ndarray, qs: int, qe: int, ks: int, ke: int,
-               tanh: np.ndarray | None = None) -> np.ndarray:
+               tanh: np.ndarray | None = None, k_head: np.ndarray | None = None) -> np.ndarray:
         """The tile's logits ``(G * (qe - qs), ke - ks)`` in a buffer of this thread: scaled, capped and
         biased (rules 3-5), -inf on every excluded key (rules 6-8). ``tanh`` (a buffer of the tile's
-        shape, with a softcap) receives ``tanh(raw / softcap)``, which the backward pass needs."""
+        shape, with a softcap) receives ``tanh(raw / softcap)``, which the backward pass needs;
+        ``k_head`` is ``k[idx]`` when the caller has it."""
         plan, rows, width = self.plan, q_tile.shape[0], ke - ks
         x = ws.get("x", (rows, width), self.compute)
-        np.matmul(q_tile, self.k[idx][ks:ke].T, out=x)  # rule 3 (and rule 2: one matmul per kv head)
+        k_head = self.k[idx] if k_head is None else k_head
+        np.matmul(q_tile, k_head[ks:ke].T, out=x)  # rule 3 (and rule 2: one matmul per kv head)
         if not self.prescaled:
             np.multiply(x, self.scale, out=x)  # rule 3: x = scale * (q k)
         if self.softcap is not None:
@@ -321,16 +323,10 @@ def _forward_item(call: _Call, ws: _Workspace, idx: tuple[int, ...], qb: int, ou
     rows = plan.group_size * (qe - qs)
     m = ws.get("m", (rows,), compute)  # rule 19: m = -inf, l = 0, acc = 0
     m.fill(-np.inf)
-    # Without dropout, l is acc's last column: P·[v 1] (v's key block and a column of ones in a buffer)
-    # gives each row's sum of p in the matmul, without a pass over the tile. With dropout, l sums p
-    # before the multiplier, apart.
-    ones = call.keep is None
-    width = plan.value_dim + ones
-    acc = ws.get("acc", (rows, width), compute)
+    l_sum = ws.get("l", (rows,), compute)
+    l_sum.fill(0)
+    acc = ws.get("acc", (rows, plan.value_dim), compute)
     acc.fill(0)
-    l_sum = acc[:, -1] if ones else ws.get("l", (rows,), compute)
-    if not ones:
-        l_sum.fill(0)
     first, stop = plan.key_block_range(qs, qe)  # rule 19: the other key blocks are skipped
     if first < stop:
         q_tile = call.gather(ws, "q", call.q, idx, qs, qe)
@@ -338,17 +334,11 @@ def _forward_item(call: _Call, ws: _Workspace, idx: tuple[int, ...], qb: int, ou
         shift = ws.get("shift", (rows,), compute)
         lowest = compute.type(np.finfo(compute).min)
         row_sum = ws.get("row_sum", (rows,), compute)
-        pv = ws.get("pv", (rows, width), compute)
-        v_head = call.v[idx]
+        pv = ws.get("pv", (rows, plan.value_dim), compute)
+        k_head, v_head = call.k[idx], call.v[idx]
         for kb in range(first, stop):
             ks, ke = call.key_block(kb)
-            if ones:
-                values = ws.get("v_ones", (ke - ks, width), compute)
-                values[:, :-1] = v_head[ks:ke]
-                values[:, -1] = 1
-            else:
-                values = v_head[ks:ke]
-            x = call.logits(ws, idx, q_tile, qs, qe, ks, ke)
+            x = call.logits(ws, idx, q_tile, qs, qe, ks, ke, k_head=k_head)
             np.maximum.reduce(x, axis=1, out=m_new)
             np.maximum(m_new, m, out=m_new)  # rule 19: m_new = max(m, max_j x_j)
             # rule 19: s = m_new if m_new > -inf; else any finite s gives the same p = 0 and alpha = 0
@@ -358,27 +348,26 @@ def _forward_item(call: _Call, ws: _Workspace, idx: tuple[int, ...], qb: int, ou
             alpha = np.exp(m, out=m)  # rule 19: alpha = exp(m - s), 1 when m is unchanged, 0 before any key
             np.subtract(x, shift[:, None], out=x)
             np.exp(x, out=x)  # rule 19: p_j = exp(x_j - s), exactly 0 on excluded keys
-            if not ones:
-                np.add.reduce(x, axis=1, out=row_sum)
-                np.multiply(l_sum, alpha, out=l_sum)
-                np.add(l_sum, row_sum, out=l_sum)  # rule 19: l = alpha l + sum_j p_j
+            np.add.reduce(x, axis=1, out=row_sum)
+            np.multiply(l_sum, alpha, out=l_sum)
+            np.add(l_sum, row_sum, out=l_sum)  # rule 19: l = alpha l + sum_j p_j
+            if call.keep is not None:
                 call.dropout(idx, qs, qe, ks, ke, x, x)  # rule 13: p_j z_j
             np.multiply(acc, alpha[:, None], out=acc)
-            np.matmul(x, values, out=pv)
-            np.add(acc, pv, out=acc)  # rule 19: acc = alpha acc + sum_j p_j z_j v_j (and l = alpha l + sum_j p_j)
+            np.matmul(x, v_head[ks:ke], out=pv)
+            np.add(acc, pv, out=acc)  # rule 19: acc = alpha acc + sum_j p_j z_j v_j
             np.copyto(m, m_new)
     # rule 8: l = 0 exactly when no key was attended (the largest attended p is exp(0) = 1); then
     # out = 0 (acc is 0) and lse = m + log 1 = -inf
     l_safe = ws.get("l_safe", (rows,), compute)
     np.copyto(l_safe, l_sum)
     l_safe[l_safe == 0] = 1
-    result = acc[:, :plan.value_dim]
-    np.divide(result, l_safe[:, None], out=result)  # rule 19: out = acc / l
+    np.divide(acc, l_safe[:, None], out=acc)  # rule 19: out = acc / l
     np.log(l_safe, out=l_safe)
     np.add(m, l_safe, out=l_safe)  # rule 19: lse = m + log l
     heads, length = plan.group_size, qe - qs
     lse[idx][:, qs:qe] = l_safe.reshape(heads, length)
-    np.copyto(out[idx][:, qs:qe], result.reshape(heads, length, plan.value_dim), casting="unsafe")  # rule 10
+    np.copyto(out[idx][:, qs:qe], acc.reshape(heads, length, plan.value_dim), casting="unsafe")  # rule 10
 
 
 def blocked_forward(plan: AttentionPlan, q: Any, k: Any, v: Any, mask: Any, bias: Any, dropout_mask: Any, *,
@@ -487,16 +476,17 @@ def _backward_item(call: _Call, ws: _Workspace, idx: tuple[int, ...], qb: int, k
     dq_tile = ws.get("dq", (rows, plan.head_dim), compute)
     dq_tile.fill(0)
     tanh = None
+    k_head, v_head = call.k[idx], call.v[idx]
     for kb in range(first, stop):
         ks, ke = call.key_block(kb)
         width = ke - ks
         if call.softcap is not None:
             tanh = ws.get("tanh", (rows, width), compute)
-        p = call.logits(ws, idx, q_tile, qs, qe, ks, ke, tanh)
+        p = call.logits(ws, idx, q_tile, qs, qe, ks, ke, tanh, k_head)
         np.subtract(p, row_lse[:, None], out=p)
         np.exp(p, out=p)  # rule 19: P = exp(x - lse), exactly 0 on excluded keys
         d_weights = ws.get("d_weights", (rows, width), compute)
-        np.matmul(do_tile, call.v[idx][ks:ke].T, out=d_weights)  # rule 14: dW = dO v^T
+        np.matmul(do_tile, v_head[ks:ke].T, out=d_weights)  # rule 14: dW = dO v^T
         dropped = p
         if call.keep is not None:
             dropped = ws.get("dropped", (rows, width), compute)
@@ -514,7 +504,7 @@ def _backward_item(call: _Call, ws: _Workspace, idx: tuple[int, ...], qb: int, k
             np.subtract(1, tanh, out=tanh)
             np.multiply(d_logits, tanh, out=d_logits)  # rule 14: dR = dS (1 - tanh^2)
         q_part = ws.get("dq_part", (rows, plan.head_dim), compute)
-        np.matmul(d_logits, call.k[idx][ks:ke], out=q_part)
+        np.matmul(d_logits, k_head[ks:ke], out=q_part)
         np.add(dq_tile, q_part, out=dq_tile)  # rule 14: dq = scale dR k (the scale at the end)
         k_part = ws.get("dk", (width, plan.head_dim), compute)
         np.matmul(d_logits.T, q_tile, out=k_part)
