@@ -23,11 +23,11 @@ from attention_ref.backends import torch_blocked  # noqa: E402
 BACKEND = ar.get_backend("torch")
 
 
-@pytest.fixture(params=[torch_blocked.TILE_ELEMENTS, 1], ids=["tile", "one-head-chunks"])
-def tile_elements(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
-    """The module's tile size, and 1: every chunk one kv head (the items then share dk, dv and, for
-    a bias broadcast over heads or queries, dbias across chunks)."""
-    monkeypatch.setattr(torch_blocked, "TILE_ELEMENTS", request.param)
+@pytest.fixture(params=[torch_blocked.TILE_BYTES, 1], ids=["tile", "one-head-chunks"])
+def tile_bytes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The module's tile size, and 1 byte: every chunk one kv head (the items then share dk, dv and,
+    for a bias broadcast over heads or queries, dbias across chunks)."""
+    monkeypatch.setattr(torch_blocked, "TILE_BYTES", request.param)
     return int(request.param)
 
 
@@ -99,7 +99,7 @@ def _blocks(block_q: int, block_k: int) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_blocked_matches_the_oracle_and_the_dense_path(name: str, tile_elements: int) -> None:
+def test_blocked_matches_the_oracle_and_the_dense_path(name: str, tile_bytes: int) -> None:
     """out and lse within rule 19's bound of the oracle (exact on fully excluded rows), and the
     dense path within twice it (rule 19's bound is at least the dense one)."""
     case, (block_q, block_k) = CASES[name]
@@ -113,7 +113,7 @@ def test_blocked_matches_the_oracle_and_the_dense_path(name: str, tile_elements:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_blocked_gradients_match_the_oracle_and_the_dense_path(name: str, tile_elements: int) -> None:
+def test_blocked_gradients_match_the_oracle_and_the_dense_path(name: str, tile_bytes: int) -> None:
     """dq, dk, dv, dbias within rule 19's gradient bound (exactly 0 where rule 14 fixes them), and
     the dense path's within twice it."""
     case, (block_q, block_k) = CASES[name]
@@ -169,7 +169,7 @@ def _torch_arrays(case: AttentionCase, *, grad: bool) -> dict[str, Any]:
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("dense", [False, True], ids=["blocked", "dense"])
-def test_autograd_through_attention_equals_attention_vjp(name: str, dense: bool, tile_elements: int) -> None:
+def test_autograd_through_attention_equals_attention_vjp(name: str, dense: bool, tile_bytes: int) -> None:
     """``out.backward(d_out)`` gives attention_vjp's dq, dk, dv and dbias: the same computation
     (the blocked path's BlockedAttention runs the backward attention_vjp runs), so bit for bit."""
     case, (block_q, block_k) = CASES[name]
@@ -228,7 +228,7 @@ def _gradcheck_cases() -> dict[str, tuple[dict[str, Any], tuple[int, int], bool]
 
 
 @pytest.mark.parametrize("name", list(_gradcheck_cases()))
-def test_gradcheck_float64(name: str, tile_elements: int) -> None:
+def test_gradcheck_float64(name: str, tile_bytes: int) -> None:
     options, (block_q, block_k), with_lse = _gradcheck_cases()[name]
     gen = torch.Generator().manual_seed(4)
     q = torch.randn(1, 4, 7, 5, dtype=torch.float64, generator=gen, requires_grad=True)
