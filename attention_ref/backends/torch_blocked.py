@@ -136,6 +136,7 @@ class _Tiles:
         self.dropout_scale = torch.tensor(plan.dropout_scale, dtype=compute, device=self.device)
         self.rescale_dropout = plan.dropout_p != 0.0
         self.low, self.high = plan.key_range
+        self.lowest = torch.finfo(compute).min
         tile_bytes = self.group * plan.block_q * plan.block_k * self.q.element_size()
         self.chunks = _chunks(self.axes, TILE_BYTES // max(1, tile_bytes))
         self.chunk_rows = max(c.stop - c.start for c in self.chunks)
@@ -340,7 +341,9 @@ def _forward_item(tiles: _Tiles, ws: _Workspace, chunk: _Chunk, q_start: int, q_
         x = tiles.logits(ws.array(0, rows, stacked, k_stop - k_start), qt, chunk, q_start, q_stop, k_start, k_stop)
         tile_max = torch.amax(x, dim=-1)
         m_new = tile_max if block == 0 else torch.maximum(m, tile_max)  # rule 19: m_new = max(m, max x)
-        s = m_new.masked_fill(m_new == _NEG_INF, 0)  # s = m_new if m_new > -inf else 0
+        # s = m_new if m_new > -inf: a row whose m_new is -inf has x = -inf so far, so any finite s
+        # gives it what s = 0 gives (p = 0, alpha = 0); one op instead of three
+        s = torch.clamp_min(m_new, tiles.lowest)
         p = x.sub_(s.unsqueeze(-1)).exp_()  # p = exp(x - s): exactly 0 on excluded keys
         row_sum = p.sum(dim=-1)
         if tiles.keep is not None:
