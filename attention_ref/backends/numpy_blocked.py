@@ -26,7 +26,10 @@ Each thread keeps its own tile buffers (a small constant number of ``G * block_q
 and every step writes into them in place (``out=``). Excluded keys are set to -inf by
 ``fmin(x, +-inf)`` (an attended key's logit kept, an excluded key's -inf, NaN included), only on
 tiles with a mask and on tiles that causal or the window cut (``plan.key_range``); a tile wholly
-inside the window needs none.
+inside the window needs none, and a cut tile's bound comes from a small per-thread cache (the same
+block pair in every kv head, and every diagonal tile when block_q is a multiple of block_k, share
+one). A power-of-two scale is applied to q once, where that is exact (the usual ``1 / sqrt(E)``
+for E = 64), instead of to every tile.
 """
 
 from __future__ import annotations
