@@ -307,6 +307,25 @@ def test_autograd_saves_no_weights() -> None:
     assert saved and all(np.prod(shape) < q_len * kv_len for shape in saved), saved
 
 
+def test_runs_on_a_device_without_host_synchronisation() -> None:
+    """On the meta device (shapes without data) forward, autograd and attention_vjp run through: no
+    ``.item()``, ``.cpu()`` or data-dependent branch, which a meta tensor cannot answer; what a CUDA
+    call needs of the code besides its arithmetic. Results keep the device, shapes and dtypes."""
+    meta = torch.device("meta")
+    q, k, v = torch.empty(2, 4, 9, 5, device=meta), torch.empty(2, 2, 11, 5, device=meta), torch.empty(2, 2, 11, 3,
+                                                                                                        device=meta)
+    bias = torch.empty(4, 1, 11, device=meta, requires_grad=True)
+    options: dict[str, Any] = {"bias": bias, "causal": True, "softcap": 2.0, "dropout_p": 0.5, "block_q": 4,
+                               "block_k": 3, "dropout_mask": torch.empty(9, 11, dtype=torch.bool, device=meta),
+                               "mask": torch.empty(2, 1, 1, 11, dtype=torch.bool, device=meta)}
+    result = ar.attention(q, k, v, **options, return_lse=True)
+    assert result.out.device == meta and result.out.shape == (2, 4, 9, 3) and result.lse.shape == (2, 4, 9)
+    result.out.backward(torch.empty(2, 4, 9, 3, device=meta))
+    assert bias.grad is not None and bias.grad.shape == bias.shape
+    grads = ar.attention_vjp(q, k, v, torch.empty(2, 4, 9, 3, device=meta), **options)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape, bias.shape]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_the_oracle() -> None:
     """On CUDA: results stay on the device, within rule 19's bounds (TF32 off for the call)."""

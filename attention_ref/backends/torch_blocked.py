@@ -12,7 +12,7 @@ on their own shape and broadcast only against the tile. A tile holds a *chunk* o
 rectangular block of A whose rows are consecutive in R) with all G query heads of each stacked along
 the query axis, so that its logits are one ``(r, G * nq, nk)`` array: one batched matmul per tile,
 and the sums over the query heads of a kv head in dk and dv happen inside the matmul (rule 2). Chunks
-hold about ``TILE_BYTES`` of logits.
+hold about ``TILE_BYTES`` of logits on the CPU (``DEVICE_TILE_BYTES`` elsewhere).
 
 Work: the items are (chunk, query block) pairs. On the CPU they run on ``torch.get_num_threads()``
 Python threads, each item's torch ops single-threaded (torch releases the GIL inside them): one
@@ -53,6 +53,9 @@ _NEG_INF = -math.inf
 #: on a 2-core CPU (1 MiB L2 per core): large enough that each op's fixed cost is small, small enough
 #: that a thread's tile stays in its cache (float64 at 4096 keys: 1.17x SDPA at 1-2 MiB, 1.25x at 8 MiB).
 TILE_BYTES = 1 << 20
+#: The same on other devices (CUDA), where each op is a kernel launch: one chunk holds every kv head
+#: unless that passes 256 MiB of logits.
+DEVICE_TILE_BYTES = 1 << 28
 
 
 def _operand(plan: AttentionPlan, x: torch.Tensor | None) -> torch.Tensor | None:
@@ -138,7 +141,8 @@ class _Tiles:
         self.low, self.high = plan.key_range
         self.lowest = torch.finfo(compute).min
         tile_bytes = self.group * plan.block_q * plan.block_k * self.q.element_size()
-        self.chunks = _chunks(self.axes, TILE_BYTES // max(1, tile_bytes))
+        budget = TILE_BYTES if self.device.type == "cpu" else DEVICE_TILE_BYTES
+        self.chunks = _chunks(self.axes, budget // max(1, tile_bytes))
         self.chunk_rows = max(c.stop - c.start for c in self.chunks)
         self._bands: dict[tuple[int, int, int], torch.Tensor | None] = {}
         self._lock = threading.Lock()
