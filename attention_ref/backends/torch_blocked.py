@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -260,15 +261,18 @@ class _Workspace:
         return self._storage[index][: math.prod(shape)].view(*shape)
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
+    """A pool of ``threads`` threads, kept for later calls (per process: a forked child's pool threads
+    do not exist, so it makes its own)."""
+    key = (os.getpid(), threads)
     with _POOLS_LOCK:
-        if threads not in _POOLS:
-            _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="attention_ref-torch")
-        return _POOLS[threads]
+        if key not in _POOLS:
+            _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="attention_ref-torch")
+        return _POOLS[key]
 
 
 def _run(threads: int, work: Callable[[int, Any], None], assignments: Sequence[Sequence[Any]] | None = None,
