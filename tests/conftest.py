@@ -8,7 +8,7 @@ framework gets it through ``import_or_skip`` or ``BACKENDS``.
 
 ``--device cuda`` (or gpu, cpu; optionally ``:N``) puts the arrays that the ``backend`` fixture's
 ``asarray`` makes for the torch and jax backends on that device (``attention_ref.testing.verify.on_device``;
-numpy stays on the CPU); ``tested_backend(name)`` gives the same backend to tests that take a name. A
+numpy stays on the CPU); ``backend_on_device(name)`` gives the same backend to tests that take a name. A
 device that torch or jax (those installed) cannot use is a usage error before any test runs.
 """
 
@@ -78,7 +78,7 @@ BACKENDS = [_param(name) for name in BACKEND_NAMES]
 TESTED_BACKEND_NAMES = [n for n in BACKEND_NAMES if REQUIRE_ALL or importlib.util.find_spec(n) is not None]
 
 
-def tested_backend(name: str) -> Any:
+def backend_on_device(name: str) -> Any:
     """The backend called ``name``, its arrays on this run's ``--device`` (numpy's on the CPU)."""
     import attention_ref as ar
     from attention_ref.testing.verify import DEVICE_FRAMEWORKS, on_device
@@ -89,7 +89,7 @@ def tested_backend(name: str) -> Any:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> object:
-    return tested_backend(request.param)
+    return backend_on_device(request.param)
 
 
 @pytest.fixture

@@ -9,13 +9,13 @@ import pytest
 from attention_ref.testing import PROPERTIES, run_property
 from attention_ref.testing import properties as property_modules
 
-from .conftest import BACKENDS, tested_backend
+from .conftest import BACKENDS, backend_on_device
 
 
 @pytest.mark.parametrize("prop", PROPERTIES, ids=lambda p: f"{p.name}-rules_{'_'.join(map(str, p.rules))}")
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_property(backend_name: str, prop: object) -> None:
-    run_property(prop, tested_backend(backend_name))
+    run_property(prop, backend_on_device(backend_name))
 
 
 def test_every_spec_rule_has_a_property() -> None:
