@@ -143,7 +143,11 @@ class _Tiles:
         self.lowest = torch.finfo(compute).min
         tile_bytes = self.group * plan.block_q * plan.block_k * self.q.element_size()
         budget = TILE_BYTES if self.device.type == "cpu" else DEVICE_TILE_BYTES
-        self.chunks = _chunks(self.axes, budget // max(1, tile_bytes))
+        chunk_rows = budget // max(1, tile_bytes)
+        query_blocks, threads = max(1, plan.num_query_blocks), self.threads(self.rows * plan.num_query_blocks)
+        if math.ceil(self.rows / max(1, chunk_rows)) * query_blocks < threads:  # too few items: smaller chunks
+            chunk_rows = min(chunk_rows, math.ceil(self.rows / math.ceil(threads / query_blocks)))
+        self.chunks = _chunks(self.axes, chunk_rows)
         self.chunk_rows = max(c.stop - c.start for c in self.chunks)
         self._bands: dict[tuple[int, int, int], torch.Tensor | None] = {}
         self._lock = threading.Lock()
@@ -347,13 +351,13 @@ def _forward_item(tiles: _Tiles, ws: _Workspace, chunk: _Chunk, q_start: int, q_
     m = l_sum = torch.empty(0)
     for block, (k_start, k_stop) in enumerate(key_tiles):
         x = tiles.logits(ws.array(0, rows, stacked, k_stop - k_start), qt, chunk, q_start, q_stop, k_start, k_stop)
-        tile_max = torch.amax(x, dim=-1)
+        tile_max = torch.amax(x, dim=-1, keepdim=True)  # per-row statistics as (r, G * nq, 1)
         m_new = tile_max if block == 0 else torch.maximum(m, tile_max)  # rule 19: m_new = max(m, max x)
         # s = m_new if m_new > -inf: a row whose m_new is -inf has x = -inf so far, so any finite s
         # gives it what s = 0 gives (p = 0, alpha = 0); one op instead of three
         s = torch.clamp_min(m_new, tiles.lowest)
-        p = x.sub_(s.unsqueeze(-1)).exp_()  # p = exp(x - s): exactly 0 on excluded keys
-        row_sum = p.sum(dim=-1)
+        p = x.sub_(s).exp_()  # p = exp(x - s): exactly 0 on excluded keys
+        row_sum = p.sum(dim=-1, keepdim=True)
         if tiles.keep is not None:
             tiles.apply_dropout(p, chunk, q_start, q_stop, k_start, k_stop)  # z, after l's sum (rule 13)
         vt = tiles.v[chunk.start:chunk.stop, k_start:k_stop]
@@ -361,15 +365,16 @@ def _forward_item(tiles: _Tiles, ws: _Workspace, chunk: _Chunk, q_start: int, q_
             l_sum = row_sum
             torch.bmm(p, vt, out=acc)
         else:
-            alpha = torch.exp(m - s)  # exactly 1 when m is unchanged, 0 while no key was attended
-            l_sum = l_sum.mul_(alpha).add_(row_sum)
-            acc.mul_(alpha.unsqueeze(-1)).baddbmm_(p, vt)
+            alpha = torch.sub(m, s).exp_()  # exactly 1 when m is unchanged, 0 while no key was attended
+            l_sum = row_sum.addcmul_(l_sum, alpha)  # l = alpha l + sum p
+            acc.mul_(alpha).baddbmm_(p, vt)  # acc = alpha acc + p (z) v
         m = m_new
     empty = l_sum == 0  # rule 8: a fully excluded row
-    safe = l_sum.masked_fill(empty, 1)
-    acc.div_(safe.unsqueeze(-1))  # out = acc / l (exactly 0 where l = 0: acc is 0 there)
+    safe = l_sum.masked_fill_(empty, 1)
+    acc.div_(safe)  # out = acc / l (exactly 0 where l = 0: acc is 0 there)
     out_block.copy_(acc.view(rows, tiles.group, nq, plan.value_dim))
-    lse_block.copy_(m.add_(torch.log(safe)).masked_fill_(empty, _NEG_INF).view(rows, tiles.group, nq))  # m + log l
+    block_lse = m.add_(safe.log_()).masked_fill_(empty, _NEG_INF)  # lse = m + log l, or -inf
+    lse_block.copy_(block_lse.view(rows, tiles.group, nq))
 
 
 def _forward_arrays(tiles: _Tiles, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
