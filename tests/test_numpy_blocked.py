@@ -241,8 +241,8 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch: pytest.MonkeyPat
 
 
 def test_threads_must_be_a_positive_int() -> None:
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="threads"):
+    for bad, error in ((0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="threads must be a positive int"):
             NumpyBackend(threads=bad)  # type: ignore[arg-type]
 
 

@@ -281,7 +281,9 @@ class NumpyBackend(Backend):
     default_blocks = (512, 256)
 
     def __init__(self, *, threads: int | None = None):
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)):
+            raise TypeError(f"threads must be a positive int or None, got {threads!r}")
+        if threads is not None and threads < 1:
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         self.threads = threads
 
