@@ -212,8 +212,8 @@ class AttentionCase(AttentionOptions):
         return self._cached("oracle", compute)
 
     def oracle_gradients(self, d_out: np.ndarray) -> Gradients:
-        """The float64 oracle's gradients (the NumPy backend's analytic backward pass in float64) for
-        the cotangent ``d_out``; dbias is float64 too. Computed once per case and cotangent (the
+        """The float64 oracle's gradients (the NumPy backend's analytic backward pass of rule 14, dense,
+        in float64) for the cotangent ``d_out``; dbias is float64 too. Computed once per case and cotangent (the
         arrays are read-only)."""
         d_out = np.asarray(d_out)
 
@@ -222,7 +222,7 @@ class AttentionCase(AttentionOptions):
 
             q, k, v, keywords = self._float64_call()
             return Gradients(*_read_only(get_backend("numpy").attention_vjp(
-                q, k, v, np.asarray(d_out, np.float64), **keywords)))
+                q, k, v, np.asarray(d_out, np.float64), **keywords, dense=True)))
 
         return self._cached(("oracle_gradients", d_out.dtype.str, d_out.shape, d_out.tobytes()), compute)
 
