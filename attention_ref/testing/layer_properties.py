@@ -490,7 +490,7 @@ def identity_projections_equal_attention(target: LayerTarget, call: LayerCall) -
 
     numpy = get_backend("numpy")
     o = numpy.attention(split(case.query), split(case.key), split(case.value), mask=case.combined_mask(),
-                        causal=case.causal, dropout_p=case.dropout_p, dropout_mask=case.dropout_mask)
+                        causal=case.causal, dropout_p=case.dropout_p, dropout_mask=case.dropout_mask, dense=True)
     expected = o.transpose(0, 2, 1, 3).reshape(batch, length, features)
     assert_layer_close("out (identity projections) vs ar.attention on the inputs split into heads", judged.out,
                        expected, judged.bounds.out, call, judged.bounds.derivation)
