@@ -25,8 +25,8 @@ BACKEND = ar.get_backend("torch")
 
 @pytest.fixture(params=[torch_blocked.TILE_BYTES, 1], ids=["tile", "one-head-chunks"])
 def tile_bytes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
-    """The module's tile size, and 1 byte: every chunk one kv head (the items then share dk, dv and,
-    for a bias broadcast over heads or queries, dbias across chunks)."""
+    """The module's tile size, and 1 byte: every chunk one query head (the items then share dk, dv
+    and, for a bias broadcast over heads or queries, dbias across chunks)."""
     monkeypatch.setattr(torch_blocked, "TILE_BYTES", request.param)
     return int(request.param)
 

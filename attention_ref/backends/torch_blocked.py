@@ -75,23 +75,28 @@ def _operand(plan: AttentionPlan, x: torch.Tensor | None) -> torch.Tensor | None
 
 @dataclass(frozen=True)
 class _Chunk:
-    """Consecutive rows ``start:stop`` of R that form a rectangular block of the head axes A:
-    ``index`` slices each axis of A (a fixed index, the chunk's range on one axis, all of the axes
-    after it) and ``shape`` is the block's shape."""
+    """Consecutive rows ``start:stop`` of R that form a rectangular block of the head axes A
+    (``index`` slices each axis of A: a fixed index, the chunk's range on one axis, all of the axes
+    after it; ``shape`` is the block's shape), and the query heads ``heads`` (``group`` of the G) of
+    each of its kv heads."""
 
     start: int
     stop: int
     index: tuple[slice, ...]
     shape: tuple[int, ...]
+    heads: slice
+    group: int
 
     def of(self, operand: torch.Tensor) -> tuple[slice, ...]:
         """The index of this chunk into an ``_operand`` view's A axes (a size-1 axis stays whole)."""
         return tuple(slice(None) if size == 1 else s for size, s in zip(operand.shape, self.index, strict=False))
 
 
-def _chunks(axes: tuple[int, ...], rows: int) -> list[_Chunk]:
-    """The head axes A cut into rectangular blocks of about ``rows`` rows (at least one) each."""
+def _chunks(axes: tuple[int, ...], rows: int, group: int, heads: int) -> list[_Chunk]:
+    """The head axes A cut into rectangular blocks of about ``rows`` rows (at least one) each, and
+    the G = ``group`` query heads of each kv head into ranges of ``heads``."""
     rows = max(1, rows)
+    ranges = [slice(g, min(group, g + heads)) for g in range(0, group, max(1, heads))]
     axis = len(axes) - 1  # the first axis whose suffix (it and the axes after it) exceeds rows
     while axis > 0 and math.prod(axes[axis:]) <= rows:
         axis -= 1
@@ -107,7 +112,8 @@ def _chunks(axes: tuple[int, ...], rows: int) -> list[_Chunk]:
             index = (*(slice(i, i + 1) for i in prefix), slice(first, last), *(slice(None) for _ in axes[axis + 1:]))
             start = (base * axes[axis] + first) * suffix
             shape = (*(1 for _ in prefix), last - first, *axes[axis + 1:])
-            chunks.append(_Chunk(start, start + (last - first) * suffix, index, shape))
+            for g in ranges:
+                chunks.append(_Chunk(start, start + (last - first) * suffix, index, shape, g, g.stop - g.start))
     return chunks
 
 
@@ -141,14 +147,17 @@ class _Tiles:
         self.rescale_dropout = plan.dropout_p != 0.0
         self.low, self.high = plan.key_range
         self.lowest = torch.finfo(compute).min
-        tile_bytes = self.group * plan.block_q * plan.block_k * self.q.element_size()
+        # query heads per tile: the budget over one head's tile; whole kv heads (G query heads each)
+        # while they fit, else a range of one kv head's query heads
         budget = TILE_BYTES if self.device.type == "cpu" else DEVICE_TILE_BYTES
-        chunk_rows = budget // max(1, tile_bytes)
-        query_blocks, threads = max(1, plan.num_query_blocks), self.threads(self.rows * plan.num_query_blocks)
-        if math.ceil(self.rows / max(1, chunk_rows)) * query_blocks < threads:  # too few items: smaller chunks
-            chunk_rows = min(chunk_rows, math.ceil(self.rows / math.ceil(threads / query_blocks)))
-        self.chunks = _chunks(self.axes, chunk_rows)
-        self.chunk_rows = max(c.stop - c.start for c in self.chunks)
+        per_tile = max(1, budget // max(1, plan.block_q * plan.block_k * self.q.element_size()))
+        rows, heads = (max(1, per_tile // self.group), self.group) if per_tile >= self.group else (1, per_tile)
+        query_blocks = max(1, plan.num_query_blocks)
+        threads = self.threads(self.rows * self.group * query_blocks)
+        while math.ceil(self.rows / rows) * math.ceil(self.group / heads) * query_blocks < threads:
+            rows, heads = (math.ceil(rows / 2), heads) if rows > 1 else (rows, math.ceil(heads / 2))  # more items
+        self.chunks = _chunks(self.axes, rows, self.group, heads)
+        self.stacked_heads = max((c.stop - c.start) * c.group for c in self.chunks)  # per tile, at most
         self._bands: dict[tuple[int, int, int], torch.Tensor | None] = {}
         self._lock = threading.Lock()
 
@@ -162,7 +171,7 @@ class _Tiles:
             for q_start in range(0, plan.q_len, plan.block_q):
                 q_stop = min(plan.q_len, q_start + plan.block_q)
                 keys = sum(stop - start for start, stop in self.key_tiles(q_start, q_stop))
-                items.append((keys * (chunk.stop - chunk.start), chunk, q_start, q_stop, len(items)))
+                items.append((keys * (chunk.stop - chunk.start) * chunk.group, chunk, q_start, q_stop, len(items)))
         return sorted(items, key=lambda item: (-item[0], item[4]))
 
     def key_tiles(self, q_start: int, q_stop: int) -> list[tuple[int, int]]:
@@ -205,22 +214,23 @@ class _Tiles:
         return band
 
     def query_block(self, x: torch.Tensor, chunk: _Chunk, q_start: int, q_stop: int) -> torch.Tensor:
-        """The chunk's rows ``q_start:q_stop`` of an ``(R, G, L, C)`` array as ``(r, G * nq, C)`` (the G
-        query heads of a kv head stacked; a copy when G > 1)."""
-        block = x[chunk.start:chunk.stop, :, q_start:q_stop]
-        return block.reshape(chunk.stop - chunk.start, self.group * (q_stop - q_start), x.shape[-1])
+        """The chunk's rows ``q_start:q_stop`` of an ``(R, G, L, C)`` array as ``(r, g * nq, C)`` (the g
+        query heads of the chunk stacked; a copy when g > 1)."""
+        block = x[chunk.start:chunk.stop, chunk.heads, q_start:q_stop]
+        return block.reshape(chunk.stop - chunk.start, chunk.group * (q_stop - q_start), x.shape[-1])
 
     def operand_tile(self, operand: torch.Tensor, chunk: _Chunk, q_start: int, q_stop: int, k_start: int,
                      k_stop: int) -> torch.Tensor:
         """The ``(chunk, q_start:q_stop, k_start:k_stop)`` tile of an ``_operand`` view (size-1 dims
-        stay 1), broadcastable to the tile's ``(*chunk.shape, G, nq, nk)`` view."""
+        stay 1), broadcastable to the tile's ``(*chunk.shape, g, nq, nk)`` view."""
+        heads = slice(None) if operand.shape[-3] == 1 else chunk.heads
         rows = slice(None) if operand.shape[-2] == 1 else slice(q_start, q_stop)
         cols = slice(None) if operand.shape[-1] == 1 else slice(k_start, k_stop)
-        return operand[(*chunk.of(operand), slice(None), rows, cols)]
+        return operand[(*chunk.of(operand), heads, rows, cols)]
 
     def tile_view(self, x: torch.Tensor, chunk: _Chunk, q_start: int, q_stop: int) -> torch.Tensor:
-        """A tile ``(r, G * nq, nk)`` viewed as ``(*chunk.shape, G, nq, nk)``, the operands' layout."""
-        return x.view(*chunk.shape, self.group, q_stop - q_start, x.shape[-1])
+        """A tile ``(r, g * nq, nk)`` viewed as ``(*chunk.shape, g, nq, nk)``, the operands' layout."""
+        return x.view(*chunk.shape, chunk.group, q_stop - q_start, x.shape[-1])
 
     def logits(self, x: torch.Tensor, qt: torch.Tensor, chunk: _Chunk, q_start: int, q_stop: int, k_start: int,
                k_stop: int, capped: torch.Tensor | None = None) -> torch.Tensor:
@@ -338,9 +348,9 @@ def _forward_item(tiles: _Tiles, ws: _Workspace, chunk: _Chunk, q_start: int, q_
     (any floating dtype: rounded once, from the compute dtype) and lse ``(R, G, L)`` (compute dtype)."""
     plan = tiles.plan
     assert plan.block_k is not None
-    rows, stacked, nq = chunk.stop - chunk.start, tiles.group * (q_stop - q_start), q_stop - q_start
-    out_block = out[chunk.start:chunk.stop, :, q_start:q_stop]
-    lse_block = lse[chunk.start:chunk.stop, :, q_start:q_stop]
+    rows, stacked, nq = chunk.stop - chunk.start, chunk.group * (q_stop - q_start), q_stop - q_start
+    out_block = out[chunk.start:chunk.stop, chunk.heads, q_start:q_stop]
+    lse_block = lse[chunk.start:chunk.stop, chunk.heads, q_start:q_stop]
     key_tiles = tiles.key_tiles(q_start, q_stop)  # rule 19: the other key blocks are skipped
     if not key_tiles:  # rule 8: every key excluded: out 0, lse -inf
         out_block.zero_()
@@ -372,9 +382,9 @@ def _forward_item(tiles: _Tiles, ws: _Workspace, chunk: _Chunk, q_start: int, q_
     empty = l_sum == 0  # rule 8: a fully excluded row
     safe = l_sum.masked_fill_(empty, 1)
     acc.div_(safe)  # out = acc / l (exactly 0 where l = 0: acc is 0 there)
-    out_block.copy_(acc.view(rows, tiles.group, nq, plan.value_dim))
+    out_block.copy_(acc.view(rows, chunk.group, nq, plan.value_dim))
     block_lse = m.add_(safe.log_()).masked_fill_(empty, _NEG_INF)  # lse = m + log l, or -inf
-    lse_block.copy_(block_lse.view(rows, tiles.group, nq))
+    lse_block.copy_(block_lse.view(rows, chunk.group, nq))
 
 
 def _forward_arrays(tiles: _Tiles, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -386,7 +396,7 @@ def _forward_arrays(tiles: _Tiles, out_dtype: torch.dtype) -> tuple[torch.Tensor
     lse = torch.empty(tiles.rows, tiles.group, plan.q_len, dtype=tiles.compute, device=tiles.device)
     items = tiles.items()
     threads = tiles.threads(len(items))
-    stacked = tiles.chunk_rows * tiles.group * plan.block_q
+    stacked = tiles.stacked_heads * plan.block_q
     sizes = (stacked * plan.block_k, stacked * plan.value_dim)
     workspaces: list[_Workspace | None] = [None] * threads
 
@@ -425,14 +435,14 @@ def _backward_item(tiles: _Tiles, ws: _Workspace, grads: _Gradients, chunk: _Chu
         return
     need_ds = grads.dq is not None or grads.dk is not None or grads.dbias is not None
     rows, nq = chunk.stop - chunk.start, q_stop - q_start
-    stacked = tiles.group * nq
+    stacked = chunk.group * nq
     qt = tiles.query_block(tiles.q, chunk, q_start, q_stop)
     dot = tiles.query_block(d_out, chunk, q_start, q_stop)
     # rule 19: D = rowsum(dO * O) replaces rowsum(P dW); a cotangent of lse adds P d_lse to dS
     big_d = (dot * tiles.query_block(out, chunk, q_start, q_stop)).sum(dim=-1)
     if d_lse is not None:
-        big_d = big_d.sub_(d_lse[chunk.start:chunk.stop, :, q_start:q_stop].reshape(rows, stacked))
-    block_lse = lse[chunk.start:chunk.stop, :, q_start:q_stop].reshape(rows, stacked)
+        big_d = big_d.sub_(tiles.query_block(d_lse.unsqueeze(-1), chunk, q_start, q_stop)[..., 0])
+    block_lse = tiles.query_block(lse.unsqueeze(-1), chunk, q_start, q_stop)[..., 0]
     shift = block_lse.masked_fill(block_lse == _NEG_INF, 0).unsqueeze(-1)  # fully excluded rows: P = 0
     dq_block = None
     if grads.dq is not None:
@@ -469,7 +479,8 @@ def _backward_item(tiles: _Tiles, ws: _Workspace, grads: _Gradients, chunk: _Chu
         if grads.dk is not None:
             grads.dk[chunk.start:chunk.stop, k_start:k_stop].baddbmm_(ds.transpose(1, 2), qt, alpha=tiles.scale)
     if grads.dq is not None and dq_block is not None:
-        grads.dq[chunk.start:chunk.stop, :, q_start:q_stop] = dq_block.view(rows, tiles.group, nq, plan.head_dim)
+        grads.dq[chunk.start:chunk.stop, chunk.heads, q_start:q_stop] = dq_block.view(rows, chunk.group, nq,
+                                                                                         plan.head_dim)
 
 
 def _backward(
@@ -497,10 +508,11 @@ def _backward(
     )
     items = tiles.items()
     threads = tiles.threads(len(items))
-    # dq rows belong to one item each; dk and dv rows to every query block of a chunk; dbias entries
-    # to one item when the bias has every query and is full along the head axes the chunks cut
+    # dq rows belong to one item each; dk and dv rows to every query block and query-head range of a
+    # kv head; dbias entries to one item when the bias has every query and is full along the head
+    # axes (A and G) the chunks cut
     bias_private = bias_shape is not None and (bias_shape[-2] == 1 or (
-        len(tiles.chunks) > 1 and any(n == 1 for n in bias_shape[:len(tiles.axes)])))
+        len(tiles.chunks) > 1 and any(n == 1 for n in bias_shape[:len(tiles.axes) + 1])))
     private: list[_Gradients] = [shared]
     for _ in range(1, threads):
         private.append(_Gradients(
@@ -514,7 +526,7 @@ def _backward(
         thread = loads.index(min(loads))
         loads[thread] += item[0]
         assignments[thread].append(item)
-    stacked = tiles.chunk_rows * group * plan.block_q
+    stacked = tiles.stacked_heads * plan.block_q
     size = max(stacked * plan.block_k, stacked * plan.head_dim)
     workspaces: list[_Workspace | None] = [None] * threads
 
