@@ -46,6 +46,7 @@ from ..broadcasting import reduce_to_shape
 from ..layers.params import MHAParams
 from ..layers.plan import LayerPlan
 from ..plan import AttentionPlan
+from . import jax_blocked
 from .base import Backend
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -54,7 +55,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 BUCKET_MAX_LOGITS = 1 << 18
 #: Smallest bucket for L, S, E and Ev, and for rows (batch elements times query heads).
 BUCKET_MIN_LENGTH = 16
-BUCKET_MIN_ROWS = 8
+BUCKET_MIN_ROWS = 64
 
 
 def grouped_inputs(
@@ -294,21 +295,47 @@ def _bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
+def _bucket_block(block: int | None, length: int, padded: int) -> int:
+    """A blocked plan's block on a dim of ``length`` padded to ``padded``: a block covering the dim
+    stays one block (the whole padded dim), a smaller one keeps its size."""
+    return padded if block is None or block >= length else block
+
+
 def _bucket_plan(plan: AttentionPlan) -> AttentionPlan:
     """The padded problem of a plan: ``rows_b`` single heads (``prod(B) * Hq`` rounded up, one head per
     row, no batch dims, Hkv = Hq), L, S, E and Ev rounded up, computed and returned in the compute
     dtype, with a mask, a bias and a dropout mask (all-allowing where the call has none). Its scale,
     softcap, dropout scale and key bounds are traced; everything else is the same for all plans of
-    the bucket, so that they share one program."""
+    the bucket, so that they share one program. A dense plan's bucket returns weights and lse; a
+    blocked plan's (rule 19) returns lse, and its static tile is the whole padded problem, in which
+    the plan's blocks are traced (``_bucket_geometry``): one program serves every block size."""
     rows = _bucket(plan.num_rows, BUCKET_MIN_ROWS)
+    q_len, kv_len = _bucket(plan.q_len, BUCKET_MIN_LENGTH), _bucket(plan.kv_len, BUCKET_MIN_LENGTH)
     return AttentionPlan(
         framework=plan.framework, batch_shape=(), has_head_axis=True, num_q_heads=rows, num_kv_heads=rows,
-        q_len=_bucket(plan.q_len, BUCKET_MIN_LENGTH), kv_len=_bucket(plan.kv_len, BUCKET_MIN_LENGTH),
+        q_len=q_len, kv_len=kv_len,
         head_dim=_bucket(plan.head_dim, BUCKET_MIN_LENGTH), value_dim=_bucket(plan.value_dim, BUCKET_MIN_LENGTH),
         dtype=plan.compute_dtype, compute_dtype=plan.compute_dtype, scale=0.0,
-        softcap=None if plan.softcap is None else 0.0, causal=False, alignment="top_left", has_mask=True,
-        has_bias=True, return_weights=True, return_lse=True, has_dropout_mask=True,
+        softcap=0.0 if plan.blocked or plan.softcap is not None else None, causal=False, alignment="top_left",
+        has_mask=True, has_bias=True, return_weights=not plan.blocked, return_lse=True, has_dropout_mask=True,
+        block_q=q_len if plan.blocked else None, block_k=kv_len if plan.blocked else None,
     )
+
+
+def _bucket_geometry(plan: AttentionPlan, bucket: AttentionPlan, key_range: tuple[np.ndarray, np.ndarray],
+                     kv_valid: np.ndarray) -> jax_blocked.Geometry:
+    """The traced blocks, bounds and softcap switch of a blocked plan's padded problem: one program
+    per bucket serves every block size, with and without a softcap."""
+    block_q = _bucket_block(plan.block_q, plan.q_len, bucket.q_len)
+    block_k = _bucket_block(plan.block_k, plan.kv_len, bucket.kv_len)
+    return jax_blocked.Geometry(np.asarray(block_q, np.int32), np.asarray(block_k, np.int32), *key_range,
+                                np.asarray(plan.q_len, np.int32), kv_valid, np.asarray(plan.softcap is not None))
+
+
+def _bucket_softcap(plan: AttentionPlan, softcap: np.ndarray | None) -> np.ndarray:
+    """The traced softcap of a blocked plan's bucket: the call's, or a dummy 1 (``Geometry.softcap_on``
+    is False then), so that calls with and without a softcap share a program."""
+    return np.asarray(1, plan.compute_dtype) if softcap is None else softcap
 
 
 def _pad_to(x: np.ndarray, shape: tuple[int, ...], fill: Any = 0) -> np.ndarray:
@@ -334,6 +361,11 @@ class JaxBackend(Backend):
         with self._precision_scope(plan):  # rule 10: float64 inside a scoped jax.enable_x64
             if self._uses_buckets(plan, (q, k, v, mask, bias, dropout_mask)):
                 return self._bucketed(plan, q, k, v, mask, bias, dropout_mask)
+            if plan.blocked:  # rule 19: the online softmax, tile by tile (a custom_vjp for jax.grad)
+                out, lse = jax_blocked.blocked_attention_jit(
+                    self._static_plan(plan), jax_blocked.heads_one_at_a_time((q, k, v)), q, k, v, mask, bias,
+                    dropout_mask, *self._traced_scalars(plan))
+                return out, None, lse if plan.return_lse else None
             return _direct_attention(self._static_plan(plan), q, k, v, mask, bias, dropout_mask,
                                      *self._traced_scalars(plan))
 
@@ -344,6 +376,10 @@ class JaxBackend(Backend):
         with self._precision_scope(plan):  # rule 10: float64 inside a scoped jax.enable_x64
             if self._uses_buckets(plan, (q, k, v, mask, bias, dropout_mask, d_out)):
                 return self._bucketed_vjp(plan, q, k, v, mask, bias, dropout_mask, d_out)
+            if plan.blocked:  # rule 19: the FlashAttention-2 backward
+                return jax_blocked.blocked_vjp_jit(
+                    self._static_plan(plan), jax_blocked.heads_one_at_a_time((q, k, v)), q, k, v, mask, bias,
+                    dropout_mask, d_out, *self._traced_scalars(plan))
             return _attention_backward(self._static_plan(plan), q, k, v, mask, bias, dropout_mask, d_out,
                                        *self._traced_scalars(plan))
 
@@ -439,8 +475,14 @@ class JaxBackend(Backend):
         bucket = _bucket_plan(plan)
         q_b, k_b, v_b, mask_b, bias_b, keep_b, scale, softcap, dropout_scale, key_range, kv_valid = (
             self._bucket_arguments(plan, bucket, q, k, v, mask, bias, dropout_mask))
-        out, weights, lse = _bucket_attention(bucket, q_b, k_b, v_b, mask_b, bias_b, keep_b, scale, softcap,
-                                              dropout_scale, key_range, kv_valid)
+        if plan.blocked:  # rule 19: the bucket's program runs the blocked algorithm
+            weights = None
+            out, lse = jax_blocked.bucket_forward_jit(bucket, False, q_b, k_b, v_b, mask_b, bias_b, keep_b, scale,
+                                                      _bucket_softcap(plan, softcap), dropout_scale,
+                                                      _bucket_geometry(plan, bucket, key_range, kv_valid))
+        else:
+            out, weights, lse = _bucket_attention(bucket, q_b, k_b, v_b, mask_b, bias_b, keep_b, scale, softcap,
+                                                  dropout_scale, key_range, kv_valid)
         device = next(iter(q.devices()))
         return (
             # The cast to the input dtype rounds to nearest even, as XLA's convert does.
@@ -465,8 +507,13 @@ class JaxBackend(Backend):
         device = next(iter(q.devices()))
         d_out_rows = np.asarray(d_out).astype(compute).reshape(plan.rows_shape(plan.q_len, plan.value_dim))
         d_out_b = jax.device_put(_pad_to(d_out_rows, bucket.out_shape), device)
-        dq, dk, dv, dbias = _attention_backward(bucket, q_b, k_b, v_b, mask_b, bias_b, keep_b, d_out_b, scale,
-                                                softcap, dropout_scale, key_range, kv_valid)
+        if plan.blocked:  # rule 19: the FlashAttention-2 backward on the padded problem
+            dq, dk, dv, dbias = jax_blocked.bucket_vjp_jit(
+                bucket, False, q_b, k_b, v_b, mask_b, bias_b, keep_b, d_out_b, scale, _bucket_softcap(plan, softcap),
+                dropout_scale, _bucket_geometry(plan, bucket, key_range, kv_valid))
+        else:
+            dq, dk, dv, dbias = _attention_backward(bucket, q_b, k_b, v_b, mask_b, bias_b, keep_b, d_out_b, scale,
+                                                    softcap, dropout_scale, key_range, kv_valid)
 
         def summed_over_group(x: jax.Array, last: int, like: Any) -> jax.Array:
             per_head = np.asarray(x)[: plan.num_rows, : plan.kv_len, :last].reshape(plan.grouped_kv_shape(last))
