@@ -209,6 +209,13 @@ def test_input_dtypes(dtype: str) -> None:
         grads = call_vjp(backend, case, d_out, block_q=3, block_k=2)
         assert all(g.dtype == numpy_dtype for g in grads[:3])
         assert_gradients_close(grads, case, d_out, calibrated=False, key_block=2)
+    if dtype == "float64":  # jax.vjp's pullback, traced after the forward's x64 scope has closed
+        backend = ar.get_backend("jax")
+        arrays = [backend.asarray(x) for x in (q, k, v, d_out)]
+        _, pullback = jax.vjp(lambda q, k, v: ar.attention(q, k, v, causal=True, block_q=3, block_k=2), *arrays[:3])
+        grads = Gradients(*_numpy(pullback(arrays[3])), None)
+        assert all(g.dtype == np.float64 for g in grads[:3])
+        assert_gradients_close(grads, case, d_out, calibrated=False, key_block=2)
     assert not jax.config.jax_enable_x64
 
 

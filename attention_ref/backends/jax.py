@@ -418,8 +418,7 @@ class JaxBackend(Backend):
     @staticmethod
     def _precision_scope(plan: AttentionPlan) -> contextlib.AbstractContextManager[Any]:
         """rule 10: float64 is computed inside a scoped ``jax.enable_x64``, the global flag untouched."""
-        needs_x64 = plan.compute_dtype == "float64" or plan.dtype == "float64"
-        return jax.enable_x64(True) if needs_x64 else contextlib.nullcontext()
+        return jax_blocked.precision_scope(plan)
 
     def _uses_buckets(self, plan: AttentionPlan, arrays: tuple[Any, ...]) -> bool:
         if not self.bucket_shapes:

@@ -30,6 +30,7 @@ a user's transformation run the blocked backward in bounded memory. Forward-mode
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 from typing import Any, NamedTuple
@@ -60,6 +61,12 @@ class Geometry(NamedTuple):
     #: Whether the softcap applies (a traced bool; the softcap is then a dummy 1 when it does not),
     #: so that one program serves calls with and without one; None: as the plan says.
     softcap_on: Any = None
+
+
+def precision_scope(plan: AttentionPlan) -> contextlib.AbstractContextManager[Any]:
+    """rule 10: float64 is computed inside a scoped ``jax.enable_x64``, the global flag untouched."""
+    needs_x64 = plan.compute_dtype == "float64" or plan.dtype == "float64"
+    return jax.enable_x64(True) if needs_x64 else contextlib.nullcontext()
 
 
 def _static_geometry(plan: AttentionPlan) -> Geometry:
@@ -564,22 +571,26 @@ def blocked_attention(plan: AttentionPlan, per_head: bool, q: jax.Array, k: jax.
 def _blocked_attention_fwd(plan: AttentionPlan, per_head: bool, q: jax.Array, k: jax.Array, v: jax.Array,
                            mask: jax.Array | None, bias: jax.Array | None, dropout_mask: jax.Array | None,
                            scale: jax.Array, softcap: jax.Array | None, dropout_scale: jax.Array) -> tuple[Any, Any]:
-    operands = _prepare(plan, q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale)
-    out, lse = _forward(plan, operands, _static_geometry(plan), per_head)
-    # rule 19: the residuals are the inputs, out in the compute dtype and lse; never the weights
-    residuals = (q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale, out, lse)
-    return _results(plan, out, lse), residuals
+    with precision_scope(plan):  # rule 10: float64 inside a scoped jax.enable_x64
+        operands = _prepare(plan, q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale)
+        out, lse = _forward(plan, operands, _static_geometry(plan), per_head)
+        # rule 19: the residuals are the inputs, out in the compute dtype and lse; never the weights
+        residuals = (q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale, out, lse)
+        return _results(plan, out, lse), residuals
 
 
 def _blocked_attention_bwd(plan: AttentionPlan, per_head: bool, residuals: tuple[Any, ...],
                            cotangents: tuple[jax.Array, jax.Array]) -> tuple[Any, ...]:
-    q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale, out, lse = residuals
-    d_out, d_lse = cotangents
-    operands = _prepare(plan, q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale)
-    grads = _backward(plan, operands, _static_geometry(plan), per_head,
-                      d_out.reshape(plan.grouped_shape(plan.value_dim)), out, lse, d_lse.reshape(lse.shape))
-    dq, dk, dv, dbias = _gradients(plan, q, k, v, bias, grads)
-    return dq, dk, dv, None, dbias, None, None, None, None  # masks and scalars get no cotangent
+    # rule 10: the pullback may be traced after the forward's scope has closed (jax.vjp's pullback
+    # called later): float64 again inside a scoped jax.enable_x64
+    with precision_scope(plan):
+        q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale, out, lse = residuals
+        d_out, d_lse = cotangents
+        operands = _prepare(plan, q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale)
+        grads = _backward(plan, operands, _static_geometry(plan), per_head,
+                          d_out.reshape(plan.grouped_shape(plan.value_dim)), out, lse, d_lse.reshape(lse.shape))
+        dq, dk, dv, dbias = _gradients(plan, q, k, v, bias, grads)
+        return dq, dk, dv, None, dbias, None, None, None, None  # masks and scalars get no cotangent
 
 
 blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
@@ -626,7 +637,7 @@ def blocked_forward(plan: AttentionPlan, q: jax.Array, k: jax.Array, v: jax.Arra
     once), lse ``plan.lse_shape`` in the compute dtype."""
     from .jax import JaxBackend
 
-    with JaxBackend._precision_scope(plan):  # rule 10: float64 inside a scoped jax.enable_x64
+    with precision_scope(plan):  # rule 10: float64 inside a scoped jax.enable_x64
         return blocked_attention_jit(JaxBackend._static_plan(plan), heads_one_at_a_time((q, k, v)), q, k, v, mask,
                                      bias, dropout_mask, *JaxBackend._traced_scalars(plan))
 
@@ -637,6 +648,6 @@ def blocked_backward(plan: AttentionPlan, q: jax.Array, k: jax.Array, v: jax.Arr
     """``(dq, dk, dv, dbias)`` of a blocked plan (rule 19), as ``blocked_vjp``."""
     from .jax import JaxBackend
 
-    with JaxBackend._precision_scope(plan):  # rule 10: float64 inside a scoped jax.enable_x64
+    with precision_scope(plan):  # rule 10: float64 inside a scoped jax.enable_x64
         return blocked_vjp_jit(JaxBackend._static_plan(plan), heads_one_at_a_time((q, k, v)), q, k, v, mask, bias,
                                dropout_mask, d_out, *JaxBackend._traced_scalars(plan))
