@@ -147,6 +147,8 @@ class _Tiles:
         self.rescale_dropout = plan.dropout_p != 0.0
         self.low, self.high = plan.key_range
         self.lowest = torch.finfo(compute).min
+        self.exp_floor = -87.0 if compute == torch.float32 else -708.0  # exp of it: a normal number
+        self.exp_floor_value = torch.tensor(self.exp_floor, dtype=compute).exp().item()
         # MKL's float64 gemm is about twice as fast for dv^T = dO^T P as for dv = P^T dO (measured on
         # a 2-core AMD EPYC); float32 and other devices are as fast either way
         self.transposed_kv_grads = self.device.type == "cpu" and compute == torch.float64
@@ -256,6 +258,23 @@ class _Tiles:
         if band is not None:
             x5.masked_fill_(band, _NEG_INF)  # rule 7: only tiles straddling the band's edges
         return x  # rule 8: a -inf logit (bias) stays -inf and excludes its key
+
+    def exp_shifted(self, x: torch.Tensor, shift: torch.Tensor, q_start: int, q_stop: int, k_start: int,
+                    k_stop: int) -> torch.Tensor:
+        """``exp(x - shift)`` in place of the tile's logits x (shift ``(r, rows, 1)``): exactly 0 where x
+        is -inf. On the CPU, torch's exp takes a slow path (2-3x for -inf, 20x for results below the
+        smallest normal number) on arguments below ``exp_floor`` (about ln of the smallest normal):
+        those are clamped to it and their results set to 0, i.e. subnormal weights flushed to zero,
+        which rule 10's bounds allow (``tiny``). A tile is checked for such arguments (one reduction)
+        unless it may hold excluded keys (mask, bias, or the band's edge), which it always treats."""
+        x.sub_(shift)
+        if self.device.type != "cpu":
+            return x.exp_()
+        excluded = (self.mask is not None or self.bias is not None
+                    or self.band_exclusion(q_start, q_stop, k_start, k_stop) is not None)
+        if not excluded and not torch.amin(x).item() < self.exp_floor:  # NaN: not below, and exp keeps it
+            return x.exp_()
+        return torch.nn.functional.threshold_(x.clamp_min_(self.exp_floor).exp_(), self.exp_floor_value, 0.0)
 
     def apply_dropout(self, p: torch.Tensor, chunk: _Chunk, q_start: int, q_stop: int, k_start: int,
                       k_stop: int) -> None:
@@ -369,7 +388,7 @@ def _forward_item(tiles: _Tiles, ws: _Workspace, chunk: _Chunk, q_start: int, q_
         # s = m_new if m_new > -inf: a row whose m_new is -inf has x = -inf so far, so any finite s
         # gives it what s = 0 gives (p = 0, alpha = 0); one op instead of three
         s = torch.clamp_min(m_new, tiles.lowest)
-        p = x.sub_(s).exp_()  # p = exp(x - s): exactly 0 on excluded keys
+        p = tiles.exp_shifted(x, s, q_start, q_stop, k_start, k_stop)  # p = exp(x - s): exactly 0 on excluded keys
         row_sum = p.sum(dim=-1, keepdim=True)
         if tiles.keep is not None:
             tiles.apply_dropout(p, chunk, q_start, q_stop, k_start, k_stop)  # z, after l's sum (rule 13)
@@ -456,7 +475,8 @@ def _backward_item(tiles: _Tiles, ws: _Workspace, grads: _Gradients, chunk: _Chu
         nk = k_stop - k_start
         capped = ws.array(2, rows, stacked, nk) if tiles.softcap is not None and need_ds else None
         p = tiles.logits(ws.array(0, rows, stacked, nk), qt, chunk, q_start, q_stop, k_start, k_stop, capped)
-        p.sub_(shift).exp_()  # P = exp(x - lse): exactly 0 on excluded keys and fully excluded rows
+        tiles.exp_shifted(p, shift, q_start, q_stop, k_start, k_stop)  # P = exp(x - lse), exactly 0 on excluded keys
+        # and fully excluded rows
         kt = tiles.k[chunk.start:chunk.stop, k_start:k_stop]
         vt = tiles.v[chunk.start:chunk.stop, k_start:k_stop]
         if grads.dv is not None:
