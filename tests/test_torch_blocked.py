@@ -76,6 +76,10 @@ def _cases() -> dict[str, tuple[AttentionCase, tuple[int, int]]]:
     b3 = _inputs(4, (2, 3, 2, 5, 4), (2, 3, 1, 6, 4), 2)
     cases["two batch dims, MQA"] = (AttentionCase(*b3, bias=rng.standard_normal((3, 1, 5, 1)).astype(np.float32)),
                                     (2, 4))
+    big = _inputs(8, (1, 2, 11, 4), (1, 2, 23, 4), 3)
+    cases["logits spread past 87 (weights below the smallest normal)"] = (AttentionCase(*big, scale=12.0), (4, 5))
+    big64 = _inputs(9, (1, 2, 11, 4), (1, 2, 23, 4), 3, np.float64)
+    cases["float64 logits spread past 708"] = (AttentionCase(*big64, scale=90.0, causal=True), (4, 5))
     q64, k64, v64 = _inputs(5, (1, 4, 10, 6), (1, 2, 14, 6), 7, np.float64)
     cases["float64"] = (AttentionCase(q64, k64, v64, causal=True, bias=rng.standard_normal((4, 10, 14))), (3, 4))
     return cases
@@ -127,6 +131,32 @@ def test_blocked_gradients_match_the_oracle_and_the_dense_path(name: str, tile_b
         if getattr(expected, field) is not None:
             assert_within(f"blocked vs dense: {field}", getattr(blocked, field), getattr(dense, field),
                           getattr(bounds, field), case)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_excluded_keys_change_nothing(dtype: str, tile_bytes: int) -> None:
+    """k and v of keys every query excludes (mask, a -inf bias column) change no result, bit for bit:
+    their weights are exactly 0, never a flushed tiny value (rule 8)."""
+    case, (block_q, block_k) = CASES["excluded rows, -inf bias"]
+    case = case.replace(q=case.q.astype(dtype), k=case.k.astype(dtype), v=case.v.astype(dtype),
+                        bias=case.bias.astype(dtype))
+    bias = case.bias.copy()
+    bias[:, 11] = -np.inf  # key 11 excluded by its bias, key 3 by the mask
+    case = case.replace(bias=bias)
+    k, v = case.k.copy(), case.v.copy()
+    k[..., [3, 11], :] = 1e3
+    v[..., [3, 11], :] = 1e30
+    changed = case.replace(k=k, v=v)
+    d_out = random_cotangent(case, 4)
+    first = call(BACKEND, case, return_lse=True, **_blocks(block_q, block_k))
+    second = call(BACKEND, changed, return_lse=True, **_blocks(block_q, block_k))
+    np.testing.assert_array_equal(first.out, second.out)
+    np.testing.assert_array_equal(first.lse, second.lse)
+    grads, changed_grads = (call_vjp(BACKEND, c, d_out, **_blocks(block_q, block_k)) for c in (case, changed))
+    np.testing.assert_array_equal(grads.dq, changed_grads.dq)
+    np.testing.assert_array_equal(grads.dbias, changed_grads.dbias)
+    for g in (grads, changed_grads):
+        assert not g.dk[..., [3, 11], :].any() and not g.dv[..., [3, 11], :].any()
 
 
 @pytest.mark.parametrize("dtype", HALF)
