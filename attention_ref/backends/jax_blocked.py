@@ -2,30 +2,37 @@
 FlashAttention-2 backward, tile by tile, in memory bounded by one ``block_q x block_k`` tile per head.
 
 Shape letters: B... batch dims, Hq query heads, Hkv kv heads, G = Hq // Hkv query heads per kv head,
-L queries, S keys, E q/k head dim, Ev value head dim. The loops work on the grouped layout of
-``AttentionPlan`` (rule 2): q ``(*B, Hkv, G, L, E)``, k ``(*B, Hkv, S, E)``, v ``(*B, Hkv, S, Ev)``,
-a tile of logits ``(*B, Hkv, G, Tq, Tk)``; mask, bias and dropout mask keep their own shape, laid out
-as ``(*B', Hkv', G', L', S')`` with each dim either full or 1 (``_grouped_aux``, a reshape, no copy),
-and only their ``Tq x Tk`` slices are read and broadcast.
+L queries, S keys, E q/k head dim, Ev value head dim. The operands are in the grouped layout of
+``AttentionPlan`` (rule 2): q ``(*B, Hkv, G, L, E)``, k ``(*B, Hkv, S, E)``, v ``(*B, Hkv, S, Ev)``;
+mask, bias and dropout mask keep their own elements, laid out as ``(*B', Hkv', G', L', S')`` with
+each dim either full or 1 (``_grouped_aux``, a reshape, never a broadcast), and only their
+``Tq x Tk`` slices are read and broadcast against a tile.
+
+Heads. On the CPU the programs loop over the query heads one at a time (``heads_one_at_a_time``:
+a head's unbatched tile matmuls use every core and its tiles stay in cache; measured faster than
+batched heads at every size tried), each with its kv head's k and v (never repeated); on accelerators
+every head is in each tile. A tile of logits is ``(..., G, Tq, Tk)``.
 
 Tiles. A tile has the static shape ``Tq x Tk`` (the plan's ``block_q`` and ``block_k``). Query block b
 holds queries ``b * bq ... (b + 1) * bq - 1`` and key block c keys ``c * bk ... (c + 1) * bk - 1``,
-where the logical block sizes ``bq <= Tq`` and ``bk <= Tk`` are the plan's blocks, or traced values
-(``Geometry``, the padded bucket programs of ``jax.py``, so that one program serves many block
-sizes). A tile starts at the block's first query (key), moved back so that it ends inside the array
-(``min(start, L - Tq)``): nothing is padded, and the tile's rows and columns outside its block are
-excluded (exactly: they add exact zeros and are never written). Key blocks that causal and window
-leave no key in are skipped (the loop bounds come from the traced block index).
+where ``bq <= Tq`` and ``bk <= Tk`` are the plan's blocks, or traced values (``Geometry``: the padded
+bucket programs of ``jax.py``, whose tile is the whole padded problem, so that one program serves
+every block size). A tile starts at its block's first query (key), moved back so that it ends inside
+the array (``min(start, L - Tq)``): nothing is padded; the tile's key columns outside its block are
+excluded and its rows outside its block are neither written (forward) nor given a cotangent
+(backward), so they add exact zeros. Key blocks that causal and window leave no key in are skipped
+(``fori_loop`` bounds computed from the traced block index); a dim covered by one tile has no loop.
 
 Dtypes: every step runs in the compute dtype (float32 or float64, inputs widened exactly, rule 10),
 every matmul at ``Precision.HIGHEST``; out is rounded once to the input dtype, lse stays in the
 compute dtype; dq, dk, dv are returned in the input dtype and dbias in bias's dtype. float64 runs
-inside the caller's scoped ``jax.enable_x64`` (``JaxBackend._precision_scope``).
+inside a scoped ``jax.enable_x64`` (``precision_scope``), the custom_vjp's rules included.
 
 Gradients: ``blocked_attention`` is a ``jax.custom_vjp`` whose residuals are the inputs, out in the
-compute dtype and lse (never the weights), so that ``jax.grad`` / ``jax.vjp`` of ``attention`` under
-a user's transformation run the blocked backward in bounded memory. Forward-mode differentiation
-(``jax.jvp``) of a blocked call is not defined (``dense=True`` has it).
+compute dtype and lse (never the weights), so that ``jax.grad`` / ``jax.vjp`` of ``attention``, under
+a user's transformation or not, run the blocked backward in bounded memory; lse's cotangent is taken
+too. Forward-mode differentiation (``jax.jvp``) of a blocked call is not defined (``dense=True`` has
+it).
 """
 
 from __future__ import annotations
