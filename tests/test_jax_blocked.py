@@ -171,9 +171,11 @@ def test_bucketed_blocked_matches_the_oracle(blocks: tuple[int, int]) -> None:
     assert_gradients_close(grads, case, d_out, calibrated=False, key_block=blocks[1])
 
 
-def test_batched_heads_program_equals_the_per_head_one() -> None:
-    """The program accelerators run (every head in each tile) equals the CPU's (one head at a time),
-    forward and backward, within rule 19's bound."""
+@pytest.mark.parametrize("per_step", [None, 1, 2], ids=["every_head", "one_query_head", "one_kv_head"])
+def test_head_loops(per_step: int | None) -> None:
+    """Every way of stepping over the heads gives the oracle's results within rule 19's bound, forward
+    and backward: all heads in each tile (accelerators), one query head a step, one kv head's G = 2
+    query heads stacked (the CPU's two choices, ``heads_per_step``)."""
     case = _rich_case()
     plan = ar.validation.validate_attention_args(
         case.q, case.k, case.v, ar.AttentionOptions(**case.as_keywords()), return_lse=True, block_q=BLOCK_Q,
@@ -182,12 +184,11 @@ def test_batched_heads_program_equals_the_per_head_one() -> None:
     scalars = jax_backend.JaxBackend._traced_scalars(plan)
     arrays = [jnp.asarray(x) for x in (case.q, case.k, case.v, case.mask, case.bias, case.dropout_mask)]
     d_out = random_cotangent(case, 7)
-    for per_head in (False, True):
-        out, lse = jax_blocked.blocked_attention_jit(static, per_head, *arrays, *scalars)
-        assert_attention_close(AttentionOutput(np.asarray(out), None, np.asarray(lse)), case, calibrated=False,
-                               key_block=BLOCK_K)
-        grads = jax_blocked.blocked_vjp_jit(static, per_head, *arrays, jnp.asarray(d_out), *scalars)
-        assert_gradients_close(Gradients(*_numpy(grads)), case, d_out, calibrated=False, key_block=BLOCK_K)
+    out, lse = jax_blocked.blocked_attention_jit(static, per_step, *arrays, *scalars)
+    assert_attention_close(AttentionOutput(np.asarray(out), None, np.asarray(lse)), case, calibrated=False,
+                           key_block=BLOCK_K)
+    grads = jax_blocked.blocked_vjp_jit(static, per_step, *arrays, jnp.asarray(d_out), *scalars)
+    assert_gradients_close(Gradients(*_numpy(grads)), case, d_out, calibrated=False, key_block=BLOCK_K)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
@@ -249,11 +250,11 @@ def _largest_intermediate(jaxpr: jex.core.Jaxpr) -> int:
     return max([0, *sizes, *map(_largest_intermediate, jex.core.subjaxprs(jaxpr))])
 
 
-@pytest.mark.parametrize("per_head", [True, False], ids=["per_head", "batched_heads"])
-def test_no_intermediate_of_the_logits_size(per_head: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("per_step", [1, None], ids=["one_query_head", "every_head"])
+def test_no_intermediate_of_the_logits_size(per_step: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """jax.grad of a blocked call under jit (forward, custom_vjp residuals, backward) computes nothing
     larger than a tile (times the heads processed together) or an input: traced, not compiled."""
-    monkeypatch.setattr(jax_blocked, "heads_one_at_a_time", lambda arrays: per_head)
+    monkeypatch.setattr(jax_blocked, "heads_per_step", lambda plan, arrays: per_step)
     heads, length, dim, block = 4, 1024, 16, 64
     shape = jax.ShapeDtypeStruct((1, heads, length, dim), jnp.float32)
     bias = jax.ShapeDtypeStruct((heads, 1, length), jnp.float32)  # broadcast over the queries
@@ -263,7 +264,7 @@ def test_no_intermediate_of_the_logits_size(per_head: bool, monkeypatch: pytest.
         return jnp.sum(out * out)
 
     jaxpr = jax.make_jaxpr(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))))(shape, shape, shape, bias)
-    tile = block * block * (1 if per_head else heads)
+    tile = block * block * (heads if per_step is None else 1)
     largest = _largest_intermediate(jaxpr.jaxpr)
     assert largest <= max(tile, heads * length * dim), largest
     assert largest < length * length

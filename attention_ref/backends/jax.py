@@ -373,7 +373,7 @@ class JaxBackend(Backend):
                 return self._bucketed(plan, q, k, v, mask, bias, dropout_mask)
             if plan.blocked:  # rule 19: the online softmax, tile by tile (a custom_vjp for jax.grad)
                 out, lse = jax_blocked.blocked_attention_jit(
-                    self._static_plan(plan), jax_blocked.heads_one_at_a_time((q, k, v)), q, k, v, mask, bias,
+                    self._static_plan(plan), jax_blocked.heads_per_step(plan, (q, k, v)), q, k, v, mask, bias,
                     dropout_mask, *self._traced_scalars(plan))
                 return out, None, lse if plan.return_lse else None
             return _direct_attention(self._static_plan(plan), q, k, v, mask, bias, dropout_mask,
@@ -388,7 +388,7 @@ class JaxBackend(Backend):
                 return self._bucketed_vjp(plan, q, k, v, mask, bias, dropout_mask, d_out)
             if plan.blocked:  # rule 19: the FlashAttention-2 backward
                 return jax_blocked.blocked_vjp_jit(
-                    self._static_plan(plan), jax_blocked.heads_one_at_a_time((q, k, v)), q, k, v, mask, bias,
+                    self._static_plan(plan), jax_blocked.heads_per_step(plan, (q, k, v)), q, k, v, mask, bias,
                     dropout_mask, d_out, *self._traced_scalars(plan))
             return _attention_backward(self._static_plan(plan), q, k, v, mask, bias, dropout_mask, d_out,
                                        *self._traced_scalars(plan))
@@ -486,7 +486,7 @@ class JaxBackend(Backend):
             self._bucket_arguments(plan, bucket, q, k, v, mask, bias, dropout_mask))
         if plan.blocked:  # rule 19: the bucket's program runs the blocked algorithm
             weights = None
-            out, lse = jax_blocked.bucket_forward_jit(bucket, False, q_b, k_b, v_b, mask_b, bias_b, keep_b, scale,
+            out, lse = jax_blocked.bucket_forward_jit(bucket, None, q_b, k_b, v_b, mask_b, bias_b, keep_b, scale,
                                                       _bucket_softcap(plan, softcap), dropout_scale,
                                                       _bucket_geometry(plan, bucket, key_range, kv_valid))
         else:
@@ -518,7 +518,7 @@ class JaxBackend(Backend):
         d_out_b = jax.device_put(_pad_to(d_out_rows, bucket.out_shape), device)
         if plan.blocked:  # rule 19: the FlashAttention-2 backward on the padded problem
             dq, dk, dv, dbias = jax_blocked.bucket_vjp_jit(
-                bucket, False, q_b, k_b, v_b, mask_b, bias_b, keep_b, d_out_b, scale, _bucket_softcap(plan, softcap),
+                bucket, None, q_b, k_b, v_b, mask_b, bias_b, keep_b, d_out_b, scale, _bucket_softcap(plan, softcap),
                 dropout_scale, _bucket_geometry(plan, bucket, key_range, kv_valid))
         else:
             dq, dk, dv, dbias = _attention_backward(bucket, q_b, k_b, v_b, mask_b, bias_b, keep_b, d_out_b, scale,

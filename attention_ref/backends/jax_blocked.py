@@ -8,10 +8,11 @@ mask, bias and dropout mask keep their own elements, laid out as ``(*B', Hkv', G
 each dim either full or 1 (``_grouped_aux``, a reshape, never a broadcast), and only their
 ``Tq x Tk`` slices are read and broadcast against a tile.
 
-Heads. On the CPU the programs loop over the query heads one at a time (``heads_one_at_a_time``:
-a head's unbatched tile matmuls use every core and its tiles stay in cache; measured faster than
-batched heads at every size tried), each with its kv head's k and v (never repeated); on accelerators
-every head is in each tile. A tile of logits is ``(..., G, Tq, Tk)``.
+Heads. On the CPU the programs loop over the heads (``heads_per_step``): one query head a step (a
+head's unbatched tile matmuls use every core and its tiles stay in cache; measured faster than
+batched heads at every size tried), or one kv head's G query heads stacked when their rows are few
+(decoding); tiles are sliced from the whole arrays, k and v never repeated (rule 2). On accelerators
+every head is in each tile. A tile of logits is ``(..., g, Tq, Tk)``.
 
 Tiles. A tile has the static shape ``Tq x Tk`` (the plan's ``block_q`` and ``block_k``). Query block b
 holds queries ``b * bq ... (b + 1) * bq - 1`` and key block c keys ``c * bk ... (c + 1) * bk - 1``,
@@ -97,18 +98,6 @@ def _grouped_aux(plan: AttentionPlan, x: jax.Array | None) -> jax.Array | None:
     return x.reshape(*batch, *grouped, *rest)
 
 
-def _tile_of(x: jax.Array | None, q_start: Any, size_q: int, k_start: Any, size_k: int) -> jax.Array | None:
-    """The ``size_q x size_k`` slice of a grouped mask, bias or dropout mask at ``(q_start, k_start)``;
-    a dim of size 1 stays size 1 (broadcast later, against the tile only)."""
-    if x is None:
-        return None
-    if x.shape[-2] != 1:
-        x = lax.dynamic_slice_in_dim(x, q_start, size_q, axis=x.ndim - 2)
-    if x.shape[-1] != 1:
-        x = lax.dynamic_slice_in_dim(x, k_start, size_k, axis=x.ndim - 1)
-    return x
-
-
 def _block_start(index: Any, block: Any, tile: int, length: int) -> tuple[Any, Any]:
     """``(first, start)``: the block's first position ``index * block`` and its tile's start, moved
     back so that the tile ``start ... start + tile - 1`` ends inside ``length`` (int32 scalars)."""
@@ -184,27 +173,6 @@ class _Operands(NamedTuple):
     dropout_scale: jax.Array
 
 
-class _Inputs(NamedTuple):
-    """The operands of one step of the head loop (one kv head and its G query heads, or all heads at
-    once): ``(..., G, L, E)`` q, ``(..., S, E)`` k, ``(..., S, Ev)`` v and their transposes ``q_t``
-    ``(..., E, G, L)``, ``k_t`` ``(..., E, S)``, ``v_t`` ``(..., Ev, S)`` (every tile matmul then
-    contracts one operand on its last axis and the other on its first: no transposed copy of a tile);
-    mask, bias and dropout mask ``(..., G', L', S')``; the scalars."""
-
-    q: jax.Array
-    k: jax.Array
-    v: jax.Array
-    q_t: jax.Array
-    k_t: jax.Array
-    v_t: jax.Array
-    mask: jax.Array | None
-    bias: jax.Array | None
-    keep: jax.Array | None
-    scale: jax.Array
-    softcap: jax.Array | None
-    dropout_scale: jax.Array
-
-
 def _prepare(plan: AttentionPlan, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
              bias: jax.Array | None, keep: jax.Array | None, scale: jax.Array, softcap: jax.Array | None,
              dropout_scale: jax.Array) -> _Operands:
@@ -222,94 +190,127 @@ def _prepare(plan: AttentionPlan, q: jax.Array, k: jax.Array, v: jax.Array, mask
     )
 
 
-def _heads(plan: AttentionPlan) -> tuple[int, ...]:
-    """``(*B, Hkv, G)``: the query heads the head loop runs over, in the grouped layout."""
-    return (*plan.batch_shape, plan.num_kv_heads, plan.group_size)
+#: On the CPU, the G query heads of a kv head share a step of the head loop (their rows stacked in one
+#: matmul, the kv head's tiles read once: decoding) when they stack to at most this many rows.
+STACKED_ROWS = 512
 
 
-def _head_starts(x: jax.Array, heads: tuple[int, ...], h: Any) -> list[Any]:
-    """The start of head h (a flat index over ``heads``) in x, whose leading ``len(heads)`` dims are
-    each ``heads``' dim or 1 (broadcast: start 0)."""
-    starts: list[Any] = []
-    stride = math.prod(heads)
-    for size, own in zip(heads, x.shape, strict=False):
-        stride //= size
-        starts.append(lax.rem(_div(h, stride), jnp.int32(size)) if own != 1 else jnp.zeros((), jnp.int32))
-    return starts + [jnp.zeros((), jnp.int32)] * (x.ndim - len(heads))
+class _View(NamedTuple):
+    """The heads one step of the head loop computes: every head at once (``step`` None: tiles
+    ``(*B, Hkv, G, Tq, Tk)``, on accelerators), or query heads ``gi * g ... gi * g + g - 1`` of one
+    kv head, ``step`` the flat index over ``(*B, Hkv, G // g)`` (tiles ``(g, Tq, Tk)``). Tiles are
+    sliced from the whole arrays: no step copies a head."""
+
+    heads: tuple[int, ...]  # (*B, Hkv)
+    group: int  # G
+    per_step: int  # g (G when every head is computed at once)
+    step: Any
+
+    @staticmethod
+    def of(plan: AttentionPlan, per_step: int | None, step: Any = None) -> _View:
+        return _View((*plan.batch_shape, plan.num_kv_heads), plan.group_size,
+                     plan.group_size if per_step is None else per_step, step)
+
+    @property
+    def num_steps(self) -> int:
+        return math.prod(self.heads) * (self.group // self.per_step)
+
+    def _starts(self, x: jax.Array, group: bool) -> tuple[list[Any], list[int]]:
+        """Starts and sizes of the step's heads in the leading dims of x: ``(*B, Hkv)`` and, with
+        ``group``, G (each x's own or 1: broadcast, start 0)."""
+        lead = len(self.heads) + group
+        if self.step is None:
+            return [0] * lead, list(x.shape[:lead])
+        kv_head = _div(self.step, self.group // self.per_step)
+        starts: list[Any] = []
+        stride = math.prod(self.heads)
+        for size, own in zip(self.heads, x.shape, strict=False):
+            stride //= size
+            starts.append(lax.rem(_div(kv_head, stride), jnp.int32(size)) if own != 1 else 0)
+        sizes = [1] * len(self.heads)
+        if group:
+            own = x.shape[len(self.heads)]
+            starts.append(lax.rem(self.step, jnp.int32(self.group // self.per_step)) * self.per_step
+                          if own != 1 else 0)
+            sizes.append(self.per_step if own != 1 else 1)
+        return starts, sizes
+
+    def _window(self, x: jax.Array, group: bool, tail: tuple[tuple[Any, int] | None, ...]) -> tuple[list, list]:
+        starts, sizes = self._starts(x, group)
+        for own, spec in zip(x.shape[len(starts):], tail, strict=True):
+            starts.append(0 if spec is None or own == 1 else spec[0])
+            sizes.append(own if spec is None or own == 1 else spec[1])
+        return [jnp.asarray(start, jnp.int32) for start in starts], sizes
+
+    def shape_of(self, x: jax.Array, group: bool, *tail: tuple[Any, int] | None) -> tuple[int, ...]:
+        """The shape of ``part(x, group, *tail)``."""
+        sizes = self._window(x, group, tail)[1]
+        return tuple(sizes if self.step is None else sizes[len(self.heads):])
+
+    def part(self, x: jax.Array, group: bool, *tail: tuple[Any, int] | None) -> jax.Array:
+        """The step's heads of x (leading dims ``(*B, Hkv)``, then G with ``group``, each full or 1)
+        and, on each remaining dim, the ``(start, size)`` window of ``tail`` (None, or a dim of 1: all);
+        the head dims are dropped but for the step's G axis."""
+        starts, sizes = self._window(x, group, tail)
+        part = lax.dynamic_slice(x, starts, sizes)
+        return part if self.step is None else part.reshape(sizes[len(self.heads):])
+
+    def add(self, x: jax.Array, part: jax.Array, group: bool, *tail: tuple[Any, int] | None) -> jax.Array:
+        """x with ``part`` (as ``part`` reads it) added in place."""
+        starts, sizes = self._window(x, group, tail)
+        return lax.dynamic_update_slice(x, lax.dynamic_slice(x, starts, sizes) + part.reshape(sizes), starts)
 
 
-def _head_of(x: jax.Array | None, heads: tuple[int, ...], h: Any, kept: int = 1) -> jax.Array | None:
-    """Head h of x (leading dims ``heads``, each full or 1), its last ``kept`` head dims kept (size 1)."""
-    if x is None:
-        return None
-    sizes = (1,) * len(heads) + x.shape[len(heads):]
-    return lax.dynamic_slice(x, _head_starts(x, heads, h), sizes).reshape(sizes[len(heads) - kept:])
+def _dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a bᵀ``: a ``(..., g, Tq, C)``, b ``(..., T, C)`` (``...`` the head dims of both) to
+    ``(..., g, Tq, T)``: q kᵀ and dO vᵀ; one kv head serves its query heads (rule 2)."""
+    batch = tuple(range(b.ndim - 2))
+    # rule 10: every matmul in the compute dtype at HIGHEST precision (true float32)
+    return lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim - 1,)), (batch, batch)), precision=_HIGHEST)
 
 
-def _with_head(x: jax.Array, part: jax.Array, heads: tuple[int, ...], h: Any) -> jax.Array:
-    """x with head h replaced by ``part`` (as ``_head_of`` reads it)."""
-    return lax.dynamic_update_slice(x, part.reshape((1,) * len(heads) + x.shape[len(heads):]),
-                                    _head_starts(x, heads, h))
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a b``: a ``(..., g, Tq, T)``, b ``(..., T, C)`` to ``(..., g, Tq, C)``: P v and dS k."""
+    batch = tuple(range(b.ndim - 2))
+    return lax.dot_general(a, b, (((a.ndim - 1,), (len(batch),)), (batch, batch)), precision=_HIGHEST)
 
 
-def _inputs(operands: _Operands, heads: tuple[int, ...] | None, h: Any = None) -> _Inputs:
-    """The step inputs of query head h (a flat index over ``heads = (*B, Hkv, G)``, its G axis of size
-    1 kept, with its kv head's k and v: rule 2, never repeated), or of all heads when ``heads`` is None."""
-    if heads is None:
-        q, k, v, mask, bias, keep = operands[:6]
-    else:
-        q, mask, bias, keep = (_head_of(x, heads, h) for x in (operands.q, *operands[3:6]))
-        group = heads[-1]
-        k, v = (_head_of(x, heads[:-1], _div(h, group), 0) for x in (operands.k, operands.v))  # rule 2: h // G
-    assert q is not None and k is not None and v is not None
-    return _Inputs(q, k, v, _transposed(q), jnp.swapaxes(k, -1, -2), jnp.swapaxes(v, -1, -2), mask, bias, keep,
-                   *operands[6:])
-
-
-def _transposed(x: jax.Array) -> jax.Array:
-    """A ``(..., G, L, C)`` array as ``(..., C, G, L)``."""
-    return jnp.moveaxis(x, -1, -3)
-
-
-def _matmul(a: jax.Array, b: jax.Array, contracted: int) -> jax.Array:
-    """``a @ b`` over the leading (head) dims of both, contracting the last ``contracted`` axes of a
-    with the first ``contracted`` non-head axes of b (b has two axes besides its head dims when
-    ``contracted = 1``, three when 2); in a's dtype at HIGHEST precision."""
-    batch = tuple(range(b.ndim - 1 - contracted))
-    lhs = tuple(range(a.ndim - contracted, a.ndim))
-    rhs = tuple(range(len(batch), len(batch) + contracted))
-    # rule 10: the matmul in the compute dtype at HIGHEST precision (true float32)
-    return lax.dot_general(a, b, ((lhs, rhs), (batch, batch)), precision=_HIGHEST)
+def _dot_heads(a_t: jax.Array, b: jax.Array) -> jax.Array:
+    """``sum_g a_t[g] b[g]``: a_t ``(..., g, C, Tq)``, b ``(..., g, Tq, T)`` to ``(..., C, T)``: the
+    transposed dv and dk of a key tile, summed over the query heads of its kv head (rule 2)."""
+    n = b.ndim - 3
+    batch = tuple(range(n))
+    return lax.dot_general(a_t, b, (((n, a_t.ndim - 1), (n, n + 1)), (batch, batch)), precision=_HIGHEST)
 
 
 class _Tile(NamedTuple):
     """One tile's logits and what the backward needs of them."""
 
-    x: jax.Array  # (..., G, Tq, Tk): scaled, capped, biased; -inf on the keys mask, causal and window exclude
+    x: jax.Array  # (..., g, Tq, Tk): scaled, capped, biased; -inf on the keys mask, causal and window exclude
     capped: jax.Array | None  # tanh(raw / softcap), or None without a softcap
     multiplier: jax.Array | None  # keep / (1 - p) broadcastable to the tile, or None without dropout
 
 
-def _tile_logits(plan: AttentionPlan, geometry: Geometry, inputs: _Inputs, q_tile: jax.Array, kt_tile: jax.Array,
-                 q_start: Any, k_first: Any, k_start: Any) -> _Tile:
+def _tile_logits(plan: AttentionPlan, geometry: Geometry, view: _View, operands: _Operands, q_tile: jax.Array,
+                 k_tile: jax.Array, q_start: Any, k_first: Any, k_start: Any) -> _Tile:
     """The logits of queries ``q_start ... q_start + Tq - 1`` and keys ``k_start ... k_start + Tk - 1``
     (rules 3-8), with the tile's columns outside key block ``k_first ... k_first + bk - 1`` (and
     padded keys) excluded. A -inf logit (from the bias) stays -inf: its weight is exactly 0 (rule 8)
     without a test of its own."""
-    size_q, size_k = q_tile.shape[-2], kt_tile.shape[-1]
-    raw = _matmul(q_tile, kt_tile, 1)  # q kᵀ (rule 2: one kv head serves its G query heads)
-    x = raw * inputs.scale  # rule 3
+    size_q, size_k = q_tile.shape[-2], k_tile.shape[-2]
+    window = ((q_start, size_q), (k_start, size_k))
+    raw = _dot_t(q_tile, k_tile)  # q kᵀ
+    x = raw * operands.scale  # rule 3
     capped = None
-    if inputs.softcap is not None:
-        capped = jnp.tanh(x / inputs.softcap)  # rule 4: before the bias
+    if operands.softcap is not None:
+        capped = jnp.tanh(x / operands.softcap)  # rule 4: before the bias
         if geometry.softcap_on is None:
-            x = inputs.softcap * capped
+            x = operands.softcap * capped
         else:  # exactly x, and a derivative factor of exactly 1, when the call has no softcap
-            x = jnp.where(geometry.softcap_on, inputs.softcap * capped, x)
+            x = jnp.where(geometry.softcap_on, operands.softcap * capped, x)
             capped = jnp.where(geometry.softcap_on, capped, 0)
-    bias = _tile_of(inputs.bias, q_start, size_q, k_start, size_k)
-    if bias is not None:
-        x = x + bias  # rule 5
+    if operands.bias is not None:
+        x = x + view.part(operands.bias, True, *window)  # rule 5
     cols = k_start + jnp.arange(size_k)
     rows = q_start + jnp.arange(size_q)
     allowed = None
@@ -322,15 +323,15 @@ def _tile_logits(plan: AttentionPlan, geometry: Geometry, inputs: _Inputs, q_til
         if bound is not None:  # rule 7: causal and window, as plan.key_range
             in_range = keep_key(cols[None, :] - rows[:, None], bound)
             allowed = in_range if allowed is None else allowed & in_range
-    mask = _tile_of(inputs.mask, q_start, size_q, k_start, size_k)
-    if mask is not None:
+    if operands.mask is not None:
+        mask = view.part(operands.mask, True, *window)
         allowed = mask if allowed is None else allowed & mask  # rule 6
     if allowed is not None:
         x = jnp.where(allowed, x, -jnp.inf)  # rule 8: excluded keys
-    keep = _tile_of(inputs.keep, q_start, size_q, k_start, size_k)
     multiplier = None
-    if keep is not None:
-        multiplier = jnp.where(keep, inputs.dropout_scale, jnp.zeros((), x.dtype))  # rule 13: keep / (1 - p)
+    if operands.keep is not None:  # rule 13: keep / (1 - p)
+        keep = view.part(operands.keep, True, *window)
+        multiplier = jnp.where(keep, operands.dropout_scale, jnp.zeros((), x.dtype))
     return _Tile(x, capped, multiplier)
 
 
@@ -345,35 +346,40 @@ def _empty(plan: AttentionPlan) -> bool:
     return plan.q_len == 0 or plan.kv_len == 0
 
 
-def forward_core(plan: AttentionPlan, inputs: _Inputs, geometry: Geometry) -> tuple[jax.Array, jax.Array]:
-    """The online softmax (rule 19) of one step's inputs: ``(out, lse)``, ``(..., G, L, Ev)`` and
-    ``(..., G, L)``, both in the compute dtype (out not rounded)."""
+def _step_rows(plan: AttentionPlan, view: _View) -> tuple[int, ...]:
+    """The shape of the step's rows: ``(g, L)``, or ``(*B, Hkv, G, L)`` for every head at once."""
+    return (view.per_step, plan.q_len) if view.step is not None else (*view.heads, view.group, plan.q_len)
+
+
+def forward_core(plan: AttentionPlan, operands: _Operands, geometry: Geometry,
+                 view: _View) -> tuple[jax.Array, jax.Array]:
+    """The online softmax (rule 19) of one step of the head loop: ``(out, lse)`` of its query heads,
+    ``(..., g, L, Ev)`` and ``(..., g, L)``, in the compute dtype (out not rounded)."""
     compute = jnp.dtype(plan.compute_dtype)
     assert plan.block_q is not None and plan.block_k is not None
     size_q, size_k = plan.block_q, plan.block_k
     single_q, single_k = _single(plan, geometry)
-    rows_shape = inputs.q.shape[:-1]
+    rows_shape = _step_rows(plan, view)
     stats_shape = rows_shape[:-1] + (size_q,)
 
     def query_block(b: Any, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         out, lse = carry
         q_first, q_start = _block_start(b, geometry.block_q, size_q, plan.q_len)
-        q_tile = lax.dynamic_slice_in_dim(inputs.q, q_start, size_q, axis=inputs.q.ndim - 2)
+        q_tile = view.part(operands.q, True, (q_start, size_q), None)
         first, stop = _key_blocks(geometry, q_first, jnp.minimum(q_first + geometry.block_q, geometry.q_valid))
 
         def key_block(c: Any, state: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
             m, total, acc = state
             k_first, k_start = _block_start(c, geometry.block_k, size_k, plan.kv_len)
-            kt_tile = lax.dynamic_slice_in_dim(inputs.k_t, k_start, size_k, axis=inputs.k_t.ndim - 1)
-            v_tile = lax.dynamic_slice_in_dim(inputs.v, k_start, size_k, axis=inputs.v.ndim - 2)
-            tile = _tile_logits(plan, geometry, inputs, q_tile, kt_tile, q_start, k_first, k_start)
+            k_tile, v_tile = (view.part(x, False, (k_start, size_k), None) for x in (operands.k, operands.v))
+            tile = _tile_logits(plan, geometry, view, operands, q_tile, k_tile, q_start, k_first, k_start)
             m_new = jnp.maximum(m, jnp.max(tile.x, axis=-1))  # rule 19: m_new = max(m, max_j x_j)
             s = jnp.where(m_new > -jnp.inf, m_new, 0)  # rule 19: no NaN while no key was attended
             alpha = jnp.exp(m - s)  # rule 19: exactly 1 when m is unchanged, 0 while no key was attended
             p = jnp.exp(tile.x - s[..., None])  # rule 19: exactly 0 on excluded keys
             total = alpha * total + jnp.sum(p, axis=-1)  # rule 19: l = alpha l + sum_j p_j
             dropped = p if tile.multiplier is None else p * tile.multiplier  # rule 13: p z
-            acc = alpha[..., None] * acc + _matmul(dropped, v_tile, 1)  # rule 19: alpha acc + sum_j p_j z_j v_j
+            acc = alpha[..., None] * acc + _dot(dropped, v_tile)  # rule 19: alpha acc + sum_j p_j z_j v_j
             return m_new, total, acc
 
         init = (jnp.full(stats_shape, -jnp.inf, compute), jnp.zeros(stats_shape, compute),
@@ -397,80 +403,89 @@ def forward_core(plan: AttentionPlan, inputs: _Inputs, geometry: Geometry) -> tu
     return _loop(0, num_blocks, query_block, (out, lse), single_q)
 
 
-def backward_core(plan: AttentionPlan, inputs: _Inputs, geometry: Geometry, d_out: jax.Array, out: jax.Array,
-                  lse: jax.Array, d_lse: jax.Array | None, dbias: jax.Array | None) -> tuple[Any, ...]:
-    """The FlashAttention-2 backward (rule 19) of one step's inputs: ``(dq, dk, dv, dbias)`` in the
-    compute dtype, from d_out ``(..., G, L, Ev)``, the forward's out (compute dtype, not rounded), lse
-    ``(..., G, L)`` and lse's cotangent (or None); ``dbias`` (the bias's layout, or None) is the
-    accumulator the tiles' dbias are added to."""
+class _Cotangents(NamedTuple):
+    """What the backward reads besides the operands, whole and grouped: d_out ``(*B, Hkv, G, L, Ev)``
+    and its transpose ``(*B, Hkv, G, Ev, L)``, q's transpose ``(*B, Hkv, G, E, L)``, lse and
+    ``D - d_lse`` ``(*B, Hkv, G, L)``; compute dtype."""
+
+    d_out: jax.Array
+    d_out_t: jax.Array
+    q_t: jax.Array
+    lse: jax.Array
+    d_row: jax.Array
+
+
+def backward_core(plan: AttentionPlan, operands: _Operands, geometry: Geometry, view: _View,
+                  cotangents: _Cotangents, dbias: jax.Array | None) -> tuple[Any, ...]:
+    """The FlashAttention-2 backward (rule 19) of one step of the head loop: ``(dq, dk_t, dv_t,
+    dbias)`` in the compute dtype, dq ``(..., g, L, E)`` of the step's query heads, dk and dv of its
+    kv head transposed, ``(..., E, S)`` and ``(..., Ev, S)``, summed over the step's query heads;
+    ``dbias`` (the grouped bias's layout, or None) the whole accumulator the tiles are added to."""
     compute = jnp.dtype(plan.compute_dtype)
     assert plan.block_q is not None and plan.block_k is not None
     size_q, size_k = plan.block_q, plan.block_k
     single_q, single_k = _single(plan, geometry)
-    d_out = d_out.astype(compute)
-    d_out_t = _transposed(d_out)
-    # rule 19: D_i = sum_c dO_ic O_ic replaces rowsum(P dW); lse's cotangent enters as -d_lse
-    d_row = jnp.sum(d_out * out, axis=-1)
-    if d_lse is not None:
-        d_row = d_row - d_lse.astype(compute)
+    rows_shape = _step_rows(plan, view)
+    kv_lead = rows_shape[:-2]
+    divides = _static_int(geometry.block_q) and plan.q_len % size_q == 0 and geometry.block_q == size_q
 
     def key_block(c: Any, carry: tuple[Any, ...]) -> tuple[Any, ...]:
         dq, dk_t, dv_t, dbias = carry
         k_first, k_start = _block_start(c, geometry.block_k, size_k, plan.kv_len)
-        k_tile = lax.dynamic_slice_in_dim(inputs.k, k_start, size_k, axis=inputs.k.ndim - 2)
-        kt_tile = lax.dynamic_slice_in_dim(inputs.k_t, k_start, size_k, axis=inputs.k_t.ndim - 1)
-        vt_tile = lax.dynamic_slice_in_dim(inputs.v_t, k_start, size_k, axis=inputs.v_t.ndim - 1)
+        k_tile, v_tile = (view.part(x, False, (k_start, size_k), None) for x in (operands.k, operands.v))
         first, stop = _query_blocks(geometry, k_first, jnp.minimum(k_first + geometry.block_k, geometry.kv_valid))
 
         def query_block(b: Any, state: tuple[Any, ...]) -> tuple[Any, ...]:
             dq, dkt_tile, dvt_tile, dbias = state
             q_first, q_start = _block_start(b, geometry.block_q, size_q, plan.q_len)
-            q_tile = lax.dynamic_slice_in_dim(inputs.q, q_start, size_q, axis=inputs.q.ndim - 2)
-            qt_tile = lax.dynamic_slice_in_dim(inputs.q_t, q_start, size_q, axis=inputs.q_t.ndim - 1)
-            do_tile = lax.dynamic_slice_in_dim(d_out, q_start, size_q, axis=d_out.ndim - 2)
-            dot_tile = lax.dynamic_slice_in_dim(d_out_t, q_start, size_q, axis=d_out_t.ndim - 1)
-            lse_tile = lax.dynamic_slice_in_dim(lse, q_start, size_q, axis=lse.ndim - 1)
-            d_tile = lax.dynamic_slice_in_dim(d_row, q_start, size_q, axis=d_row.ndim - 1)
-            if not (_static_int(geometry.block_q) and plan.q_len % size_q == 0 and geometry.block_q == size_q):
-                # rows of another block get zero cotangents here: they add exact zeros
+            rows = (q_start, size_q)
+            q_tile = view.part(operands.q, True, rows, None)
+            qt_tile = view.part(cotangents.q_t, True, None, rows)
+            do_tile = view.part(cotangents.d_out, True, rows, None)
+            dot_tile = view.part(cotangents.d_out_t, True, None, rows)
+            lse_tile = view.part(cotangents.lse, True, rows)
+            d_tile = view.part(cotangents.d_row, True, rows)
+            if not divides:  # rows of another block get zero cotangents here: they add exact zeros
                 own = _rows_of_block(geometry, q_first, q_start, size_q)
                 do_tile = jnp.where(own[:, None], do_tile, 0)
                 dot_tile = jnp.where(own, dot_tile, 0)
                 d_tile = jnp.where(own, d_tile, 0)
-            tile = _tile_logits(plan, geometry, inputs, q_tile, kt_tile, q_start, k_first, k_start)
+            tile = _tile_logits(plan, geometry, view, operands, q_tile, k_tile, q_start, k_first, k_start)
             # rule 19: P = exp(x - lse), exactly 0 on excluded keys (x = -inf) and in fully excluded rows
             # (lse = -inf, every x = -inf: subtracting 0 there keeps exp(-inf) = 0, never NaN)
             p = jnp.exp(tile.x - jnp.where(lse_tile == -jnp.inf, 0, lse_tile)[..., None])
-            d_weights = _matmul(do_tile, vt_tile, 1)  # dO vᵀ
+            d_weights = _dot_t(do_tile, v_tile)  # dO vᵀ
             dropped = p
             if tile.multiplier is not None:
                 d_weights = d_weights * tile.multiplier  # rule 14: dW = Z (dO vᵀ)
                 dropped = p * tile.multiplier
             d_logits = p * (d_weights - d_tile[..., None])  # rule 14: dS = P (dW - D)
-            # rule 14: dv = (P Z)ᵀ dO and dk = scale dRᵀ q, summed over the G query heads of the kv head
-            dvt_tile = dvt_tile + _matmul(dot_tile, dropped, 2)
-            if dbias is not None:
-                dbias = _add_tile(dbias, _reduce_to(d_logits, dbias.shape), q_start, k_start)  # rule 14: dS
+            # rule 14: dv = (P Z)ᵀ dO and dk = scale dRᵀ q, summed over the query heads of the kv head
+            dvt_tile = dvt_tile + _dot_heads(dot_tile, dropped)
+            if dbias is not None:  # rule 14: dbias = dS, summed into bias's shape tile by tile
+                window = ((q_start, size_q), (k_start, size_k))
+                shape = view.shape_of(dbias, True, *window)
+                dbias = view.add(dbias, _reduce_to(d_logits, shape), True, *window)
             if tile.capped is not None:
                 d_logits = d_logits * (1 - tile.capped * tile.capped)  # rule 14: through the softcap
-            d_logits = d_logits * inputs.scale
-            dq = _add_tile(dq, _matmul(d_logits, k_tile, 1), q_start, None)  # rule 14: dq = scale dR k
-            dkt_tile = dkt_tile + _matmul(qt_tile, d_logits, 2)
+            d_logits = d_logits * operands.scale
+            dq = _add_tile(dq, _dot(d_logits, k_tile), q_start, None)  # rule 14: dq = scale dR k
+            dkt_tile = dkt_tile + _dot_heads(qt_tile, d_logits)
             return dq, dkt_tile, dvt_tile, dbias
 
-        init = (dq, jnp.zeros(kt_tile.shape, compute), jnp.zeros(vt_tile.shape, compute), dbias)
+        init = (dq, jnp.zeros((*kv_lead, plan.head_dim, size_k), compute),
+                jnp.zeros((*kv_lead, plan.value_dim, size_k), compute), dbias)
         dq, dkt_tile, dvt_tile, dbias = _loop(first, stop, query_block, init, single_q)
         # columns before the block belong to the previous one; they hold exact zeros here
         dk_t = _add_tile(dk_t, dkt_tile, None, k_start)
         dv_t = _add_tile(dv_t, dvt_tile, None, k_start)
         return dq, dk_t, dv_t, dbias
 
-    # dk and dv are accumulated transposed, (..., E, S) and (..., Ev, S)
-    init = (jnp.zeros(inputs.q.shape, compute), jnp.zeros(inputs.k_t.shape, compute),
-            jnp.zeros(inputs.v_t.shape, compute), dbias)
+    init = (jnp.zeros((*rows_shape, plan.head_dim), compute),
+            jnp.zeros((*kv_lead, plan.head_dim, plan.kv_len), compute),
+            jnp.zeros((*kv_lead, plan.value_dim, plan.kv_len), compute), dbias)
     num_blocks = _div(geometry.kv_valid + geometry.block_k - 1, geometry.block_k)
-    dq, dk_t, dv_t, dbias = _loop(0, num_blocks, key_block, init, single_k)
-    return dq, jnp.swapaxes(dk_t, -1, -2), jnp.swapaxes(dv_t, -1, -2), dbias
+    return _loop(0, num_blocks, key_block, init, single_k)
 
 
 def _reduce_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -494,33 +509,40 @@ def _add_tile(x: jax.Array, tile: jax.Array, row_start: Any, col_start: Any) -> 
 # ---- the head loop and the programs --------------------------------------------------------------
 
 
-def heads_one_at_a_time(arrays: tuple[Any, ...]) -> bool:
-    """Whether the programs loop over kv heads one at a time (on the CPU, where a head's unbatched
-    tile matmuls run on all cores and its tiles stay in cache: measured faster than batched heads) or
-    take all heads in each tile (accelerators). Arrays on a device decide; tracers (a user's
-    transformation) go by the default backend."""
+def heads_per_step(plan: AttentionPlan, arrays: tuple[Any, ...]) -> int | None:
+    """The query heads one step of the head loop computes (its programs' static ``per_step``): None,
+    every head at once, on accelerators; on the CPU, one kv head's G query heads when they stack to at
+    most ``STACKED_ROWS`` tile rows (decoding: k and v read once per kv head), else one query head
+    (a head's unbatched tile matmuls use every core and its tiles stay in cache: measured faster than
+    batched heads at every size tried). Arrays on a device decide; tracers (a user's transformation)
+    go by the default backend."""
+    assert plan.block_q is not None
+    cpu = jax.default_backend() == "cpu"
     for x in arrays:
         if x is not None and not isinstance(x, jax.core.Tracer):
-            return all(d.platform == "cpu" for d in x.devices())
-    return jax.default_backend() == "cpu"
+            cpu = all(d.platform == "cpu" for d in x.devices())
+            break
+    if not cpu:
+        return None
+    return plan.group_size if plan.group_size * plan.block_q <= STACKED_ROWS else 1
 
 
 def _forward(plan: AttentionPlan, operands: _Operands, geometry: Geometry,
-             per_head: bool) -> tuple[jax.Array, jax.Array]:
+             per_step: int | None) -> tuple[jax.Array, jax.Array]:
     """``(out, lse)`` grouped, ``(*B, Hkv, G, L, Ev)`` and ``(*B, Hkv, G, L)``, in the compute dtype."""
     compute = jnp.dtype(plan.compute_dtype)
     shape = plan.grouped_shape(plan.value_dim)
     if _empty(plan):
         return jnp.zeros(shape, compute), jnp.full(shape[:-1], -jnp.inf, compute)  # rule 8: L = 0 or S = 0
-    if not per_head:
-        return forward_core(plan, _inputs(operands, None), geometry)
-    heads = _heads(plan)
-    out, lse = lax.map(lambda h: forward_core(plan, _inputs(operands, heads, h), geometry),
-                       jnp.arange(math.prod(heads), dtype=jnp.int32))
+    view = _View.of(plan, per_step)
+    if per_step is None:
+        return forward_core(plan, operands, geometry, view)
+    out, lse = lax.map(lambda step: forward_core(plan, operands, geometry, view._replace(step=step)),
+                       jnp.arange(view.num_steps, dtype=jnp.int32))
     return out.reshape(shape), lse.reshape(shape[:-1])
 
 
-def _backward(plan: AttentionPlan, operands: _Operands, geometry: Geometry, per_head: bool, d_out: jax.Array,
+def _backward(plan: AttentionPlan, operands: _Operands, geometry: Geometry, per_step: int | None, d_out: jax.Array,
               out: jax.Array, lse: jax.Array, d_lse: jax.Array | None) -> tuple[Any, ...]:
     """``(dq, dk, dv, dbias)`` in the compute dtype and the grouped layouts of q, k, v and the bias
     (dbias None without a bias), from the grouped d_out, out, lse and lse's cotangent (or None)."""
@@ -529,22 +551,25 @@ def _backward(plan: AttentionPlan, operands: _Operands, geometry: Geometry, per_
     if _empty(plan):
         return (jnp.zeros(operands.q.shape, compute), jnp.zeros(operands.k.shape, compute),
                 jnp.zeros(operands.v.shape, compute), dbias)
-    if not per_head:
-        return backward_core(plan, _inputs(operands, None), geometry, d_out, out, lse, d_lse, dbias)
-    heads = _heads(plan)
+    d_out = d_out.astype(compute)
+    # rule 19: D_i = sum_c dO_ic O_ic replaces rowsum(P dW); lse's cotangent enters as -d_lse
+    d_row = jnp.sum(d_out * out, axis=-1)
+    if d_lse is not None:
+        d_row = d_row - d_lse.astype(compute)
+    cotangents = _Cotangents(d_out, jnp.swapaxes(d_out, -1, -2), jnp.swapaxes(operands.q, -1, -2), lse, d_row)
+    view = _View.of(plan, per_step)
+    if per_step is None:
+        dq, dk_t, dv_t, dbias = backward_core(plan, operands, geometry, view, cotangents, dbias)
+        return dq, jnp.swapaxes(dk_t, -1, -2), jnp.swapaxes(dv_t, -1, -2), dbias
 
-    def head(dbias: jax.Array | None, h: Any) -> tuple[Any, tuple[jax.Array, ...]]:
-        d_out_h, out_h, lse_h = (_head_of(x, heads, h) for x in (d_out, out, lse))
-        assert d_out_h is not None and out_h is not None and lse_h is not None
-        dq, dk, dv, dbias_h = backward_core(plan, _inputs(operands, heads, h), geometry, d_out_h, out_h, lse_h,
-                                            _head_of(d_lse, heads, h), _head_of(dbias, heads, h))
-        if dbias is not None and dbias_h is not None:
-            dbias = _with_head(dbias, dbias_h, heads, h)  # rule 14: summed into bias's shape
-        return dbias, (dq, dk, dv)
+    def step(dbias: jax.Array | None, index: Any) -> tuple[Any, tuple[jax.Array, ...]]:
+        dq, dk_t, dv_t, dbias = backward_core(plan, operands, geometry, view._replace(step=index), cotangents, dbias)
+        return dbias, (dq, dk_t, dv_t)
 
-    dbias, (dq, dk, dv) = lax.scan(head, dbias, jnp.arange(math.prod(heads), dtype=jnp.int32))
-    # rule 2: dk and dv summed over the G query heads of each kv head
-    dk, dv = (x.reshape(*heads, *x.shape[1:]).sum(axis=len(heads) - 1) for x in (dk, dv))
+    dbias, (dq, dk_t, dv_t) = lax.scan(step, dbias, jnp.arange(view.num_steps, dtype=jnp.int32))
+    # rule 2: dk and dv summed over the steps (query heads) of each kv head
+    dk, dv = (jnp.swapaxes(x.reshape(*view.heads, -1, *x.shape[1:]).sum(axis=len(view.heads)), -1, -2)
+              for x in (dk_t, dv_t))
     return dq.reshape(operands.q.shape), dk, dv, dbias
 
 
@@ -563,30 +588,30 @@ def _gradients(plan: AttentionPlan, q: jax.Array, k: jax.Array, v: jax.Array, bi
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def blocked_attention(plan: AttentionPlan, per_head: bool, q: jax.Array, k: jax.Array, v: jax.Array,
+def blocked_attention(plan: AttentionPlan, per_step: int | None, q: jax.Array, k: jax.Array, v: jax.Array,
                       mask: jax.Array | None, bias: jax.Array | None, dropout_mask: jax.Array | None,
                       scale: jax.Array, softcap: jax.Array | None,
                       dropout_scale: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(out, lse)`` of a blocked plan (static, its traced values zeroed; scale, softcap and dropout
     scale traced): out ``plan.out_shape`` in ``plan.dtype``, lse ``plan.lse_shape`` in the compute
-    dtype. ``per_head``: ``heads_one_at_a_time``. Differentiable in reverse mode (``jax.grad``,
+    dtype. ``per_step``: ``heads_per_step``. Differentiable in reverse mode (``jax.grad``,
     ``jax.vjp``), by the blocked backward."""
     operands = _prepare(plan, q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale)
-    return _results(plan, *_forward(plan, operands, _static_geometry(plan), per_head))
+    return _results(plan, *_forward(plan, operands, _static_geometry(plan), per_step))
 
 
-def _blocked_attention_fwd(plan: AttentionPlan, per_head: bool, q: jax.Array, k: jax.Array, v: jax.Array,
+def _blocked_attention_fwd(plan: AttentionPlan, per_step: int | None, q: jax.Array, k: jax.Array, v: jax.Array,
                            mask: jax.Array | None, bias: jax.Array | None, dropout_mask: jax.Array | None,
                            scale: jax.Array, softcap: jax.Array | None, dropout_scale: jax.Array) -> tuple[Any, Any]:
     with precision_scope(plan):  # rule 10: float64 inside a scoped jax.enable_x64
         operands = _prepare(plan, q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale)
-        out, lse = _forward(plan, operands, _static_geometry(plan), per_head)
+        out, lse = _forward(plan, operands, _static_geometry(plan), per_step)
         # rule 19: the residuals are the inputs, out in the compute dtype and lse; never the weights
         residuals = (q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale, out, lse)
         return _results(plan, out, lse), residuals
 
 
-def _blocked_attention_bwd(plan: AttentionPlan, per_head: bool, residuals: tuple[Any, ...],
+def _blocked_attention_bwd(plan: AttentionPlan, per_step: int | None, residuals: tuple[Any, ...],
                            cotangents: tuple[jax.Array, jax.Array]) -> tuple[Any, ...]:
     # rule 10: the pullback may be traced after the forward's scope has closed (jax.vjp's pullback
     # called later): float64 again inside a scoped jax.enable_x64
@@ -594,7 +619,7 @@ def _blocked_attention_bwd(plan: AttentionPlan, per_head: bool, residuals: tuple
         q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale, out, lse = residuals
         d_out, d_lse = cotangents
         operands = _prepare(plan, q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale)
-        grads = _backward(plan, operands, _static_geometry(plan), per_head,
+        grads = _backward(plan, operands, _static_geometry(plan), per_step,
                           d_out.reshape(plan.grouped_shape(plan.value_dim)), out, lse, d_lse.reshape(lse.shape))
         dq, dk, dv, dbias = _gradients(plan, q, k, v, bias, grads)
         return dq, dk, dv, None, dbias, None, None, None, None  # masks and scalars get no cotangent
@@ -603,7 +628,7 @@ def _blocked_attention_bwd(plan: AttentionPlan, per_head: bool, residuals: tuple
 blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
 
-def blocked_vjp(plan: AttentionPlan, per_head: bool, q: jax.Array, k: jax.Array, v: jax.Array,
+def blocked_vjp(plan: AttentionPlan, per_step: int | None, q: jax.Array, k: jax.Array, v: jax.Array,
                 mask: jax.Array | None, bias: jax.Array | None, dropout_mask: jax.Array | None, d_out: jax.Array,
                 scale: jax.Array, softcap: jax.Array | None, dropout_scale: jax.Array,
                 geometry: Geometry | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
@@ -613,20 +638,20 @@ def blocked_vjp(plan: AttentionPlan, per_head: bool, q: jax.Array, k: jax.Array,
     range (the padded bucket programs)."""
     geometry = _static_geometry(plan) if geometry is None else geometry
     operands = _prepare(plan, q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale)
-    out, lse = _forward(plan, operands, geometry, per_head)  # rule 19: out and lse recomputed first
-    grads = _backward(plan, operands, geometry, per_head, d_out.reshape(plan.grouped_shape(plan.value_dim)), out,
+    out, lse = _forward(plan, operands, geometry, per_step)  # rule 19: out and lse recomputed first
+    grads = _backward(plan, operands, geometry, per_step, d_out.reshape(plan.grouped_shape(plan.value_dim)), out,
                       lse, None)
     return _gradients(plan, q, k, v, bias, grads)
 
 
-def bucket_forward(plan: AttentionPlan, per_head: bool, q: jax.Array, k: jax.Array, v: jax.Array,
+def bucket_forward(plan: AttentionPlan, per_step: int | None, q: jax.Array, k: jax.Array, v: jax.Array,
                    mask: jax.Array | None, bias: jax.Array | None, dropout_mask: jax.Array | None,
                    scale: jax.Array, softcap: jax.Array | None, dropout_scale: jax.Array,
                    geometry: Geometry) -> tuple[jax.Array, jax.Array]:
     """``(out, lse)`` of a padded plan with traced ``geometry``, both in the compute dtype (out not
     rounded: the caller cuts and rounds it)."""
     operands = _prepare(plan, q, k, v, mask, bias, dropout_mask, scale, softcap, dropout_scale)
-    out, lse = _forward(plan, operands, geometry, per_head)
+    out, lse = _forward(plan, operands, geometry, per_step)
     return out.reshape(plan.out_shape), lse.reshape(plan.lse_shape)
 
 
@@ -645,7 +670,7 @@ def blocked_forward(plan: AttentionPlan, q: jax.Array, k: jax.Array, v: jax.Arra
     from .jax import JaxBackend
 
     with precision_scope(plan):  # rule 10: float64 inside a scoped jax.enable_x64
-        return blocked_attention_jit(JaxBackend._static_plan(plan), heads_one_at_a_time((q, k, v)), q, k, v, mask,
+        return blocked_attention_jit(JaxBackend._static_plan(plan), heads_per_step(plan, (q, k, v)), q, k, v, mask,
                                      bias, dropout_mask, *JaxBackend._traced_scalars(plan))
 
 
@@ -656,5 +681,5 @@ def blocked_backward(plan: AttentionPlan, q: jax.Array, k: jax.Array, v: jax.Arr
     from .jax import JaxBackend
 
     with precision_scope(plan):  # rule 10: float64 inside a scoped jax.enable_x64
-        return blocked_vjp_jit(JaxBackend._static_plan(plan), heads_one_at_a_time((q, k, v)), q, k, v, mask, bias,
+        return blocked_vjp_jit(JaxBackend._static_plan(plan), heads_per_step(plan, (q, k, v)), q, k, v, mask, bias,
                                dropout_mask, d_out, *JaxBackend._traced_scalars(plan))
