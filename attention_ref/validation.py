@@ -204,8 +204,8 @@ def validate_attention_args(
 
     ``block_q``, ``block_k`` and ``dense`` choose the algorithm (rule 19); ``default_blocks`` is the
     backend's tile when neither block is given. ``backend_framework`` is the framework of the backend
-    that will run the call (None: any). Raises TypeError for a wrong type or dtype and ValueError for a wrong shape or value; each
-    message names the argument and, for shapes, the shapes involved.
+    that will run the call (None: any). Raises TypeError for a wrong type or dtype and ValueError
+    for a wrong shape or value; each message names the argument and, for shapes, the shapes involved.
     """
     mask, bias, dropout_mask = options.mask, options.bias, options.dropout_mask
     scale, causal, alignment, softcap = options.scale, options.causal, options.alignment, options.softcap

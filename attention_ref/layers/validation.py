@@ -136,7 +136,8 @@ def validate_layer_args(
     q, k, v = (_stand_in(framework, (*batch_shape, h, n, e), compute, query) for h, n, e in
                ((heads, q_len, params.head_dim), (kv_heads, kv_len, params.head_dim),
                 (kv_heads, kv_len, params.value_dim)))
-    attention = validate_attention_args(q, k, v, options, return_weights=return_weights, return_lse=return_lse, dense=True,
+    attention = validate_attention_args(q, k, v, options, return_weights=return_weights, return_lse=return_lse,
+                                        dense=True,
                                         compute_dtype=compute, backend_framework=backend_framework)
     if key_padding_mask is not None:
         attention = dataclasses.replace(attention, has_mask=True)
