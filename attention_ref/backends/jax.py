@@ -20,9 +20,10 @@ Compilation: one program per plan, with its scale, softcap and dropout scale tra
 in). Small problems on the CPU (at most ``BUCKET_MAX_LOGITS`` logits after padding) run the program
 of a padded plan instead (``_bucket_plan``): laid out on the host as one head per row (batch dims and
 heads flattened, kv heads repeated per rule 2, inputs widened exactly to the compute dtype), each dim
-rounded up to a power of two (at least ``BUCKET_MIN_ROWS`` rows and ``BUCKET_MIN_LENGTH`` for L, S, E
-and Ev), the key bounds of causal and window traced, so that one program per compute dtype (and
-softcap on/off, for the dense one) serves all nearby shapes; a blocked plan's padded program also
+rounded up to a power of two (at least ``BUCKET_MIN_ROWS`` rows, ``BUCKET_ROWS`` where the padded
+problem stays small, and ``BUCKET_MIN_LENGTH`` for L, S, E and Ev), the key bounds of causal and
+window traced, so that one program per compute dtype (and softcap on/off, for the dense one) serves
+all nearby shapes; a blocked plan's padded program also
 traces its blocks and whether it has a softcap, its tile is the whole padded problem, and one program
 per bucket serves every block size. Padding is exact: padded head-dim channels are zeros (they
 add exact zeros to q·kᵀ), padded keys are excluded (weight exactly 0), the scale comes from the true
@@ -60,7 +61,11 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 BUCKET_MAX_LOGITS = 1 << 18
 #: Smallest bucket for L, S, E and Ev, and for rows (batch elements times query heads).
 BUCKET_MIN_LENGTH = 16
-BUCKET_MIN_ROWS = 64
+BUCKET_MIN_ROWS = 8
+#: Rows are padded further, up to this many, while the padded problem stays within
+#: ``BUCKET_MAX_LOGITS``: fewer programs (small problems of 1 to 64 rows share one), the same problems
+#: padded.
+BUCKET_ROWS = 64
 
 
 def grouped_inputs(
@@ -314,8 +319,8 @@ def _bucket_plan(plan: AttentionPlan) -> AttentionPlan:
     the bucket, so that they share one program. A dense plan's bucket returns weights and lse; a
     blocked plan's (rule 19) returns lse, and its static tile is the whole padded problem, in which
     the plan's blocks are traced (``_bucket_geometry``): one program serves every block size."""
-    rows = _bucket(plan.num_rows, BUCKET_MIN_ROWS)
     q_len, kv_len = _bucket(plan.q_len, BUCKET_MIN_LENGTH), _bucket(plan.kv_len, BUCKET_MIN_LENGTH)
+    rows = max(_bucket(plan.num_rows, BUCKET_MIN_ROWS), min(BUCKET_ROWS, BUCKET_MAX_LOGITS // (q_len * kv_len)))
     return AttentionPlan(
         framework=plan.framework, batch_shape=(), has_head_axis=True, num_q_heads=rows, num_kv_heads=rows,
         q_len=q_len, kv_len=kv_len,
