@@ -359,10 +359,10 @@ def _pad_to(x: np.ndarray, shape: tuple[int, ...], fill: Any = 0) -> np.ndarray:
 class JaxBackend(Backend):
     name = "jax"
     framework = "jax"
-    #: rule 19's tile when a call names none, chosen by measurement on a 2-core CPU (CPU time, the
-    #: machine shared): at (1, 8, 4096, 4096, 64) float32, tiles of 512 x 1024 were the fastest of
-    #: 128 x 512 ... 1024 x 1024 forward and backward (XLA's CPU matmuls want large tiles; below
-    #: 256 x 512 they slow down by up to 2x), as good as any in float64 and for one head at 16384.
+    #: rule 19's tile when a call names none, chosen by measurement on a 2-core CPU: at (1, 8, 4096, 4096,
+    #: 64), tiles of 256 x 512 ... 1024 x 1024 were within 5-10% of one another forward; 512 x 1024 was
+    #: the fastest backward (float32 and float64) and for one float64 head, 512 x 512 about 10% faster
+    #: causal (finer skipping). Below 256 x 512 XLA's CPU matmuls slow down by up to 2x.
     default_blocks = (512, 1024)
 
     def __init__(self, *, bucket_shapes: bool = True) -> None:
