@@ -18,129 +18,43 @@ import attention_ref as ar
 from attention_ref.backends import numpy_blocked
 from attention_ref.backends.numpy import NumpyBackend
 from attention_ref.plan import AttentionOptions
-from attention_ref.result import Gradients
-from attention_ref.testing.assertions import assert_attention_close, assert_gradients_close, assert_within
+from attention_ref.testing.assertions import assert_attention_close, assert_gradients_close
 from attention_ref.testing.cases import AttentionCase, call, call_vjp, random_cotangent
 from attention_ref.validation import validate_attention_args
 
+from .blocked_cases import (
+    BLOCKED_CASES,
+    assert_blocked_gradients_match_oracle_and_dense,
+    assert_blocked_matches_oracle_and_dense,
+    half_precision_case,
+)
+from .blocked_cases import random_inputs as _inputs
+from .blocked_cases import tile as _blocks
+
 BACKEND = ar.get_backend("numpy")
-
-
-def _inputs(seed: int, q_shape: tuple[int, ...], k_shape: tuple[int, ...], value_dim: int,
-            dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    v_shape = (*k_shape[:-1], value_dim)
-    q, k, v = (rng.standard_normal(s).astype(dtype) for s in (q_shape, k_shape, v_shape))
-    return q, k, v
-
-
-def _cases() -> dict[str, tuple[AttentionCase, tuple[int, int]]]:
-    """Named cases with the tile each runs at: several query and key blocks, short last blocks."""
-    rng = np.random.default_rng(0)
-    cases: dict[str, tuple[AttentionCase, tuple[int, int]]] = {}
-    q, k, v = _inputs(1, (2, 6, 13, 8), (2, 2, 17, 8), 5)
-    cases["gqa"] = (AttentionCase(q, k, v), (4, 5))
-    bias = rng.standard_normal((6, 1, 17)).astype(np.float32)
-    mask = rng.random((2, 1, 13, 17)) > 0.3
-    cases["broadcast bias and mask"] = (AttentionCase(q, k, v, bias=bias, mask=mask), (3, 4))
-    cases["bias of one key column"] = (AttentionCase(q, k, v, bias=rng.standard_normal((2, 6, 13, 1))
-                                                     .astype(np.float32)), (5, 4))
-    keep = rng.random((2, 6, 13, 1)) > 0.25  # a dropout mask broadcast along the keys
-    full_keep = rng.random((2, 6, 13, 17)) > 0.4
-    cases["dropout"] = (AttentionCase(q, k, v, dropout_p=0.25, dropout_mask=keep), (4, 6))
-    cases["dropout, full mask, softcap"] = (AttentionCase(q, k, v, dropout_p=0.4, dropout_mask=full_keep,
-                                                          softcap=1.5), (5, 3))
-    cases["dropout mask with p = 0"] = (AttentionCase(q, k, v, dropout_mask=full_keep), (13, 4))
-    cases["softcap and bias, scale 2"] = (AttentionCase(q, k, v, softcap=0.8, bias=4 * bias, scale=2.0), (4, 4))
-    cases["causal, bottom_right, window"] = (AttentionCase(q, k, v, causal=True, alignment="bottom_right",
-                                                           window=(5, None)), (4, 3))
-    cases["window, top_left"] = (AttentionCase(q, k, v, window=(2, 3)), (3, 2))
-    ql, kl, vl = _inputs(2, (1, 2, 19, 4), (1, 2, 7, 4), 4)
-    cases["bottom_right with L > S"] = (AttentionCase(ql, kl, vl, causal=True, alignment="bottom_right"), (4, 3))
-    row_mask = np.ones((13, 17), dtype=bool)
-    row_mask[[0, 5, 12]] = False  # fully excluded rows
-    row_mask[:, 3] = False  # a key no query attends
-    inf_bias = rng.standard_normal((13, 17)).astype(np.float32)
-    inf_bias[2, 7] = -np.inf  # one key excluded by its bias
-    inf_bias[8] = -np.inf  # a row excluded by its bias
-    cases["excluded rows, -inf bias"] = (AttentionCase(q, k, v, mask=row_mask, bias=inf_bias), (4, 5))
-    r2 = _inputs(3, (9, 6), (11, 6), 3)
-    cases["rank 2, causal"] = (AttentionCase(*r2, causal=True, bias=rng.standard_normal((11,)).astype(np.float32)),
-                               (2, 4))
-    b3 = _inputs(4, (2, 3, 2, 5, 4), (2, 3, 1, 6, 4), 2)
-    cases["two batch dims, MQA"] = (AttentionCase(*b3, bias=rng.standard_normal((3, 1, 5, 1)).astype(np.float32)),
-                                    (2, 4))
-    q64, k64, v64 = _inputs(5, (1, 4, 10, 6), (1, 2, 14, 6), 7, np.float64)
-    cases["float64, causal, bias"] = (AttentionCase(q64, k64, v64, causal=True,
-                                                    bias=rng.standard_normal((4, 10, 14))), (3, 4))
-    cases["float64, scale not a power of two"] = (AttentionCase(q64, k64, v64, scale=0.3, window=(3, 1)), (4, 5))
-    return cases
-
-
-CASES = _cases()
-
-
-def _blocks(block_q: int, block_k: int) -> dict[str, int]:
-    return {"block_q": block_q, "block_k": block_k}
-
-
-def _dense_gradients(case: AttentionCase, d_out: np.ndarray) -> Gradients:
-    """The float64 dense gradients (rule 14's analytic backward pass) of the case's inputs."""
-    q, k, v = (np.asarray(x, np.float64) for x in (case.q, case.k, case.v))
-    bias = None if case.bias is None else np.asarray(case.bias, np.float64)
-    keywords = {**case.array_keywords(), "bias": bias, **case.scalar_keywords()}
-    return BACKEND.attention_vjp(q, k, v, np.asarray(d_out, np.float64), dense=True, **keywords)
+CASES = BLOCKED_CASES
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_blocked_matches_the_oracle_and_the_dense_path(name: str) -> None:
-    """out and lse within rule 19's bound of the oracle (exact on fully excluded rows), and the
-    dense path within twice it (rule 19's bound is at least the dense one)."""
-    case, (block_q, block_k) = CASES[name]
-    blocked = call(BACKEND, case, return_lse=True, **_blocks(block_q, block_k))
-    assert blocked.weights is None
-    assert blocked.out.dtype == case.q.dtype and blocked.lse.dtype == np.dtype(case.default_compute_dtype)
-    assert_attention_close(blocked, case, calibrated=False, key_block=block_k)
-    dense = call(BACKEND, case, return_lse=True, dense=True)
-    bounds = case.bounds(calibrated=False, key_block=block_k) * 2  # rule 10: two results that must be equal
-    assert_within("blocked vs dense: out", blocked.out, dense.out, bounds.out, case)
-    assert_within("blocked vs dense: lse", blocked.lse, dense.lse, bounds.lse, case)
+    assert_blocked_matches_oracle_and_dense(BACKEND, *CASES[name])
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_blocked_gradients_match_the_oracle_and_the_dense_path(name: str) -> None:
-    """dq, dk, dv, dbias within rule 19's gradient bound of the dense float64 gradients (exactly 0
-    where rule 14 fixes them), and the dense path's within twice it."""
-    case, (block_q, block_k) = CASES[name]
-    d_out = random_cotangent(case, 11)
-    expected = _dense_gradients(case, d_out)
-    blocked = call_vjp(BACKEND, case, d_out, **_blocks(block_q, block_k))
-    for got, x in zip(blocked, (case.q, case.k, case.v, case.bias), strict=True):
-        assert (got is None) == (x is None) and (got is None or (got.shape, got.dtype) == (x.shape, x.dtype))
-    assert_gradients_close(blocked, case, d_out, calibrated=False, expected=expected, key_block=block_k)
-    dense = call_vjp(BACKEND, case, d_out, dense=True)
-    bounds = case.gradient_bounds(d_out, expected, key_block=block_k) * 2  # the blocked bound holds the dense
-    for field in ("dq", "dk", "dv", "dbias"):
-        if getattr(expected, field) is not None:
-            assert_within(f"blocked vs dense: {field}", getattr(blocked, field), getattr(dense, field),
-                          getattr(bounds, field), case)
+    assert_blocked_gradients_match_oracle_and_dense(BACKEND, *CASES[name])
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_inputs_compute_in_float32(dtype: str) -> None:
-    import ml_dtypes
-
-    np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
-    q, k, v = _inputs(6, (2, 4, 11, 8), (2, 2, 15, 8), 8, np_dtype)
-    bias = np.random.default_rng(7).standard_normal((4, 11, 15)).astype(np_dtype)
-    case = AttentionCase(q, k, v, bias=bias, causal=True, window=(6, None))
+    case = half_precision_case(dtype)
     blocked = call(BACKEND, case, return_lse=True, **_blocks(4, 4))
     assert blocked.out.dtype == case.q.dtype and blocked.lse.dtype == np.float32
     assert_attention_close(blocked, case, calibrated=False, key_block=4)
     d_out = random_cotangent(case, 3)
     grads = call_vjp(BACKEND, case, d_out, **_blocks(4, 4))
     assert grads.dq.dtype == case.q.dtype and grads.dbias.dtype == case.q.dtype
-    assert_gradients_close(grads, case, d_out, calibrated=False, expected=_dense_gradients(case, d_out), key_block=4)
+    assert_gradients_close(grads, case, d_out, calibrated=False, key_block=4)
 
 
 @pytest.mark.parametrize(("q_len", "kv_len"), [(0, 5), (4, 0), (0, 0)])
