@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import Phase, settings
 
 import attention_ref as ar
 from attention_ref.layers import MHAParams, average_weights, from_torch
@@ -25,18 +23,6 @@ from .conftest import import_or_skip
 torch = import_or_skip("torch")
 
 from .zoo.layer_bugs import LAYER_DECLARATIONS, LAYER_SUPPORTS, make_layer  # noqa: E402
-
-
-@pytest.fixture
-def without_shrinking() -> Iterator[None]:
-    """The current profile without its shrink phase (check_layer inherits it), for tests that assert
-    only a status and what the report names."""
-    current = settings.get_current_profile_name()
-    settings.register_profile(f"{current}.no_shrink", parent=settings.get_profile(current),
-                              phases=(Phase.explicit, Phase.reuse, Phase.generate))
-    settings.load_profile(f"{current}.no_shrink")
-    yield
-    settings.load_profile(current)
 
 
 def _statuses(report: Any) -> dict[str, Status]:
