@@ -24,6 +24,46 @@ from .implementation import Subject
 GRADIENT_NAMES = ("dq", "dk", "dv", "dbias")
 
 
+class ElementMismatch(AssertionError):
+    """``assert_within``'s failure, with what it compared kept for reports and pictures.
+
+    ``what`` names the compared array (``"out"``, ``"weights"``, ``"dq"``, or a property's own label
+    such as ``"causal rows: out"``); ``actual``, ``expected`` and ``bound`` are float64 arrays of the
+    compared shape; ``exact`` (bool, same shape) marks the elements that must be equal; ``worst`` is
+    the index of the worst element (an exact element that differs ranks first, then the largest
+    error over its bound) and ``wrong`` the number of elements outside their bound; ``case`` is the
+    case whose results were compared.
+    """
+
+    def __init__(self, message: str, *, what: str, case: AttentionCase, actual: np.ndarray, expected: np.ndarray,
+                 bound: np.ndarray, exact: np.ndarray, worst: tuple[int, ...], wrong: int) -> None:
+        super().__init__(message)
+        self.what, self.case = what, case
+        self.actual, self.expected, self.bound, self.exact = actual, expected, bound, exact
+        self.worst, self.wrong = worst, wrong
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (the crosscheck's workers send outcomes)
+        return (_rebuild_mismatch, (str(self), self.what, self.case, self.actual, self.expected, self.bound,
+                                    self.exact, self.worst, self.wrong))
+
+    def worst_element(self) -> dict[str, Any]:
+        """The worst element as plain values: ``array`` (``what``), ``index``, ``got``, ``expected``,
+        ``error`` (``|got - expected|``), ``bound`` (None where the spec fixes the value: ``exact``),
+        ``wrong`` and ``size`` (elements outside their bound, of all compared)."""
+        i = self.worst
+        error = abs(float(self.actual[i]) - float(self.expected[i])) if self.actual[i] != self.expected[i] else 0.0
+        return {"array": self.what, "index": [int(j) for j in i], "got": float(self.actual[i]),
+                "expected": float(self.expected[i]), "error": error,
+                "bound": None if self.exact[i] else float(self.bound[i]), "wrong": self.wrong,
+                "size": int(self.expected.size)}
+
+
+def _rebuild_mismatch(message: str, *args: Any) -> ElementMismatch:
+    what, case, actual, expected, bound, exact, worst, wrong = args
+    return ElementMismatch(message, what=what, case=case, actual=actual, expected=expected, bound=bound, exact=exact,
+                           worst=worst, wrong=wrong)
+
+
 # ---- bounds --------------------------------------------------------------------------------------
 
 
@@ -74,13 +114,15 @@ def assert_within(
         return
     with np.errstate(over="ignore", invalid="ignore"):  # huge errors over tiny bounds: inf ranks first
         ratio = np.where(bad, np.nan_to_num(error / np.where(bound > 0, bound, np.inf), nan=np.inf, posinf=np.inf), -1)
-    worst = np.unravel_index(np.argmax(np.where(must_equal & bad, np.inf, ratio)), e64.shape)
+    worst = tuple(int(i) for i in np.unravel_index(np.argmax(np.where(must_equal & bad, np.inf, ratio)), e64.shape))
     rule = "exactly" if must_equal[worst] else f"within {bound[worst]:.3g}"
-    raise AssertionError(
-        f"{what}: {int(bad.sum())} of {bad.size} elements wrong; worst at {tuple(int(i) for i in worst)}: "
+    raise ElementMismatch(
+        f"{what}: {int(bad.sum())} of {bad.size} elements wrong; worst at {worst}: "
         f"got {a64[worst]!r}, expected {e64[worst]!r} {rule} (|error| {error[worst]:.3g})\n"
         + (f"  bound: {derivation}\n" if derivation and not must_equal[worst] else "")
-        + f"  case: {case!r}"
+        + f"  case: {case!r}",
+        what=what, case=case, actual=a64, expected=e64, bound=np.array(bound), exact=np.array(must_equal),
+        worst=worst, wrong=int(bad.sum()),
     )
 
 

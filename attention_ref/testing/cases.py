@@ -305,6 +305,28 @@ class AttentionCase(AttentionOptions):
             dbias = reduce_to_shape(allowed.astype(np.int64), self.bias.shape) == 0
         return Gradients(dq, dk, dv, dbias)
 
+    def record(self) -> dict[str, Any]:
+        """The case as plain values (``report.case_record``): ``kind`` "attention", ``dtype``, the
+        ``shapes`` of q, k, v, mask, bias and dropout_mask (None when absent), the scalar ``options``
+        (``scalar_keywords``; window as a list), ``arrays``: every array as nested lists (float64
+        values, booleans for masks) when the case is small enough to print in full (as ``repr``
+        does), else None, and ``repr``."""
+        named = {"q": self.q, "k": self.k, "v": self.v, "mask": self.mask, "bias": self.bias,
+                 "dropout_mask": self.dropout_mask}
+        small = self.q.size + self.k.size + self.v.size <= _REPR_FULL_LIMIT
+        options = {key: list(value) if isinstance(value, tuple) else value
+                   for key, value in self.scalar_keywords().items()}
+        return {
+            "kind": "attention",
+            "dtype": self.dtype,
+            "shapes": {name: None if x is None else list(np.shape(x)) for name, x in named.items()},
+            "options": options,
+            "arrays": {name: None if x is None else np.asarray(x, dtype=bool if np.asarray(x).dtype == bool
+                                                                 else np.float64).tolist()
+                       for name, x in named.items()} if small else None,
+            "repr": repr(self),
+        }
+
     def __repr__(self) -> str:
         def show(x: np.ndarray | None) -> str:
             if x is None:

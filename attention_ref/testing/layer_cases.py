@@ -55,6 +55,18 @@ class LayerCase(AttentionOptions):
     def replace(self, **changes: Any) -> LayerCase:
         return dataclasses.replace(self, **changes)
 
+    def record(self) -> dict[str, Any]:
+        """The case as plain values (``report.case_record``): ``kind`` "layer", ``dtype``, the
+        ``shapes`` of query, key, value, key_padding_mask, mask and bias (None when absent), the
+        scalar ``options`` (window as a list) and ``repr``."""
+        named = {"query": self.query, "key": self.key, "value": self.value,
+                 "key_padding_mask": self.key_padding_mask, "mask": self.mask, "bias": self.bias}
+        options = {key: list(value) if isinstance(value, tuple) else value
+                   for key, value in self.scalar_keywords().items()}
+        return {"kind": "layer", "dtype": self.dtype,
+                "shapes": {name: None if x is None else list(np.shape(x)) for name, x in named.items()},
+                "options": options, "repr": repr(self)}
+
     def options(self) -> AttentionOptions:
         """The per-head attention's options (without the key padding mask)."""
         return AttentionOptions(**self.as_keywords())

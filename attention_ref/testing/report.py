@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 class Status(enum.StrEnum):
@@ -41,12 +42,21 @@ class Status(enum.StrEnum):
 @dataclass(frozen=True)
 class PropertyOutcome:
     """One property's outcome: its name, the SPEC.md rules it proves, the status and, for FAIL and
-    ERROR, the shrunk failing case (for convention differs, the evidence)."""
+    ERROR, the shrunk failing case (for convention differs, the evidence) in ``detail``.
+
+    For a FAIL or ERROR, ``case`` is the shrunk case as plain values (``case_record``; None when the
+    property draws no case) and ``worst`` the worst element of a failed comparison
+    (``ElementMismatch.worst_element``; None when the failure was not one). ``picture`` is the path
+    of its PNG when pictures were asked for and made; ``seconds`` the property's wall time."""
 
     name: str
     rules: tuple[int, ...]
     status: Status
     detail: str = ""
+    case: dict[str, Any] | None = None
+    worst: dict[str, Any] | None = None
+    picture: str | None = None
+    seconds: float = 0.0
 
 
 def summary_line(statuses: Iterable[Status]) -> str:
@@ -89,6 +99,36 @@ def _leaves(error: BaseException) -> list[BaseException]:
     return [leaf for inner in nested for leaf in _leaves(inner)]
 
 
+def case_record(case: Any) -> dict[str, Any] | None:
+    """A drawn case as plain values (JSON-ready): ``case.record()`` where the case has one
+    (``AttentionCase``, ``LayerCase``), else its ``repr``; None stays None."""
+    if case is None:
+        return None
+    record = getattr(case, "record", None)
+    return record() if callable(record) else {"repr": repr(case)}
+
+
+def failing_case(error: BaseException) -> Any:
+    """The case a failure was found on: the ``ElementMismatch``'s, else the example the runner
+    attached (``EXAMPLE_ATTRIBUTE``; its first element when the example is a tuple), else None."""
+    case = getattr(error, "case", None)
+    if case is not None:
+        return case
+    example = getattr(error, EXAMPLE_ATTRIBUTE, None)
+    return example[0] if isinstance(example, tuple) and example else example
+
+
+#: The attribute under which ``run_property`` keeps, on a property's exception, the example it failed on.
+EXAMPLE_ATTRIBUTE = "attention_ref_example"
+
+
+def first_failure(error: BaseException) -> BaseException:
+    """The error a report shows of ``error`` (possibly a group of Hypothesis failures): the first
+    AssertionError, else the first error."""
+    leaves = _leaves(error)
+    return next((leaf for leaf in leaves if isinstance(leaf, AssertionError)), leaves[0])
+
+
 def failure_outcome(name: str, rules: tuple[int, ...], error: BaseException) -> PropertyOutcome:
     """The outcome of a property that raised ``error`` (possibly a group of Hypothesis failures).
 
@@ -105,4 +145,7 @@ def failure_outcome(name: str, rules: tuple[int, ...], error: BaseException) -> 
     notes = [note for note in getattr(first, "__notes__", []) if note.startswith("drawn with the case")]
     others = [f"also raised (another example): {type(leaf).__name__}: {str(leaf).splitlines()[0] if str(leaf) else ''}"
               for leaf in leaves if leaf is not first and not isinstance(leaf, AssertionError)]
-    return PropertyOutcome(name, rules, status, "\n".join([f"{type(first).__name__}: {first}", *notes, *others]))
+    worst_element = getattr(first, "worst_element", None)
+    return PropertyOutcome(name, rules, status, "\n".join([f"{type(first).__name__}: {first}", *notes, *others]),
+                           case=case_record(failing_case(first)),
+                           worst=worst_element() if callable(worst_element) else None)

@@ -21,6 +21,7 @@ from hypothesis import settings as Settings
 from hypothesis import strategies as st
 
 from .implementation import Implementation, Subject
+from .report import EXAMPLE_ATTRIBUTE
 from .strategies import ALL_FEATURES, Features, feature_cases
 
 
@@ -123,6 +124,7 @@ def run_property(
         except Exception as error:  # FAIL or ERROR, the report says which (attention_ref.testing.report)
             if isinstance(example, tuple) and len(example) > 1:  # the case's messages show the case only
                 error.add_note(f"drawn with the case: {example[1:]!r}")
+            setattr(error, EXAMPLE_ATTRIBUTE, example)  # for the report's case record
             raise
 
     # Distinct Hypothesis database keys per property and implementation.
