@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,11 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--max-examples", type=int, default=50, metavar="N",
                         help="Hypothesis examples per property and backend (default 50)")
     verify.add_argument("--seed", type=int, default=None, help="fix Hypothesis' random choices")
-    verify.add_argument("--property", action="append", dest="properties", metavar="NAME",
-                        help="run only this property (repeatable; default: all)")
     verify.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                         help="properties not started within SECONDS of the start are reported 'not run'")
-    verify.add_argument("--progress", action="store_true", help="print a line to stderr as each property ends")
+    _report_options(verify)
     verify.add_argument("--device", default=None, type=_device, metavar="DEVICE",
                         help="cpu, cuda or gpu (the same), optionally :N: the torch and jax backends' arrays are "
                              "put there, so the properties run there (default: where each backend makes its "
@@ -60,8 +59,10 @@ def _parser() -> argparse.ArgumentParser:
                             "has the input dtype, the spec); verified, reported as convention differs")
     check.add_argument("--max-examples", type=int, default=100, metavar="N")
     check.add_argument("--seed", type=int, default=None)
-    check.add_argument("--property", action="append", dest="properties", metavar="NAME",
-                       help="run only this property (repeatable; default: all)")
+    check.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="run the properties in N processes at a time (default: one per core, at most 4; "
+                            "the report is the same for any N)")
+    _report_options(check)
     check.add_argument("--backward", default=None, metavar="MODULE:NAME",
                        help="with grad: the kernel's backward(q, k, v, d_out, **keywords) -> (dq, dk, dv[, dbias]) "
                             "(default: torch autograd / jax.vjp of the kernel)")
@@ -78,14 +79,52 @@ def _parser() -> argparse.ArgumentParser:
                        help="Hypothesis examples per property and target (default 10)")
     cross.add_argument("--seed", type=int, default=0, help="fix Hypothesis' random choices (default 0)")
     cross.add_argument("--strict", action="store_true", help="exit 1 when any target fails a property")
-    cross.add_argument("--property", action="append", dest="properties", metavar="NAME",
-                       help="run only this property, of the kernels or the layers (repeatable; default: all)")
-    cross.add_argument("--jobs", type=int, default=None, metavar="N",
-                       help="worker processes at a time (default: one per core, at most 4)")
+    cross.add_argument("--workers", "--jobs", type=int, default=None, dest="workers", metavar="N",
+                       help="check N targets at a time, each in a process of its own (default: one per core, "
+                            "at most 4)")
     cross.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                        help="stop a target's worker after SECONDS; its unfinished properties are ERROR "
                             "(default: 1800 per dtype and per 10 examples)")
+    _report_options(cross)
     return parser
+
+
+def _report_options(command: argparse.ArgumentParser) -> None:
+    """The selection, progress and report options every command shares."""
+    from .testing.progress import PROGRESS_MODES
+
+    command.add_argument("--property", action="append", dest="properties", metavar="NAME",
+                         help="run only this property (repeatable; default: all)")
+    command.add_argument("--rules", action="append", type=_rules, default=None, metavar="N[,N...]",
+                         help="run only the properties that prove one of these SPEC.md rules (repeatable)")
+    command.add_argument("--progress", nargs="?", const="lines", default="auto", choices=PROGRESS_MODES,
+                         help="auto (default): a bar on a terminal (rich), nothing otherwise; bar; lines: a line "
+                              "to stderr as each property ends (--progress alone); none")
+    command.add_argument("--json", dest="json_path", default=None, metavar="PATH",
+                         help="also write the report as JSON (schema: attention_ref/testing/report_schema.json)")
+    command.add_argument("--junit-xml", dest="junit_path", default=None, metavar="PATH",
+                         help="also write the report as JUnit XML, for CI systems")
+    command.add_argument("--plot", dest="plot_dir", default=None, metavar="DIR",
+                         help="write a PNG of every FAIL's shrunk case to DIR (and, for crosscheck, of the "
+                              "matrix); needs matplotlib (the plot extra)")
+
+
+def _rules(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rules are numbers separated by commas, got {text!r}") from None
+
+
+def _selected_rules(args: argparse.Namespace) -> list[int] | None:
+    return None if args.rules is None else [rule for group in args.rules for rule in group]
+
+
+def _write_reports(args: argparse.Namespace, report: Any) -> None:
+    from .testing.report_files import write_reports
+
+    if args.json_path is not None or args.junit_path is not None:
+        write_reports(report.document(), json_path=args.json_path, junit_path=args.junit_path)
 
 
 def _device(text: str) -> str:
@@ -132,38 +171,43 @@ def _returns(text: str) -> tuple[str, ...]:
 
 def _check(args: argparse.Namespace) -> int:
     """``attention-ref check``: load the target (current directory first on sys.path), run, print."""
-    from .testing.check import check
-    from .testing.targets import TargetError, current_directory_on_path, load_target
+    from .testing.check_workers import check_in_workers
+    from .testing.crosscheck import default_workers
+    from .testing.progress import make_progress
+    from .testing.targets import TargetError
 
+    supports = tuple(s for s in args.supports.split(",") if s)
     try:
-        with current_directory_on_path():  # for the kernel's own imports while it runs, too
-            kernel = load_target(args.target)
-            backward = None if args.backward is None else load_target(args.backward)
-            supports = tuple(s for s in args.supports.split(",") if s)
-            result = check(kernel, framework=args.framework, supports=supports, layout=args.layout,
-                           dtypes=tuple(args.dtypes or ("float32",)), fully_masked=args.fully_masked,
-                           max_examples=args.max_examples, seed=args.seed, name=args.target, backward=backward,
-                           properties=args.properties, returns=args.returns, mask_polarity=args.mask_polarity,
-                           out_dtype=args.out_dtype)
+        with make_progress(args.progress) as progress:
+            result = check_in_workers(
+                args.target, workers=args.workers or default_workers(), backward=args.backward,
+                properties=args.properties, rules=_selected_rules(args), progress=progress,
+                framework=args.framework, supports=supports, layout=args.layout,
+                dtypes=tuple(args.dtypes or ("float32",)), fully_masked=args.fully_masked,
+                max_examples=args.max_examples, seed=args.seed, returns=args.returns,
+                mask_polarity=args.mask_polarity, out_dtype=args.out_dtype, plot_dir=args.plot_dir)
     except (TargetError, ValueError) as error:  # a usage error: what was asked cannot be checked
         raise SystemExit(f"attention-ref check: {error}") from None
     print(result.render())
+    _write_reports(args, result)
     return 0 if result.passed else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "verify":
+        from .testing.progress import make_progress
         from .testing.verify import DeviceNotAvailableError, verify
 
         try:
-            report = verify(args.backends, max_examples=args.max_examples, seed=args.seed,
-                            properties=args.properties, device=args.device, time_limit=args.time_limit,
-                            progress=(lambda line: print(line, file=sys.stderr, flush=True)) if args.progress
-                            else None)
+            with make_progress(args.progress) as progress:
+                report = verify(args.backends, max_examples=args.max_examples, seed=args.seed,
+                                properties=args.properties, rules=_selected_rules(args), device=args.device,
+                                time_limit=args.time_limit, progress=progress, plot_dir=args.plot_dir)
         except DeviceNotAvailableError as error:
             raise SystemExit(f"attention-ref verify: {error}") from None
         print(report.render())
+        _write_reports(args, report)
         return 0 if report.passed else 1
     if args.command == "check":
         return _check(args)
@@ -172,11 +216,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.device == "cuda":
             _require_cuda()
-        cross_report = crosscheck(device=args.device, dtypes=tuple(args.dtypes or DEFAULT_DTYPES[args.device]),
-                                  max_examples=args.max_examples, seed=args.seed, only=tuple(args.only or ()),
-                                  properties=args.properties, jobs=args.jobs, timeout=args.timeout,
-                                  progress=lambda line: print(line, file=sys.stderr, flush=True))
+        from .testing.progress import make_progress
+
+        with make_progress(args.progress) as progress:
+            cross_report = crosscheck(device=args.device,
+                                      dtypes=tuple(args.dtypes or DEFAULT_DTYPES[args.device]),
+                                      max_examples=args.max_examples, seed=args.seed, only=tuple(args.only or ()),
+                                      properties=args.properties, rules=_selected_rules(args),
+                                      workers=args.workers, timeout=args.timeout, progress=progress,
+                                      plot_dir=args.plot_dir)
         print(cross_report.render())
+        _write_reports(args, cross_report)
         return 1 if args.strict and not cross_report.passed else 0
     return 2  # pragma: no cover - argparse rejects unknown commands
 

@@ -59,7 +59,7 @@ else
     DEVICE=cuda
     VERIFY_TORCH=(--max-examples 25 --seed 0)
     VERIFY_JAX=(--max-examples 5 --seed 0)  # every new shape compiles on the GPU (no buckets there)
-    CROSSCHECK=(--max-examples 10 --jobs 8)
+    CROSSCHECK=(--max-examples 10 --workers 8)
     SPEED=()
 fi
 # Phase 1, (a) and (b) side by side: 45% of the budget; phase 2, (c): what is left of it.

@@ -13,7 +13,7 @@ from .conftest import import_or_skip
 def test_layer_targets_get_their_own_matrix() -> None:
     import_or_skip("torch")
     report = crosscheck(only=("torch nn.MultiheadAttention", "torch MHA is_causal hint", "torch.sdpa[MATH]"),
-                        properties=("layer_matches_reference", "matches_float64_oracle"), max_examples=40, jobs=1)
+                        properties=("layer_matches_reference", "matches_float64_oracle"), max_examples=40, workers=1)
     names = [target.name for target, _, _ in report.results]
     assert sorted(names) == ["torch MHA is_causal hint", "torch nn.MultiheadAttention", "torch.sdpa[MATH]"]
     text = report.render()

@@ -102,7 +102,7 @@ def test_a_crashed_or_hung_worker_is_an_error_of_its_own_target() -> None:
     chosen = ("matches_float64_oracle", "key_permutation_invariance", "causal_equals_explicit_mask")
     start = time.perf_counter()
     report = crosscheck(builders=(BROKEN,), only=("numpy.crashes", "numpy.hangs", "numpy.textbook"),
-                        properties=chosen, max_examples=3, timeout=5, jobs=3)
+                        properties=chosen, max_examples=3, timeout=5, workers=3)
     assert time.perf_counter() - start < 60
     assert [target.name for target, _, _ in report.results] == ["numpy.crashes", "numpy.hangs", "numpy.textbook"]
     for name, how in (("numpy.crashes", "exited with status 7"), ("numpy.hangs", "timed out after 5 s")):
@@ -155,8 +155,8 @@ def test_the_report_is_the_same_whatever_the_number_of_workers() -> None:
                                    only=("numpy.textbook", "numpy.unscaled", "numpy.needs_its_environment"),
                                    properties=("matches_float64_oracle", "default_scale_is_inverse_sqrt_head_dim"))
     started: list[str] = []
-    one = crosscheck(jobs=1, **options)
-    two = crosscheck(jobs=2, progress=started.append, **options)
+    one = crosscheck(workers=1, **options)
+    two = crosscheck(workers=2, progress=started.append, **options)
     assert [t.name for t, _, _ in two.results] == ["numpy.textbook", "numpy.unscaled", "numpy.needs_its_environment"]
     assert started[0] == "checking numpy.needs_its_environment (float64) ..."
     assert _statuses(one, "numpy.unscaled")["matches_float64_oracle"] == "FAIL"
@@ -181,7 +181,7 @@ def test_keras_runs_on_each_backend_with_its_declared_conventions() -> None:
     _require("keras", "torch", "jax")
     from attention_ref.testing.crosscheck import crosscheck
 
-    report = crosscheck(only=(KERAS_JAX, "keras.ops.dot_product_attention[torch"), max_examples=3, jobs=2,
+    report = crosscheck(only=(KERAS_JAX, "keras.ops.dot_product_attention[torch"), max_examples=3, workers=2,
                         properties=("matches_float64_oracle", "fully_excluded_rows_are_zero"))
     names = [t.name for t, _, _ in report.results]
     assert names == [KERAS_JAX, KERAS_TORCH, KERAS_TORCH_BIAS]

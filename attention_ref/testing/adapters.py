@@ -80,14 +80,15 @@ class Target:
                 for prop in PROPERTIES]
 
     def run(self, *, dtypes: Sequence[str], max_examples: int, seed: int | None,
-            properties: Sequence[str] | None = None) -> Any:
-        """``check`` of the kernel with its declarations (a ``CheckReport``)."""
+            properties: Sequence[str] | None = None, plot_dir: str | None = None) -> Any:
+        """``check`` of the kernel with its declarations (a ``CheckReport``); ``plot_dir`` as for
+        ``check``."""
         from .check import check
 
         return check(self.kernel, framework=self.framework, supports=self.supports, layout=self.layout,
                      dtypes=dtypes, fully_masked=self.fully_masked, max_examples=max_examples, seed=seed,
                      name=self.name, device=self.device, few_shapes=self.few_shapes, backward=self.backward,
-                     properties=properties)
+                     properties=properties, plot_dir=plot_dir)
 
 
 def _installed(module: str) -> bool:

@@ -42,11 +42,13 @@ for an undeclared feature raises ``UnsupportedFeature``).
 
 from __future__ import annotations
 
+import functools
 import re
 import textwrap
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Unpack
 
 import numpy as np
@@ -60,8 +62,11 @@ from ..registry import get_backend
 from ..result import AttentionOutput, Gradients
 from ..tolerance import UNIT_ROUNDOFF, value_size
 from .cases import AttentionCase
-from .report import PropertyOutcome, Status, failure_outcome, failure_sections, render_table, rules_text, summary_line
-from .runner import PROPERTIES, check_property_names, run_property
+from .outcomes import outcome_of
+from .progress import Progress, as_progress
+from .report import PropertyOutcome, Status, failure_sections, render_table, rules_text, summary_line
+from .report_files import Suite
+from .runner import PROPERTIES, check_property_names, check_rule_numbers, run_property, selects
 from .strategies import Features
 from .targets import as_kernel
 
@@ -430,6 +435,23 @@ class CheckReport:
     target: str
     outcomes: list[PropertyOutcome] = field(default_factory=list)
     dtypes: tuple[str, ...] = ()
+    #: The kernel's name (the suite's name in JSON and JUnit; default: ``target``, the header).
+    name: str = ""
+    seed: int | None = None
+    max_examples: int | None = None
+
+    def suites(self) -> list[Suite]:
+        """The report as one suite (``report_files``)."""
+        return [Suite(self.name or self.target, self.outcomes, description=self.target,
+                      seconds=sum(o.seconds for o in self.outcomes))]
+
+    def document(self) -> dict[str, Any]:
+        """The JSON document of this report (``report_files.report_document``)."""
+        from .report_files import report_document
+
+        return report_document("check", self.suites(), seed=self.seed, max_examples=self.max_examples,
+                               seconds=sum(o.seconds for o in self.outcomes), dtypes=self.dtypes,
+                               summary=self.summary())
 
     @property
     def passed(self) -> bool:
@@ -494,6 +516,9 @@ def check(
     returns: Sequence[str] | None = None,
     mask_polarity: str = "attend",
     out_dtype: str | None = None,
+    rules: Sequence[int] | None = None,
+    progress: Progress | None = None,
+    plot_dir: str | Path | None = None,
 ) -> CheckReport:
     """Run every applicable property of SPEC.md against the kernel ``fn`` (see the module docstring
     for its calling convention) and report per property.
@@ -506,7 +531,11 @@ def check(
     compile once per shape. With ``"grad"`` in ``supports`` the gradients are checked too, through
     ``backward`` or the framework's autodiff (module docstring).
     ``fail_fast`` stops at the first failing property (the rest are reported "not run").
-    ``properties`` names the properties to run (default: all); the others are reported "not run".
+    ``properties`` names the properties to run and ``rules`` the SPEC.md rules whose properties run
+    (default: all; a property must match both); the others are reported "not run".
+    ``progress`` receives the run's events (``attention_ref.testing.progress``; default: none).
+    ``plot_dir``: a PNG of every FAIL's shrunk case is written there (``attention_ref.testing.pictures``,
+    the ``plot`` extra), its path in the outcome's ``picture``.
 
     ``fn`` may be a function, a torch ``nn.Module`` (instance or class, called in eval mode), a flax
     nnx or linen module or a keras layer (``attention_ref.testing.targets``; TargetError, a
@@ -516,6 +545,7 @@ def check(
     masked out (it is given ``~mask``). ``out_dtype`` ("float32" or "float64"): out is returned in that
     dtype for narrower inputs on purpose (verified; "convention differs")."""
     check_property_names(properties)
+    check_rule_numbers(rules)
     unknown = set(supports) - set(KERNEL_FEATURES)
     if unknown:
         raise ValueError(f"unknown supports {sorted(unknown)}; choose from {', '.join(KERNEL_FEATURES)}")
@@ -543,23 +573,36 @@ def check(
         declared.append(f"out dtype: {out_dtype}")
     report = CheckReport(f"{impl.name} ({framework}, {layout}, {', '.join(declared)}, "
                          f"dtypes: {', '.join(dtypes)}, fully masked rows: {fully_masked}, "
-                         f"{max_examples} examples, seed {seed})", dtypes=tuple(dtypes))
+                         f"{max_examples} examples, seed {seed})", dtypes=tuple(dtypes), name=impl.name, seed=seed,
+                         max_examples=max_examples)
+    shown = as_progress(progress)
+    shown.plan(sum(selects(p.name, p.rules, properties, rules) and p.applies_to(features) for p in PROPERTIES))
     for prop in PROPERTIES:
-        if (fail_fast and not report.passed) or (properties is not None and prop.name not in properties):
+        if (fail_fast and not report.passed) or not selects(prop.name, prop.rules, properties, rules):
             report.outcomes.append(PropertyOutcome(prop.name, prop.rules, Status.NOT_RUN))
             continue
         if not prop.applies_to(features):
             report.outcomes.append(PropertyOutcome(prop.name, prop.rules, Status.NOT_APPLICABLE))
             continue
-        try:
-            impl.observed.clear()
-            run_property(prop, impl, run_settings, seed=seed, features=features, calibrated=True)
-        except Exception as error:  # every failure and error goes in the report
-            report.outcomes.append(failure_outcome(prop.name, prop.rules, error))
-        else:
-            if impl.observed:  # passed given a declared convention, which was exercised and verified
-                evidence = "\n".join(f"{what} [{count} rows]" for what, count in impl.observed.items())
-                report.outcomes.append(PropertyOutcome(prop.name, prop.rules, Status.CONVENTION_DIFFERS, evidence))
-            else:
-                report.outcomes.append(PropertyOutcome(prop.name, prop.rules, Status.PASS))
+        report.outcomes.append(outcome_of(
+            prop.name, prop.rules,
+            functools.partial(run_property, prop, impl, run_settings, seed=seed, features=features, calibrated=True,
+                              on_example=shown.example),
+            target=impl.name, progress=shown, observed=impl.observed,
+            picture=None if plot_dir is None else failure_picture_maker(impl, plot_dir, prop.name)))
     return report
+
+
+def failure_picture_maker(impl: Any, plot_dir: str | Path, property_name: str) -> Callable[[BaseException], str | None]:
+    """``picture(error)`` for ``outcome_of``: the PNG of a FAIL of ``property_name`` on ``impl`` in
+    ``plot_dir``, named ``<target>-<property>.png`` (unsafe characters of the target's name replaced),
+    or None when the failure has no attention case to draw."""
+
+    def picture(error: BaseException) -> str | None:
+        from .pictures import failure_picture
+
+        path = Path(plot_dir) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', impl.name)}-{property_name}.png"
+        made = failure_picture(impl, error, path, title=f"{property_name} on {impl.name}")
+        return None if made is None else str(made)
+
+    return picture

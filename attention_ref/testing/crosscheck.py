@@ -33,13 +33,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .adapters import TARGET_BUILDERS, Target, available_targets
 from .check import CheckReport
 from .crosscheck_worker import DONE
+from .progress import Progress, as_progress
 from .report import PropertyOutcome, Status, render_table, summary_line
-from .runner import PROPERTIES, check_property_names
+from .report_files import Suite
+from .runner import PROPERTIES, check_property_names, check_rule_numbers, selects
 
 #: The dtypes checked by default: float32 on the CPU, half precision too on CUDA.
 DEFAULT_DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16", "float32")}
@@ -48,13 +51,15 @@ DEFAULT_DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16", "float32"
 DEFAULT_TIMEOUT = 1800.0
 #: The lines of a dead worker's stderr (and stdout) that its ERROR outcomes quote.
 STDERR_TAIL_LINES = 25
+#: Seconds between two looks at a worker's results while it runs (for progress).
+POLL_SECONDS = 0.5
 
 #: A matrix cell per status ("convention differs" becomes "differs [n,...]" with its footnotes).
 _CELLS = {Status.PASS: "pass", Status.FAIL: "FAIL", Status.ERROR: "ERROR", Status.NOT_APPLICABLE: "n/a",
           Status.NOT_RUN: "-"}
 
 
-def default_jobs() -> int:
+def default_workers() -> int:
     """Worker processes at a time by default: one per available core, at most 4 (each holds a
     framework, about 1 GB with jax)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -67,6 +72,22 @@ class CrosscheckReport:
 
     device: str
     results: list[tuple[Target, CheckReport, float]] = field(default_factory=list)
+    seed: int | None = None
+    max_examples: int | None = None
+    dtypes: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+    def suites(self) -> list[Suite]:
+        """A suite per target, in the targets' order (``report_files``)."""
+        return [Suite(target.name, report.outcomes, description=report.target, seconds=seconds)
+                for target, report, seconds in self.results]
+
+    def document(self) -> dict[str, Any]:
+        """The JSON document of this report (``report_files.report_document``)."""
+        from .report_files import report_document
+
+        return report_document("crosscheck", self.suites(), seed=self.seed, max_examples=self.max_examples,
+                               seconds=self.seconds, device=self.device, dtypes=self.dtypes, summary=self.summary())
 
     @property
     def passed(self) -> bool:
@@ -108,25 +129,46 @@ class CrosscheckReport:
                 footnotes: list[str]) -> list[str]:
         """One matrix: a row per property (``known`` first, in order), a column per target; the
         evidence of every "differs" cell numbered in ``footnotes`` (shared by all matrices)."""
-        columns: list[dict[str, str]] = []
-        for _, report, _ in results:
-            cells = {}
-            for outcome in report.outcomes:
-                if outcome.status == Status.CONVENTION_DIFFERS:  # one footnote per line of evidence
-                    conventions = [re.sub(r" \[\d+ rows\]", "", line) for line in outcome.detail.splitlines()]
-                    footnotes += [c for c in dict.fromkeys(conventions) if c not in footnotes]
-                    numbers = ",".join(str(footnotes.index(c) + 1) for c in dict.fromkeys(conventions))
-                    cells[outcome.name] = f"differs [{numbers}]"
-                else:
-                    cells[outcome.name] = _CELLS[outcome.status]
-            columns.append(cells)
-        names = [target.name for target, _, _ in results]
-        properties = dict.fromkeys([*known, *(o.name for _, report, _ in results for o in report.outcomes)])
-        rows = [(name, *(cells.get(name, "n/a") for cells in columns)) for name in properties]
+        rows, names, cells = _cells(results, known, footnotes)
+        table = [(name, *row) for name, row in zip(rows, cells, strict=True)]
         return [f"crosscheck on {self.device}: {len(names)} {what} against SPEC.md", "",
-                *render_table(("property", *names), rows, min_width=12)]
+                *render_table(("property", *names), table, min_width=12)]
+
+    def matrices(self) -> list[tuple[str, list[str], list[str], list[list[str]]]]:
+        """The matrices as the table shows them: per kind ("kernels", "layers") with targets, its
+        property names, target names and cells (``cells[row][column]``, as printed)."""
+        from .layer_properties import LAYER_PROPERTIES
+        from .layer_targets import LayerTarget
+
+        footnotes: list[str] = []
+        kernels = [r for r in self.results if not isinstance(r[0], LayerTarget)]
+        layers = [r for r in self.results if isinstance(r[0], LayerTarget)]
+        return [(kind, *_cells(results, [p.name for p in known], footnotes))
+                for kind, results, known in (("kernels", kernels, PROPERTIES), ("layers", layers, LAYER_PROPERTIES))
+                if results]
 
     __str__ = render
+
+
+def _cells(results: list[tuple[Target, CheckReport, float]], known: list[str],
+           footnotes: list[str]) -> tuple[list[str], list[str], list[list[str]]]:
+    """The property names (``known`` first, in order), the target names and the cells of one matrix;
+    the evidence of every "differs" cell is numbered in ``footnotes``."""
+    columns: list[dict[str, str]] = []
+    for _, report, _ in results:
+        cells = {}
+        for outcome in report.outcomes:
+            if outcome.status == Status.CONVENTION_DIFFERS:  # one footnote per line of evidence
+                conventions = [re.sub(r" \[\d+ rows\]", "", line) for line in outcome.detail.splitlines()]
+                footnotes += [c for c in dict.fromkeys(conventions) if c not in footnotes]
+                numbers = ",".join(str(footnotes.index(c) + 1) for c in dict.fromkeys(conventions))
+                cells[outcome.name] = f"differs [{numbers}]"
+            else:
+                cells[outcome.name] = _CELLS[outcome.status]
+        columns.append(cells)
+    names = [target.name for target, _, _ in results]
+    properties = list(dict.fromkeys([*known, *(o.name for _, report, _ in results for o in report.outcomes)]))
+    return properties, names, [[cells.get(name, "n/a") for cells in columns] for name in properties]
 
 
 def _check_names(properties: Sequence[str] | None) -> None:
@@ -148,21 +190,34 @@ def crosscheck(
     seed: int | None = 0,
     only: Sequence[str] = (),
     properties: Sequence[str] | None = None,
-    progress: Callable[[str], None] | None = None,
-    jobs: int | None = None,
+    progress: Progress | Callable[[str], None] | None = None,
+    workers: int | None = None,
     timeout: float | None = None,
     builders: Sequence[str] = TARGET_BUILDERS,
+    rules: Sequence[int] | None = None,
+    plot_dir: str | Path | None = None,
 ) -> CrosscheckReport:
     """Check every target of ``builders`` available on ``device`` ("cpu" or "cuda"), in each of
     ``dtypes`` it supports (default: all it supports), ``max_examples`` per property. ``only`` keeps
     the targets whose name contains one of its strings; ``properties`` names the properties to run
-    (default: all; the others are "not run"); ``progress`` receives a line when a target starts and
-    when it ends. The targets run in ``jobs`` worker processes at a time (default
-    ``default_jobs()``), each target for at most ``timeout`` seconds (default: ``DEFAULT_TIMEOUT`` per
-    dtype and per 10 examples; ``math.inf``: no limit)."""
+    and ``rules`` the SPEC.md rules whose properties run (default: all; the others are "not run");
+    ``progress`` receives the run's events (a ``Progress``: a note when a target starts and ends, the
+    end of each property as its worker reports it; or a callable given the notes). The targets run
+    in ``workers`` processes at a time (default ``default_workers()``), each target for at most
+    ``timeout`` seconds (default: ``DEFAULT_TIMEOUT`` per dtype and per 10 examples; ``math.inf``: no
+    limit). ``plot_dir``: a PNG of every FAIL's shrunk case, and the matrices as ``crosscheck-kernels.png`` and
+    ``crosscheck-layers.png``."""
     _check_names(properties)
-    if jobs is not None and jobs < 1:
-        raise ValueError(f"jobs must be at least 1, got {jobs}")
+    from .layer_properties import LAYER_PROPERTIES
+
+    every: list[Any] = [*PROPERTIES, *LAYER_PROPERTIES]
+    check_rule_numbers(rules, every)
+    if rules is not None:  # the workers get the selection as names
+        properties = [p.name for p in every if selects(p.name, p.rules, properties, rules)]
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    shown = as_progress(progress)
+    began = time.perf_counter()
     selected: list[tuple[Target, tuple[str, ...]]] = []
     for target in available_targets(device, builders):
         if only and not any(part in target.name for part in only):
@@ -170,14 +225,17 @@ def crosscheck(
         chosen = tuple(d for d in target.dtypes if dtypes is None or d in dtypes)
         if chosen:
             selected.append((target, chosen))
-    jobs = min(jobs or default_jobs(), max(1, len(selected)))
+    workers = min(workers or default_workers(), max(1, len(selected)))
     # One worker runs the targets in column order; several take the slowest first.
-    order = sorted(range(len(selected)), key=lambda i: -selected[i][0].cost if jobs > 1 else i)
+    order = sorted(range(len(selected)), key=lambda i: -selected[i][0].cost if workers > 1 else i)
+    shown.plan(sum(planned.status == Status.ERROR for target, chosen in selected
+                   for planned in target.plan(chosen, properties)))
     with tempfile.TemporaryDirectory(prefix="attention-ref-crosscheck-") as directory:
         pool = _Pool(directory, device=device, max_examples=max_examples, seed=seed, properties=properties,
-                     timeout=timeout, progress=progress, selected=selected, pending=list(order))
+                     timeout=timeout, progress=shown, selected=selected, pending=list(order),
+                     plot_dir=None if plot_dir is None else str(Path(plot_dir).resolve()))
         threads = [threading.Thread(target=pool.serve, name=f"crosscheck-worker-{n}", daemon=True)
-                   for n in range(jobs)]
+                   for n in range(workers)]
         try:
             for thread in threads:
                 thread.start()
@@ -188,10 +246,18 @@ def crosscheck(
             pool.stop_all()
             for thread in threads:
                 thread.join()
-    report = CrosscheckReport(device)
+    report = CrosscheckReport(device, seed=seed, max_examples=max_examples,
+                              dtypes=tuple(dict.fromkeys(d for _, chosen in selected for d in chosen)))
     for i, (target, chosen) in enumerate(selected):  # a target no thread finished is an ERROR, never left out
         result = pool.results.get(i) or (_dead_worker_report(target, chosen, properties, {}, "was not run", ""), 0.0)
         report.results.append((target, *result))
+    report.seconds = time.perf_counter() - began
+    if plot_dir is not None:
+        from .pictures import matrix_picture
+
+        for kind, rows, columns, cells in report.matrices():
+            matrix_picture(rows, columns, cells, Path(plot_dir) / f"crosscheck-{kind}.png",
+                           title=f"crosscheck on {device}: framework {kind} against SPEC.md")
     return report
 
 
@@ -215,9 +281,9 @@ class _Worker:
     def log_size(self) -> int:
         return os.path.getsize(self.log_path)
 
-    def ask(self, request: dict[str, Any], timeout: float) -> str | None:
+    def ask(self, request: dict[str, Any], timeout: float, on_wait: Callable[[], None] | None = None) -> str | None:
         """Send one request and wait for its answer: None when done, else what went wrong (the worker is
-        then stopped)."""
+        then stopped). ``on_wait`` is called about every ``POLL_SECONDS`` while waiting."""
         assert self.process.stdin is not None and self.process.stdout is not None
         deadline = None if math.isinf(timeout) else time.monotonic() + timeout
         try:
@@ -227,11 +293,15 @@ class _Worker:
             pass  # it died already: its exit status says how, below
         stream = self.process.stdout.fileno()
         while b"\n" not in self.answers:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([stream], [], [], wait)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([stream], [], [], POLL_SECONDS if left is None else min(left, POLL_SECONDS))
             if not ready:
-                self.stop()
-                return f"timed out after {timeout:g} s"
+                if left is not None and left <= POLL_SECONDS:
+                    self.stop()
+                    return f"timed out after {timeout:g} s"
+                if on_wait is not None:
+                    on_wait()
+                continue
             chunk = os.read(stream, 4096)
             if not chunk:
                 return f"exited with status {self.stop()}"
@@ -277,9 +347,10 @@ class _Pool:
     seed: int | None
     properties: Sequence[str] | None
     timeout: float | None
-    progress: Callable[[str], None] | None
+    progress: Progress
     selected: list[tuple[Target, tuple[str, ...]]]
     pending: list[int]
+    plot_dir: str | None = None
     results: dict[int, tuple[CheckReport, float]] = field(default_factory=dict)
     workers: set[_Worker] = field(default_factory=set)
     numbers: Iterator[int] = field(default_factory=itertools.count)
@@ -287,9 +358,7 @@ class _Pool:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def say(self, line: str) -> None:
-        if self.progress is not None:
-            with self.lock:
-                self.progress(line)
+        self.progress.note(line)
 
     def serve(self) -> None:
         worker: _Worker | None = None
@@ -344,12 +413,24 @@ class _Pool:
         path = os.path.join(self.directory, f"{index}.results")
         request = {"name": target.name, "builder": target.builder, "device": self.device, "dtypes": list(dtypes),
                    "max_examples": self.max_examples, "seed": self.seed,
-                   "properties": None if self.properties is None else list(self.properties), "results": path}
+                   "properties": None if self.properties is None else list(self.properties), "results": path,
+                   "plot_dir": self.plot_dir}
         log_start, start = worker.log_size(), time.perf_counter()
         limit = self.timeout
         if limit is None:
             limit = DEFAULT_TIMEOUT * len(dtypes) * max(1.0, self.max_examples / 10)
-        died = worker.ask(request, limit)
+        seen = 0
+
+        def report_progress() -> None:  # the properties the worker finished since the last look
+            nonlocal seen
+            records = _read_records(path)
+            for record in records[seen:]:
+                if record[0] == "outcome" and record[1].status.counted:
+                    self.progress.end(target.name, record[1], record[2])
+            seen = len(records)
+
+        died = worker.ask(request, limit, on_wait=report_progress)
+        report_progress()
         records = _read_records(path)
         done = [record for record in records if record[0] == "done"]
         outcomes = {record[1].name: record[1] for record in records if record[0] == "outcome"}

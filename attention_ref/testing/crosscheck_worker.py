@@ -2,7 +2,8 @@
 
 The worker reads requests from stdin, one JSON object a line, and runs one target per request: its
 ``name``, ``builder`` and ``device`` (to build it again, ``adapters.find_target``), the run's
-``dtypes``, ``max_examples``, ``seed`` and ``properties`` (null: all), and ``results``, a file. It
+``dtypes``, ``max_examples``, ``seed``, ``properties`` (null: all) and ``plot_dir`` (null: no
+pictures), and ``results``, a file. It
 runs the target's properties one at a time, in report order, and appends each outcome to
 ``results`` as soon as it has it (pickled records, flushed), so that a worker that dies keeps what
 it finished:
@@ -50,7 +51,7 @@ def run(request: dict[str, Any], results: IO[bytes]) -> None:
             continue
         start = time.perf_counter()
         report = target.run(dtypes=dtypes, max_examples=request["max_examples"], seed=request["seed"],
-                            properties=(planned.name,))
+                            properties=(planned.name,), plot_dir=request.get("plot_dir"))
         seconds = time.perf_counter() - start
         total += seconds
         header = report.target

@@ -32,7 +32,8 @@ property needs); not run.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hypothesis
@@ -42,7 +43,10 @@ from hypothesis import settings as Settings
 from .check import CheckReport
 from .layer_properties import LAYER_PROPERTIES, LayerProperty, LayerTarget
 from .layer_subjects import SubjectOptions, layer_subject
-from .report import PropertyOutcome, Status, failure_outcome
+from .outcomes import outcome_of
+from .progress import Progress, as_progress
+from .report import PropertyOutcome, Status
+from .runner import check_rule_numbers, selects
 
 
 def check_layer_property_names(names: Sequence[str] | None) -> None:
@@ -54,14 +58,17 @@ def check_layer_property_names(names: Sequence[str] | None) -> None:
 
 
 def run_layer_property(prop: LayerProperty, target: LayerTarget, settings: Settings | None = None,
-                       seed: int | None = None) -> None:
-    """Run one layer property with Hypothesis (``settings``, else the current profile)."""
+                       seed: int | None = None, on_example: Callable[[], None] | None = None) -> None:
+    """Run one layer property with Hypothesis (``settings``, else the current profile);
+    ``on_example`` is called after each example (for progress)."""
     strategy = prop.strategy(target)
     if strategy is None:
         raise ValueError(f"{prop.name} does not apply to {target.subject.name}")
 
     def test(call: Any) -> None:
         prop.check(target, call)
+        if on_example is not None:
+            on_example()
 
     test._hypothesis_internal_add_digest = f"layer:{prop.name}:{target.subject.name}".encode()  # type: ignore[attr-defined]
     wrapped = given(strategy)(test)
@@ -90,13 +97,19 @@ def check_layer(
     properties: Sequence[str] | None = None,
     name: str | None = None,
     fail_fast: bool = False,
+    rules: Sequence[int] | None = None,
+    progress: Progress | None = None,
 ) -> CheckReport:
     """Run every layer property that applies to ``layer`` (an instance or a factory: see the module
     docstring) in each of ``dtypes`` and report per property (``CheckReport``: ``.passed``,
-    ``.outcomes``, ``.render()``). ``properties`` names the ones to run (the others: "not run");
-    ``fail_fast`` stops after the first failure. For an instance, ``framework`` may be given and must
-    be its own; the declarations (``supports`` ... ``mask_layout``) are for factories only."""
+    ``.outcomes``, ``.render()``). ``properties`` names the ones to run and ``rules`` the SPEC.md
+    rules whose properties run (the others: "not run"); ``fail_fast`` stops after the first failure.
+    For an instance, ``framework`` may be given and must be its own; the declarations (``supports``
+    ... ``mask_layout``) are for factories only. ``progress`` receives the run's events
+    (``attention_ref.testing.progress``)."""
     check_layer_property_names(properties)
+    check_rule_numbers(rules, LAYER_PROPERTIES)
+    shown = as_progress(progress)
     declared: dict[str, Any] = dict(supports=supports, returns=returns, weights=weights,
                                     weights_dropout=weights_dropout, fully_masked=fully_masked,
                                     mask_polarity=mask_polarity, mask_layout=mask_layout)
@@ -108,23 +121,18 @@ def check_layer(
                             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                                    HealthCheck.data_too_large])
     report = CheckReport(f"{subject.name} ({subject.framework}, {subject.describe()}, dtypes: {', '.join(dtypes)}, "
-                         f"{max_examples} examples, seed {seed})", dtypes=tuple(dtypes))
+                         f"{max_examples} examples, seed {seed})", dtypes=tuple(dtypes),
+                         name=subject.name, seed=seed, max_examples=max_examples)
+    shown.plan(sum(selects(p.name, p.rules, properties, rules) and p.applies_to(target) for p in LAYER_PROPERTIES))
     for prop in LAYER_PROPERTIES:
-        if (fail_fast and not report.passed) or (properties is not None and prop.name not in properties):
+        if (fail_fast and not report.passed) or not selects(prop.name, prop.rules, properties, rules):
             report.outcomes.append(PropertyOutcome(prop.name, prop.rules, Status.NOT_RUN))
             continue
         if not prop.applies_to(target):
             report.outcomes.append(PropertyOutcome(prop.name, prop.rules, Status.NOT_APPLICABLE))
             continue
-        target.observed.clear()
-        try:
-            run_layer_property(prop, target, run_settings, seed)
-        except Exception as error:  # every failure and error goes in the report
-            report.outcomes.append(failure_outcome(prop.name, prop.rules, error))
-        else:
-            if target.observed:
-                evidence = "\n".join(f"{what} [{count} rows]" for what, count in target.observed.items())
-                report.outcomes.append(PropertyOutcome(prop.name, prop.rules, Status.CONVENTION_DIFFERS, evidence))
-            else:
-                report.outcomes.append(PropertyOutcome(prop.name, prop.rules, Status.PASS))
+        report.outcomes.append(outcome_of(
+            prop.name, prop.rules,
+            functools.partial(run_layer_property, prop, target, run_settings, seed, on_example=shown.example),
+            target=subject.name, progress=shown, observed=target.observed))
     return report

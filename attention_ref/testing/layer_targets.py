@@ -50,8 +50,9 @@ class LayerTarget(Target):
                                 else Status.ERROR) for prop in LAYER_PROPERTIES]
 
     def run(self, *, dtypes: Sequence[str], max_examples: int, seed: int | None,
-            properties: Sequence[str] | None = None) -> Any:
-        """``check_layer`` of the layer (a ``CheckReport``)."""
+            properties: Sequence[str] | None = None, plot_dir: str | None = None) -> Any:
+        """``check_layer`` of the layer (a ``CheckReport``); ``plot_dir`` is ignored (a layer case has
+        no picture)."""
         from .layer_check import check_layer
 
         if self.declarations:

@@ -92,6 +92,24 @@ def check_property_names(names: Iterable[str] | None) -> None:
         raise ValueError(f"unknown properties {sorted(unknown)}")
 
 
+def check_rule_numbers(rules: Iterable[int] | None, known: Iterable[Any] | None = None) -> None:
+    """ValueError unless every rule number (None: no selection) is proved by a property of ``known``
+    (default ``PROPERTIES``)."""
+    proved = {rule for prop in (PROPERTIES if known is None else known) for rule in prop.rules}
+    unknown = sorted(set(rules or ()) - proved)
+    if unknown:
+        raise ValueError(f"no property proves rule{'s' if len(unknown) > 1 else ''} {unknown}; "
+                         f"rules with properties: {sorted(proved)}")
+
+
+def selects(name: str, rules: tuple[int, ...], properties: Iterable[str] | None,
+            rule_numbers: Iterable[int] | None) -> bool:
+    """Whether the property ``name`` (proving ``rules``) is selected: named in ``properties`` (None:
+    any name) and proving one of ``rule_numbers`` (None: any rule); a property must pass both."""
+    return (properties is None or name in properties) and (
+        rule_numbers is None or bool(set(rules) & set(rule_numbers)))
+
+
 def get_property(name: str) -> Property:
     for prop in PROPERTIES:
         if prop.name == name:
@@ -106,10 +124,12 @@ def run_property(
     seed: int | None = None,
     features: Features = ALL_FEATURES,
     calibrated: bool = False,
+    on_example: Callable[[], None] | None = None,
 ) -> None:
     """Run one property against ``impl`` with Hypothesis (current profile unless ``settings``;
     ``seed`` fixes Hypothesis' random choices), drawing only cases within ``features``; with
-    ``calibrated``, ``impl`` is held to the calibrated tolerance rule (other people's kernels)."""
+    ``calibrated``, ``impl`` is held to the calibrated tolerance rule (other people's kernels).
+    ``on_example`` is called after each example (for progress)."""
     if not prop.applies_to(features):
         raise ValueError(f"{prop.name} does not apply to an implementation supporting {sorted(features.supports)}")
     subject = Subject(impl, features, calibrated)
@@ -121,6 +141,8 @@ def run_property(
     def test(example: Any) -> None:
         try:
             prop.check(subject, example)
+            if on_example is not None:
+                on_example()
         except Exception as error:  # FAIL or ERROR, the report says which (attention_ref.testing.report)
             if isinstance(example, tuple) and len(example) > 1:  # the case's messages show the case only
                 error.add_note(f"drawn with the case: {example[1:]!r}")

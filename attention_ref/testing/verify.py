@@ -4,10 +4,12 @@ CPU or on a device (``device="cuda"``: our torch and jax backends with their arr
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,8 +20,12 @@ from ..layers.params import MHAParams
 from ..layers.plan import LayerPlan
 from ..plan import AttentionPlan
 from ..registry import available_backends, get_backend
-from .report import PropertyOutcome, Status, failure_outcome, failure_sections, render_table, rules_text, summary_line
-from .runner import PROPERTIES, check_property_names, run_property
+from .check import failure_picture_maker
+from .outcomes import outcome_of
+from .progress import Progress, as_progress
+from .report import PropertyOutcome, Status, failure_sections, render_table, rules_text, summary_line
+from .report_files import Suite
+from .runner import PROPERTIES, check_property_names, check_rule_numbers, run_property, selects
 
 #: Device names ``verify`` and ``on_device`` accept, each optionally with ``:N`` (the N-th such device).
 DEVICES = ("cpu", "cuda", "gpu")
@@ -149,6 +155,20 @@ class VerifyReport:
     outcomes: dict[str, list[PropertyOutcome]] = field(default_factory=dict)
     seconds: float = 0.0
     device: str | None = None
+    seed: int | None = None
+    max_examples: int | None = None
+
+    def suites(self) -> list[Suite]:
+        """A suite per backend (``report_files``), named as the table's columns."""
+        return [Suite(name if self.device is None else f"{name}[{self.device}]", self.outcomes[name],
+                      seconds=sum(o.seconds for o in self.outcomes[name])) for name in self.backends]
+
+    def document(self) -> dict[str, Any]:
+        """The JSON document of this report (``report_files.report_document``)."""
+        from .report_files import report_document
+
+        return report_document("verify", self.suites(), seed=self.seed, max_examples=self.max_examples,
+                               seconds=self.seconds, device=self.device, summary=self.summary())
 
     @property
     def passed(self) -> bool:
@@ -179,7 +199,9 @@ def verify(
     properties: Sequence[str] | None = None,
     device: str | None = None,
     time_limit: float | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | Callable[[str], None] | None = None,
+    rules: Sequence[int] | None = None,
+    plot_dir: str | Path | None = None,
 ) -> VerifyReport:
     """Run every property of ``attention_ref.testing.PROPERTIES`` on each backend (default: all
     installed; with a ``device`` other than the CPU, the installed ones of ``DEVICE_FRAMEWORKS``) with
@@ -187,8 +209,12 @@ def verify(
     the others are reported "not run"). ``device`` ("cpu", "cuda", "gpu", optionally ``:N``) places
     the backends' arrays there (``on_device``); DeviceNotAvailableError, before any property runs,
     when it cannot. A property not started within ``time_limit`` seconds of the start is "not run"
-    too. ``progress`` receives a line as each property ends."""
+    too. ``rules`` keeps the properties that prove one of these SPEC.md rules. ``progress`` receives
+    the run's events (a ``Progress``, or a callable given a line as each property ends). ``plot_dir``:
+    a PNG of every FAIL's shrunk case is written there (as ``check`` does)."""
     check_property_names(properties)
+    check_rule_numbers(rules)
+    shown = as_progress(progress)
     if backends:
         names = list(backends)
     else:
@@ -205,24 +231,21 @@ def verify(
         raise DeviceNotAvailableError("; ".join(unavailable))
     run_settings = settings(max_examples=max_examples, deadline=None, database=None, print_blob=True,
                             suppress_health_check=[HealthCheck.too_slow])
-    report = VerifyReport(names, device=device)
+    report = VerifyReport(names, device=device, seed=seed, max_examples=max_examples)
     start = time.perf_counter()
+    shown.plan(len(impls) * sum(selects(p.name, p.rules, properties, rules) for p in PROPERTIES))
     for backend_name, impl in impls.items():
         outcomes = report.outcomes.setdefault(backend_name, [])
+        title = backend_name if device is None else f"{backend_name}[{device}]"
         for prop in PROPERTIES:
-            began = time.perf_counter()
-            if (properties is not None and prop.name not in properties) or (
-                    time_limit is not None and began - start > time_limit):
+            if not selects(prop.name, prop.rules, properties, rules) or (
+                    time_limit is not None and time.perf_counter() - start > time_limit):
                 outcomes.append(PropertyOutcome(prop.name, prop.rules, Status.NOT_RUN))
                 continue
-            try:
-                run_property(prop, impl, run_settings, seed=seed)
-            except Exception as error:  # every failure and error goes in the report
-                outcomes.append(failure_outcome(prop.name, prop.rules, error))
-            else:
-                outcomes.append(PropertyOutcome(prop.name, prop.rules, Status.PASS))
-            if progress is not None:
-                title = backend_name if device is None else f"{backend_name}[{device}]"
-                progress(f"{title} {prop.name}: {outcomes[-1].status} ({time.perf_counter() - began:.1f} s)")
+            outcomes.append(outcome_of(
+                prop.name, prop.rules,
+                functools.partial(run_property, prop, impl, run_settings, seed=seed, on_example=shown.example),
+                target=title, progress=shown,
+                picture=None if plot_dir is None else failure_picture_maker(impl, plot_dir, prop.name)))
     report.seconds = time.perf_counter() - start
     return report
