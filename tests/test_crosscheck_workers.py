@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -236,3 +237,24 @@ def test_keras_torch_refuses_what_its_targets_leave_out() -> None:
     assert float(lines["-inf bias row"]) == 0.0
     assert lines["causal, scale 0"] == "nan"
     assert lines.get("bias with causal, scale 0") == "nan" or "is_causal" in lines.get("bias with causal", "")
+
+
+def test_crosscheck_plots_its_failures_and_matrix_and_writes_reports(tmp_path: Any) -> None:
+    """``plot_dir``: the unscaled kernel's FAIL gets its picture (made in its worker) and the matrix
+    its PNG; the JSON document of the same run validates and names the picture."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("matplotlib")
+    from attention_ref.testing.crosscheck import crosscheck
+    from attention_ref.testing.report_files import schema
+
+    report = crosscheck(builders=(BROKEN,), max_examples=5, only=("numpy.unscaled",), workers=1,
+                        properties=("matches_float64_oracle",), plot_dir=tmp_path)
+    failed = _outcome(report, "numpy.unscaled", "matches_float64_oracle")
+    assert failed.status == "FAIL" and failed.picture is not None
+    assert Path(failed.picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"picture: {failed.picture}" in report.render()
+    assert (tmp_path / "crosscheck-kernels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    document = report.document()
+    jsonschema.validate(document, schema())
+    assert document["command"] == "crosscheck" and document["counts"]["fail"] == 1
+    assert document["suites"][0]["properties"][0]["picture"] == failed.picture

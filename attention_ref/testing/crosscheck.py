@@ -123,6 +123,8 @@ class CrosscheckReport:
                 if not outcome.status.ok:
                     detail = "\n".join("    " + line for line in outcome.detail.splitlines())
                     lines += [f"  {outcome.status} {outcome.name}:", detail]
+                    if outcome.picture:
+                        lines.append(f"    picture: {outcome.picture}")
         return "\n".join([*lines, "", self.summary()])
 
     def _matrix(self, results: list[tuple[Target, CheckReport, float]], known: list[str], what: str,

@@ -84,11 +84,14 @@ def rules_text(rules: tuple[int, ...]) -> str:
 
 
 def failure_sections(outcomes: Iterable[tuple[str, PropertyOutcome]]) -> list[str]:
-    """The detail of every FAIL, ERROR and convention differs, each headed ``STATUS name[ where]:``."""
+    """The detail of every FAIL, ERROR and convention differs, each headed ``STATUS name[ where]:``,
+    and the path of its picture when one was made."""
     lines: list[str] = []
     for where, outcome in outcomes:
         if outcome.detail:
             lines += ["", f"{outcome.status} {outcome.name}{where}:", outcome.detail]
+            if outcome.picture:
+                lines.append(f"picture: {outcome.picture}")
     return lines
 
 
