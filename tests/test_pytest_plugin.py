@@ -17,7 +17,9 @@ import textwrap
 import time
 import venv
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -296,3 +298,56 @@ def test_picture_path_is_shown(pytester: pytest.Pytester) -> None:
     assert picture.is_relative_to(pytester.path / "plots" / "test_attention.test_attention")
     assert picture.read_bytes().startswith(b"\x89PNG")
     assert ("picture", str(picture)) in failure.user_properties
+
+
+def test_convention_differs_passes_with_its_evidence(pytester: pytest.Pytester) -> None:
+    """A declared fully-masked convention (NaN rows) passes, the evidence in the item's report section
+    and its JUnit properties."""
+    pytester.makepyfile(test_nan_rows='''
+        import numpy as np
+        import pytest
+
+
+        def attention(q, k, v, mask=None):
+            logits = q.astype(np.float64) @ k.swapaxes(-1, -2) / np.sqrt(q.shape[-1])
+            if mask is not None:
+                logits = np.where(mask, logits, -np.inf)
+            with np.errstate(invalid="ignore"):  # fully masked rows: NaN, as declared
+                weights = np.exp(logits - logits.max(-1, keepdims=True, initial=-np.inf))
+                return (weights / weights.sum(-1, keepdims=True) @ v).astype(q.dtype)
+
+
+        @pytest.mark.attention_kernel(framework="numpy", supports=["mask"], fully_masked="nan", max_examples=30,
+                                      seed=0, properties=["fully_excluded_rows_are_zero"])
+        def test_attention():
+            return attention
+        ''')
+    recorder = pytester.inline_run("-p", "no:cacheprovider")
+    [call] = [report for report in recorder.getreports("pytest_runtest_logreport") if report.when == "call"]
+    assert call.passed
+    assert ("attention_ref_status", "convention differs") in call.user_properties
+    [(title, section)] = [(title, text) for title, text in call.sections if "attention_ref" in title]
+    assert "fully_excluded_rows_are_zero: convention differs" in section and "out is NaN" in section
+
+
+def test_attention_plot_without_plot_dir_in_check_is_a_note(pytester: pytest.Pytester,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a check() that makes no pictures (no plot_dir keyword), --attention-plot is ignored with a
+    note, and the item runs as without it."""
+    import attention_ref.testing
+
+    real = attention_ref.testing.check
+
+    def check(fn: Any, *, framework: str, supports: Sequence[str] = (), max_examples: int = 100,
+              seed: int | None = None, properties: Sequence[str] | None = None) -> Any:
+        return real(fn, framework=framework, supports=supports, max_examples=max_examples, seed=seed,
+                    properties=properties)
+
+    monkeypatch.setattr(attention_ref.testing, "check", check)
+    _user_file(pytester, 0, 'framework="numpy", supports=["causal"], max_examples=5, '
+                            'properties=["causal_ignores_future_keys"]')
+    recorder = pytester.inline_run("-p", "no:cacheprovider", "--attention-plot", "plots")
+    reports = recorder.getreports("pytest_runtest_logreport")
+    assert [report.outcome for report in reports] == ["passed"] * 3
+    assert any("--attention-plot ignored" in text for _, text in reports[0].sections)
+    assert not (pytester.path / "plots").exists()
