@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import pytest
 
 from .conftest import import_or_skip
 
@@ -41,23 +44,43 @@ def test_bucketed_and_unbucketed_agree() -> None:
     assert_same_results(bucketed, direct, 2 * case.bounds(), case, "bucketed vs unbucketed")
 
 
-def test_one_compilation_serves_a_bucket_of_shapes() -> None:
+#: The program each path's calls compile, per (bucketed, dense): the dense path (weights returned)
+#: and the blocked one (rule 19, the default without weights).
+_PROGRAMS = {(True, True): "_bucket_attention", (True, False): "bucket_forward_jit",
+             (False, True): "_direct_attention", (False, False): "blocked_attention_jit"}
+
+
+def _program(bucketed: bool, dense: bool) -> Any:
+    from attention_ref.backends import jax_blocked
+
+    name = _PROGRAMS[bucketed, dense]
+    return getattr(jax_backend if dense else jax_blocked, name)
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "blocked"])
+def test_one_compilation_serves_a_bucket_of_shapes(dense: bool) -> None:
+    """Eight query lengths and eight key lengths, all in one bucket (at most BUCKET_MIN_LENGTH), compile
+    exactly one program (a head dim of 7 that no other test uses, so that the first call compiles)."""
     backend = jax_backend.JaxBackend()
-    before = jax_backend._bucket_attention._cache_size()
+    program = _program(True, dense)
+    before = program._cache_size()
     for length in range(1, 9):
-        q, k, v = _inputs(shape_q=(1, 2, length, 4), shape_kv=(1, 2, length + 2, 4), seed=length)
-        backend.attention(*map(backend.asarray, (q, k, v)), causal=True)
-    assert jax_backend._bucket_attention._cache_size() - before <= 1
+        q, k, v = _inputs(shape_q=(1, 2, length, 7), shape_kv=(1, 2, length + 2, 7), seed=length)
+        backend.attention(*map(backend.asarray, (q, k, v)), causal=True, return_weights=dense)
+    assert program._cache_size() - before == 1
 
 
-def test_unbucketed_program_is_reused_for_a_shape() -> None:
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "blocked"])
+def test_unbucketed_program_is_reused_for_a_shape(dense: bool) -> None:
     backend = jax_backend.JaxBackend(bucket_shapes=False)
-    q, k, v = _inputs(shape_q=(3, 5, 6), shape_kv=(3, 9, 6))
-    backend.attention(*map(backend.asarray, (q, k, v)), scale=0.5)
-    size = jax_backend._direct_attention._cache_size()
-    q2, k2, v2 = _inputs(shape_q=(3, 5, 6), shape_kv=(3, 9, 6), seed=1)
-    backend.attention(*map(backend.asarray, (q2, k2, v2)), scale=0.25)  # a new scale is not a new program
-    assert jax_backend._direct_attention._cache_size() == size
+    program = _program(False, dense)
+    before = program._cache_size()
+    q, k, v = _inputs(shape_q=(3, 5, 11), shape_kv=(3, 9, 11))  # a head dim no other test uses
+    backend.attention(*map(backend.asarray, (q, k, v)), scale=0.5, return_weights=dense)
+    assert program._cache_size() == before + 1
+    q2, k2, v2 = _inputs(shape_q=(3, 5, 11), shape_kv=(3, 9, 11), seed=1)
+    backend.attention(*map(backend.asarray, (q2, k2, v2)), scale=0.25, return_weights=dense)  # a new scale: same
+    assert program._cache_size() == before + 1
 
 
 def test_runs_under_a_user_jit() -> None:
