@@ -3,6 +3,9 @@
 
 Shape letters: B... batch dims, Hq query heads, Hkv key/value heads, G = Hq // Hkv query heads per kv
 head, L queries, S keys, E q/k head dim, Ev value head dim.
+
+PYTEST_DONT_REWRITE: pytest rewrites the asserts of a plugin's distribution (the ``pytest11``
+entry point makes this package one); this module's assertion messages are reported as written.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "attention_ref"
 #: Modules above the testing tools (the command line runs them); every other one is below them.
-ABOVE_TESTING = ("cli.py", "testing/")
+ABOVE_TESTING = ("cli.py", "pytest_plugin.py", "testing/")
 
 
 def test_no_framework_is_imported() -> None:
@@ -105,3 +105,4 @@ def test_public_surface() -> None:
     with pytest.raises(TypeError, match="causl"):
         ar.attention(*(np.ones((2, 3)),) * 3, causl=True)  # type: ignore[call-overload]
     assert ar.__version__ == importlib.metadata.version("attention_ref")
+

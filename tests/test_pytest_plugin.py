@@ -80,6 +80,28 @@ def test_attention():
 APPLICABLE = [prop.name for prop in PROPERTIES if prop.applies_to(Features(frozenset({"causal"}), ("float32",)))]
 
 
+#: pytest rewrites the asserts of every module of a plugin's distribution (in a non-editable install):
+#: the modules that assert are marked PYTEST_DONT_REWRITE, so that the checker's findings read as written.
+NOT_REWRITTEN_TEST = """
+import sys
+
+
+def test_attention_ref_asserts_are_not_rewritten():
+    import attention_ref.testing  # noqa: F401 (every module that asserts)
+    import attention_ref.backends.numpy_blocked  # noqa: F401
+    rewritten = sorted(name for name, module in list(sys.modules.items())
+                       if name.startswith("attention_ref") and "@py_builtins" in vars(module)
+                       and _asserts(module))
+    assert not rewritten, rewritten
+
+
+def _asserts(module):
+    import ast
+    with open(module.__file__) as source:
+        return any(isinstance(node, ast.Assert) for node in ast.walk(ast.parse(source.read())))
+"""
+
+
 def _junit(path: Path) -> dict[str, str]:
     """item name -> "passed", "failure", "error" or "skipped", from a JUnit XML file."""
     outcomes = {}
@@ -166,8 +188,10 @@ def test_user_suite_installed_with_pip(tmp_path: Path) -> None:
 
     overflow.mkdir()
     (overflow / "test_overflow.py").write_text(OVERFLOW_TEST)
+    (overflow / "test_not_rewritten.py").write_text(NOT_REWRITTEN_TEST)
     found, output = _user_pytest(python, overflow, "-W", "ignore::RuntimeWarning")
-    assert found == {"test_attention[huge_logits_stay_finite]": "failure"}
+    assert found == {"test_attention[huge_logits_stay_finite]": "failure",
+                     "test_attention_ref_asserts_are_not_rewritten": "passed"}, output
     assert "huge logits: out has 1 NaN/inf values at" in output, output
     assert "where" not in output and "\nassert " not in output, output
 

@@ -34,6 +34,9 @@ compute dtype and lse (never the weights), so that ``jax.grad`` / ``jax.vjp`` of
 a user's transformation or not, run the blocked backward in bounded memory; lse's cotangent is taken
 too. Forward-mode differentiation (``jax.jvp``) of a blocked call is not defined (``dense=True`` has
 it).
+
+PYTEST_DONT_REWRITE: pytest rewrites the asserts of a plugin's distribution (the ``pytest11``
+entry point makes this package one); this module's assertion messages are reported as written.
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ inside the window needs none, and a cut tile's bound comes from a small per-thre
 block pair in every kv head, and every diagonal tile when block_q is a multiple of block_k, share
 one). A power-of-two scale is applied to q once, where that is exact (the usual ``1 / sqrt(E)``
 for E = 64), instead of to every tile.
+
+PYTEST_DONT_REWRITE: pytest rewrites the asserts of a plugin's distribution (the ``pytest11``
+entry point makes this package one); this module's assertion messages are reported as written.
 """
 
 from __future__ import annotations

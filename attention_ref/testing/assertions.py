@@ -7,6 +7,9 @@ the properties build on ``assert_within`` (one array against another, elementwis
 says are equal) and ``assert_finite``. ``bounds_for`` and ``gradient_bounds_for`` give the tolerance
 a :class:`~attention_ref.testing.implementation.Subject` is held to: the derived bound for
 implementations of SPEC.md, the calibrated rule for other people's kernels.
+
+PYTEST_DONT_REWRITE: pytest rewrites the asserts of a plugin's distribution (the ``pytest11``
+entry point makes this package one); this module's assertion messages are reported as written.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Each entry is a call that the front door must refuse, the exception type it must raise, and words
 its message must contain (the argument and the shapes involved).
+
+PYTEST_DONT_REWRITE: pytest rewrites the asserts of a plugin's distribution (the ``pytest11``
+entry point makes this package one); this module's assertion messages are reported as written.
 """
 
 from __future__ import annotations

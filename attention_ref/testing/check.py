@@ -38,6 +38,9 @@ Outcomes (``attention_ref.testing.report.Status``): a property FAILs when its as
 it is an ERROR when it could not run: the kernel raised on an input within its declared features
 (``KernelError``), its results break the calling convention, or the checker broke (a property asking
 for an undeclared feature raises ``UnsupportedFeature``).
+
+PYTEST_DONT_REWRITE: pytest rewrites the asserts of a plugin's distribution (the ``pytest11``
+entry point makes this package one); this module's assertion messages are reported as written.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ an environment variable it was not started with (``Target.environment``: keras r
 worker that crashes or hangs (``timeout``) costs only the target it was running, whose unfinished
 properties become ERROR with the end of the worker's stderr; the next target gets a new worker.
 The report is in the targets' order whatever ``jobs`` is.
+
+PYTEST_DONT_REWRITE: pytest rewrites the asserts of a plugin's distribution (the ``pytest11``
+entry point makes this package one); this module's assertion messages are reported as written.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ evidence) by the property that exercised them:
   after (``P * keep / (1 - p)``). The bound of a transformed view is the rule's per-head weight bound
   carried through: times the multiplier, plus the roundings of the product (2 u P') and of the mean
   over H heads ((H + 1) u mean), u the unit roundoff of the returned weights' dtype.
+
+PYTEST_DONT_REWRITE: pytest rewrites the asserts of a plugin's distribution (the ``pytest11``
+entry point makes this package one); this module's assertion messages are reported as written.
 """
 
 from __future__ import annotations

@@ -52,6 +52,9 @@ bias in its own dtype) and ``u_in max|g|`` the rounding of the largest exact gra
 (FlashAttention-3's ``dq_atol``). ``factor`` is 3, FlashAttention-2's backward rule ("dq within 3 times the PyTorch
 same-dtype error", one more than its forward rule of 2: the backward has two more matmuls and the
 row reduction D), and 4 under a softcap (one more, as for the forward).
+
+PYTEST_DONT_REWRITE: pytest rewrites the asserts of a plugin's distribution (the ``pytest11``
+entry point makes this package one); this module's assertion messages are reported as written.
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
 """rule 8: excluded keys and fully excluded rows: excluded keys (mask False, causal, window, -inf
 bias) get weight exactly 0 and their k and v change nothing; a fully excluded row (S = 0 included)
 has out 0, weights 0 and lse -inf; nothing is NaN. Rows of weights sum to 1 and out stays within the
-attended values (rule 11)."""
+attended values (rule 11).
+
+PYTEST_DONT_REWRITE: pytest rewrites the asserts of a plugin's distribution (the ``pytest11``
+entry point makes this package one); this module's assertion messages are reported as written.
+"""
 
 from __future__ import annotations
 
