@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -32,29 +33,15 @@ pytest_plugins = ["pytester"]
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: A user's NumPy kernel with causal masking; ``{offset}`` 1 plants the causal off-by-one (each query
-#: sees one future key), 0 is correct.
-KERNEL = '''
-import numpy as np
-import pytest
-
-
-def attention(q, k, v, causal=False):
-    logits = q.astype(np.float64) @ k.swapaxes(-1, -2) / np.sqrt(q.shape[-1])
-    if causal:
-        logits = np.where(np.tri(*logits.shape[-2:], {offset}, dtype=bool), logits, -np.inf)
-    top = logits.max(-1, keepdims=True, initial=-np.inf)
-    weights = np.exp(logits - np.where(np.isfinite(top), top, 0))
-    total = weights.sum(-1, keepdims=True)
-    return (weights / np.where(total == 0, 1, total) @ v).astype(q.dtype)
-'''
-
-USER_TEST = KERNEL + '''
-
-@pytest.mark.attention_kernel(framework="numpy", supports=["causal"], max_examples={examples})
-def test_attention():
-    return attention
-'''
+#: The README's test file, as a user writes it: its causal NumPy kernel and the marker (fewer examples
+#: here); ``{offset}`` 1 plants the causal off-by-one (each query sees one future key), 0 is the README's.
+README_TEST = re.search(r"```python\n(# test_my_attention\.py.*?)```", (REPO / "README.md").read_text(),
+                        flags=re.DOTALL).group(1)
+USER_TEST = (README_TEST.replace("max_examples=50", "max_examples={examples}")
+             .replace("np.tri(*logits.shape[-2:], 0,", "np.tri(*logits.shape[-2:], {offset},"))
+assert "{examples}" in USER_TEST and "{offset}" in USER_TEST, "the README's test file changed: update these"
+#: The kernel alone (the test file without its marked test).
+KERNEL = USER_TEST.split("\n\n@pytest.mark")[0]
 
 #: A kernel without the row max subtracted (NaN for huge logits), whose failure is a bare ``assert`` of
 #: attention_ref's: pytest rewrites those in a non-editable install, and the failure text must not carry
@@ -375,3 +362,9 @@ def test_attention_plot_without_plot_dir_in_check_is_a_note(pytester: pytest.Pyt
     assert [report.outcome for report in reports] == ["passed"] * 3
     assert any("--attention-plot ignored" in text for _, text in reports[0].sections)
     assert not (pytester.path / "plots").exists()
+
+
+def test_readme_shows_the_items_of_its_test_file() -> None:
+    """The README's ``pytest -v`` listing is the items its test file gets: one per applicable property."""
+    shown = re.findall(r"test_attention\[(\w+)\] PASSED", (REPO / "README.md").read_text())
+    assert shown == APPLICABLE
