@@ -125,19 +125,12 @@ def _options(marker: pytest.Mark, where: str) -> dict[str, Any]:
 def applicable_properties(options: dict[str, Any]) -> list[str]:
     """The names of the properties that apply to the features the ``check`` keywords declare (as
     ``check`` computes them), in registry order, restricted to ``options["properties"]`` when given."""
-    from .features import KERNEL_FEATURES, parse_returns
     from .testing import PROPERTIES
+    from .testing.check import kernel_features
     from .testing.runner import check_property_names
-    from .testing.strategies import Features
 
-    supports = tuple(options.get("supports", ()))
-    unknown = set(supports) - set(KERNEL_FEATURES)
-    if unknown:
-        raise ValueError(f"unknown supports {sorted(unknown)}; choose from {', '.join(KERNEL_FEATURES)}")
-    returns = options.get("returns")
-    returned = () if returns is None else parse_returns(tuple(returns))
-    features = Features(frozenset(supports) | {r for r in returned if r != "out"},
-                        tuple(options.get("dtypes", ("float32",))), few_shapes=bool(options.get("few_shapes", False)))
+    features = kernel_features(tuple(options.get("supports", ())), tuple(options.get("dtypes", ("float32",))),
+                               returns=options.get("returns"), few_shapes=bool(options.get("few_shapes", False)))
     selected = options.get("properties")
     check_property_names(selected)
     return [prop.name for prop in PROPERTIES

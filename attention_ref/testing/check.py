@@ -500,6 +500,17 @@ class CheckReport:
     __str__ = render
 
 
+def kernel_features(supports: Sequence[str], dtypes: Sequence[str], *, returns: Sequence[str] | None = None,
+                    few_shapes: bool = False) -> Features:
+    """The features ``check`` draws a kernel's cases within: its ``supports`` (ValueError for a name
+    not in ``KERNEL_FEATURES``), the results it declares it ``returns`` beyond out, and ``dtypes``."""
+    unknown = set(supports) - set(KERNEL_FEATURES)
+    if unknown:
+        raise ValueError(f"unknown supports {sorted(unknown)}; choose from {', '.join(KERNEL_FEATURES)}")
+    returned = () if returns is None else parse_returns(tuple(returns))
+    return Features(frozenset(supports) | {r for r in returned if r != "out"}, tuple(dtypes), few_shapes=few_shapes)
+
+
 def check(
     fn: Callable[..., Any],
     *,
@@ -549,12 +560,8 @@ def check(
     dtype for narrower inputs on purpose (verified; "convention differs")."""
     check_property_names(properties)
     check_rule_numbers(rules)
-    unknown = set(supports) - set(KERNEL_FEATURES)
-    if unknown:
-        raise ValueError(f"unknown supports {sorted(unknown)}; choose from {', '.join(KERNEL_FEATURES)}")
+    features = kernel_features(supports, dtypes, returns=returns, few_shapes=few_shapes)
     returned = () if returns is None else parse_returns(tuple(returns))
-    features = Features(frozenset(supports) | {r for r in returned if r != "out"}, tuple(dtypes),
-                        few_shapes=few_shapes)
     kernel = as_kernel(fn, framework, name)
     impl = KernelImplementation(kernel.fn, framework=framework, features=features, layout=layout,
                                 fully_masked=fully_masked, name=kernel.name, device=device, backward=backward,
