@@ -296,8 +296,8 @@ def test_classic_example_in_one_line() -> None:
     call, shown = re.search(r"```python\n.*?print\((check_layer\(mha.*?\))\).*?```\n\n```text\n(.*?)```",
                             section, flags=re.DOTALL).groups()  # type: ignore[union-attr]
     assert call == "check_layer(mha, max_examples=3, seed=0)"
-    # The README shows a fresh interpreter's run, as a reader makes it: compare with one (in this
-    # process, state left by earlier tests has been seen to change which conventions 3 examples reach).
+    # The README shows a fresh interpreter's run, as a reader makes it; this process's run, after
+    # whatever tests ran before in it, must be the same (draws depend only on the seed: testing/draws.py).
     import subprocess
 
     fresh = subprocess.run([sys.executable, "-c", "from tests.test_layer_check import _classic\n"
@@ -306,6 +306,7 @@ def test_classic_example_in_one_line() -> None:
                            cwd=pathlib.Path(__file__).resolve().parent.parent, capture_output=True, text=True,
                            check=True).stdout
     assert fresh.rstrip("\n") == shown.rstrip("\n"), "README.md's one-line check output differs from check_layer's"
+    assert text == fresh.rstrip("\n"), "check_layer's report depends on what ran before it in this process"
 
 
 class _ModelDimScale(torch.nn.MultiheadAttention):  # type: ignore[name-defined]
@@ -344,10 +345,10 @@ def test_hugging_face_eager_precision_findings() -> None:
         config = LlamaConfig(hidden_size=8, num_attention_heads=4, num_key_value_heads=2, head_dim=3,
                              attn_implementation=implementation)
         modules[implementation] = LlamaAttention(config, layer_idx=0)
-    # (layer, dtype, property, status); seed 2 reaches a fully masked row with logits below -16 in float16
+    # (layer, dtype, property, status); seed 0 reaches a fully masked row with logits below -16 in float16
     for implementation, dtype, prop, status in (
             ("eager", "float64", "layer_matches_reference", Status.FAIL),
             ("sdpa", "float64", "layer_matches_reference", Status.PASS),
             ("eager", "float16", "fully_masked_rows_follow_declared_convention", Status.FAIL)):
-        report = check_layer(modules[implementation], dtypes=(dtype,), max_examples=40, seed=2, properties=(prop,))
+        report = check_layer(modules[implementation], dtypes=(dtype,), max_examples=40, seed=0, properties=(prop,))
         assert _statuses(report)[prop] == status, f"{implementation} {dtype}:\n{report}"

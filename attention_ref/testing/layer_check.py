@@ -41,6 +41,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as Settings
 
 from .check import CheckReport
+from .draws import without_local_constants
 from .layer_properties import LAYER_PROPERTIES, LayerProperty, LayerTarget
 from .layer_subjects import SubjectOptions, layer_subject
 from .outcomes import outcome_of
@@ -76,7 +77,8 @@ def run_layer_property(prop: LayerProperty, target: LayerTarget, settings: Setti
         wrapped = settings(wrapped)
     if seed is not None:
         wrapped = hypothesis.seed(seed)(wrapped)
-    wrapped()
+    with without_local_constants():  # the same cases in every process (attention_ref.testing.draws)
+        wrapped()
 
 
 

@@ -20,6 +20,7 @@ from hypothesis import given
 from hypothesis import settings as Settings
 from hypothesis import strategies as st
 
+from .draws import without_local_constants
 from .implementation import Implementation, Subject
 from .report import EXAMPLE_ATTRIBUTE
 from .strategies import ALL_FEATURES, Features, feature_cases
@@ -156,4 +157,5 @@ def run_property(
         wrapped = settings(wrapped)
     if seed is not None:
         wrapped = hypothesis.seed(seed)(wrapped)
-    wrapped()
+    with without_local_constants():  # the same cases in every process (attention_ref.testing.draws)
+        wrapped()
