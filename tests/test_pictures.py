@@ -204,3 +204,20 @@ def test_matrix_picture(tmp_path: pathlib.Path) -> None:
         matrix_picture(rows, columns, [["pass", "maybe"], *cells[1:]], tmp_path / "bad.png")
     with pytest.raises(ValueError, match="rows of"):
         matrix_picture(rows, columns, cells[:2], tmp_path / "bad.png")
+
+
+def test_nan_cells_are_black_and_labelled_never_white() -> None:
+    """White means a weight of exactly 0: a NaN or infinite weight or difference is a black cell with its
+    value written in it, and the colour scales ignore it."""
+    from matplotlib.figure import Figure
+
+    from attention_ref.testing import pictures
+
+    values = np.array([[0.0, np.nan], [np.inf, 0.25]])
+    ax = Figure().add_subplot()
+    pictures._mark_non_finite(ax, values)
+    pictures._label_cells(ax, values, 1.0)
+    black = [p for p in ax.patches if p.get_facecolor()[:3] == (0.0, 0.0, 0.0)]
+    assert sorted((p.get_x() + 0.5, p.get_y() + 0.5) for p in black) == [(0.0, 1.0), (1.0, 0.0)]
+    assert {t.get_text() for t in ax.texts} == {"0", "NaN", "+inf", "0.25"}
+    assert pictures._finite_max(values) == 0.25

@@ -268,6 +268,21 @@ def _excluded_overlay(ax: Any, allowed: np.ndarray) -> None:
                                          linewidths=0.4 if large else 1.5))
 
 
+def _finite_max(values: np.ndarray) -> float:
+    """The largest finite value (0 when there is none)."""
+    finite = values[np.isfinite(values)]
+    return float(finite.max()) if finite.size else 0.0
+
+
+def _mark_non_finite(ax: Any, values: np.ndarray) -> None:
+    """Every NaN or infinite cell filled black (never white, which means a weight of exactly 0),
+    labelled NaN, inf or -inf where cells are labelled."""
+    from matplotlib.patches import Rectangle
+
+    for i, j in np.argwhere(~np.isfinite(values)):
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="black", edgecolor="none"))
+
+
 def _label_cells(ax: Any, values: np.ndarray, colour_limit: float) -> None:
     rows, columns = values.shape
     if max(rows, columns) > LABELLED_SIDE:
@@ -275,6 +290,10 @@ def _label_cells(ax: Any, values: np.ndarray, colour_limit: float) -> None:
     for i in range(rows):
         for j in range(columns):
             value = values[i, j]
+            if not np.isfinite(value):
+                ax.text(j, i, "NaN" if np.isnan(value) else f"{value:+}", ha="center", va="center", fontsize=7,
+                        color="white", fontweight="bold")
+                continue
             text = "0" if value == 0 else f"{value:.2f}" if abs(value) >= 0.005 else "~0"
             dark = abs(value) > 0.6 * colour_limit
             ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
@@ -322,7 +341,7 @@ def failure_picture(impl: Implementation, error: BaseException, path: str | path
         places = [grid[0, 0], grid[0, 1], grid[0, 2]]
         head_place = grid[0, 3] if heads > 1 else None
     aspect: Literal["equal", "auto"] = "equal" if not stacked and 0.25 <= rows / columns <= 4 else "auto"
-    top = max(float(data.kernel.max()), float(data.reference.max()), 1e-12)
+    top = max(_finite_max(data.kernel), _finite_max(data.reference), 1e-12)
     kind = "implied weights\n(from its out, v = identity columns)" if data.implied else "returned weights"
     scaled = "\n(times dropout keep / (1 - p))" if data.dropout_scaled else ""
     panels = [(f"kernel: {kind}{scaled}", data.kernel), (f"reference: float64 oracle weights{scaled}", data.reference)]
@@ -333,17 +352,20 @@ def failure_picture(impl: Implementation, error: BaseException, path: str | path
         image = ax.imshow(np.ma.masked_equal(values, 0.0), cmap=colours, vmin=0.0, vmax=top, aspect=aspect,
                           interpolation="nearest")
         _excluded_overlay(ax, data.allowed)
+        _mark_non_finite(ax, values)
         _label_cells(ax, values, top)
         _axes_ticks(ax, rows, columns)
-        ax.set_title(name + "\nwhite: weight exactly 0", fontsize=9)
+        ax.set_title(name + "\nwhite: weight exactly 0" + ("; black: NaN or inf" if not np.isfinite(values).all()
+                                                             else ""), fontsize=9)
         figure.colorbar(image, ax=ax, **bar_style)
     ax = figure.add_subplot(places[2])
-    limit = max(float(np.abs(data.difference).max()), 1e-12)
+    limit = max(_finite_max(np.abs(data.difference)), 1e-12)
     # Large cases: a symmetric log scale, so that small differences far from the largest still show.
     norm = (SymLogNorm(limit * 1e-3, vmin=-limit, vmax=limit) if max(rows, columns) > SMALL_SIDE
             else Normalize(-limit, limit))
     image = ax.imshow(data.difference, cmap="RdBu_r", norm=norm, aspect=aspect, interpolation="nearest")
     _excluded_overlay(ax, data.allowed)
+    _mark_non_finite(ax, data.difference)
     _label_cells(ax, data.difference, limit)
     _axes_ticks(ax, rows, columns)
     marks = []
