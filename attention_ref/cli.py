@@ -97,9 +97,9 @@ def _report_options(command: argparse.ArgumentParser) -> None:
                          help="run only this property (repeatable; default: all)")
     command.add_argument("--rules", action="append", type=_rules, default=None, metavar="N[,N...]",
                          help="run only the properties that prove one of these SPEC.md rules (repeatable)")
-    command.add_argument("--progress", nargs="?", const="lines", default="auto", choices=PROGRESS_MODES,
+    command.add_argument("--progress", default="auto", choices=PROGRESS_MODES,
                          help="auto (default): a bar on a terminal (rich), nothing otherwise; bar; lines: a line "
-                              "to stderr as each property ends (--progress alone); none")
+                              "to stderr as each property ends; none")
     command.add_argument("--json", dest="json_path", default=None, metavar="PATH",
                          help="also write the report as JSON (schema: attention_ref/testing/report_schema.json)")
     command.add_argument("--junit-xml", dest="junit_path", default=None, metavar="PATH",
@@ -118,6 +118,15 @@ def _rules(text: str) -> list[int]:
 
 def _selected_rules(args: argparse.Namespace) -> list[int] | None:
     return None if args.rules is None else [rule for group in args.rules for rule in group]
+
+
+def _require_plotting(args: argparse.Namespace) -> None:
+    """SystemExit before anything runs when ``--plot`` is asked for without matplotlib."""
+    import importlib.util
+
+    if args.plot_dir is not None and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit(f"attention-ref {args.command}: --plot needs matplotlib "
+                         "(pip install \"attention_ref[plot]\")")
 
 
 def _write_reports(args: argparse.Namespace, report: Any) -> None:
@@ -195,6 +204,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _require_plotting(args)
     if args.command == "verify":
         from .testing.progress import make_progress
         from .testing.verify import DeviceNotAvailableError, verify

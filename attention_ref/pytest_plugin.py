@@ -41,10 +41,10 @@ profile's other settings (derandomize, verbosity...) apply except those ``check`
 database, phases, health checks). ``--hypothesis-seed`` becomes ``check``'s ``seed`` (an integer; any
 other string is hashed to one) unless the marker gives ``seed``.
 
-Pictures: ``--attention-plot DIR`` (or the ini option ``attention_plot``) passes
-``plot_dir=DIR/<module>.<function>`` to ``check`` when this ``check`` accepts ``plot_dir``; the
-picture path of an outcome is shown with the failure and recorded as the JUnit property ``picture``
-(without ``plot_dir`` in ``check``, the option is ignored with a note in the item's report).
+Pictures: ``--attention-plot DIR`` (or the ini option ``attention_plot``, relative to the ini file)
+passes ``plot_dir=DIR/<module>.<item name>`` to ``check`` (the item's name holds its parameters, so
+that no two items write the same file); the picture path of an outcome is shown with the failure and
+recorded as the JUnit property ``picture``.
 
 JUnit: every item records ``attention_ref_status`` (pass, FAIL, ERROR, convention differs) among its
 properties. pytest rewrites the asserts of every module of a plugin's distribution, so in a pytest
@@ -149,6 +149,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         names = applicable_properties(options)
     except ValueError as error:
         pytest.fail(f"{where}: @pytest.mark.{MARKER}: {error}", pytrace=False)
+    if not names:
+        pytest.fail(f"{where}: @pytest.mark.{MARKER}: no property applies to the declared features"
+                    + (" among the properties named" if options.get("properties") is not None else ""),
+                    pytrace=False)
     metafunc.fixturenames.append(PARAMETER)  # a direct parameter of its own, not one of the function's
     metafunc.parametrize(PARAMETER, names, ids=names)
 
@@ -171,17 +175,20 @@ def _seed(config: pytest.Config) -> int | None:
 
 
 def _plot_dir(item: pytest.Function) -> Path | None:
-    """``DIR/<module>.<function>`` (absolute; DIR of the command line relative to the invocation
-    directory, of the ini file relative to the rootdir), None without the option."""
+    """``DIR/<module>.<item name>`` (absolute; DIR of the command line relative to the invocation
+    directory, of the ini file relative to the ini file's directory, else the rootdir), None without
+    the option. The item's name holds its parameters, so that parametrized items (and xdist workers)
+    never write the same picture."""
     config = item.config
     given = config.getoption("attention_plot", default=None)
     if given:
         base = config.invocation_params.dir / given
     elif config.getini("attention_plot"):
-        base = config.rootpath / str(config.getini("attention_plot"))
+        base = (config.inipath.parent if config.inipath is not None else config.rootpath) / str(
+            config.getini("attention_plot"))
     else:
         return None
-    return base.resolve() / re.sub(r"[^\w.-]", "_", f"{item.path.stem}.{item.originalname}")
+    return base.resolve() / re.sub(r"[^\w.-]", "_", f"{item.path.stem}.{item.name}")
 
 
 def _run(item: pytest.Function) -> PropertyOutcome:
@@ -199,11 +206,7 @@ def _run(item: pytest.Function) -> PropertyOutcome:
         options["seed"] = seed
     plot_dir = _plot_dir(item)
     if plot_dir is not None:
-        if "plot_dir" in inspect.signature(check).parameters:
-            options["plot_dir"] = str(plot_dir)
-        else:
-            item.add_report_section("setup", "attention_ref", "--attention-plot ignored: this attention_ref's "
-                                                              "check() makes no pictures (no plot_dir)")
+        options["plot_dir"] = str(plot_dir)
     wanted = [p.name for p in inspect.signature(item.obj).parameters.values()
               if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     try:

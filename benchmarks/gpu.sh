@@ -145,9 +145,9 @@ say "== phase 1: (a) and (b) side by side, ${PHASE1}s"
 CLI=("$PYTHON" -m attention_ref.cli)
 LIMIT=$((PHASE1 - 15))  # verify stops starting properties 15 s before its part's limit
 part "(a) verify --device $DEVICE, torch backend" verify-torch.txt "$PHASE1" \
-    "${CLI[@]}" verify --device "$DEVICE" --backend torch --progress --time-limit "$LIMIT" "${VERIFY_TORCH[@]}" &
+    "${CLI[@]}" verify --device "$DEVICE" --backend torch --progress lines --time-limit "$LIMIT" "${VERIFY_TORCH[@]}" &
 part "(a) verify --device $DEVICE, jax backend" verify-jax.txt "$PHASE1" \
-    "${CLI[@]}" verify --device "$DEVICE" --backend jax --progress --time-limit "$LIMIT" "${VERIFY_JAX[@]}" &
+    "${CLI[@]}" verify --device "$DEVICE" --backend jax --progress lines --time-limit "$LIMIT" "${VERIFY_JAX[@]}" &
 part "(b) crosscheck --device $DEVICE" crosscheck.txt "$PHASE1" \
     "${CLI[@]}" crosscheck --device "$DEVICE" --timeout "$LIMIT" "${CROSSCHECK[@]}" &
 wait

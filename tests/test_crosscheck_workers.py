@@ -121,6 +121,12 @@ def test_a_crashed_or_hung_worker_is_an_error_of_its_own_target() -> None:
     assert not report.passed
     row = next(line for line in report.render().splitlines() if line.startswith("matches_float64_oracle"))
     assert row.split() == ["matches_float64_oracle", "ERROR", "ERROR", "pass"]
+    jsonschema = pytest.importorskip("jsonschema")
+    from attention_ref.testing.report_files import junit_tree, schema
+
+    jsonschema.validate(report.document(), schema())  # the dead workers' stderr included
+    errors = [case.find("error") for case in junit_tree(report.document()).getroot().iter("testcase")]
+    assert sum(error is not None for error in errors) == 4  # two properties of each broken target
 
 
 def test_a_dead_worker_keeps_the_outcomes_it_wrote() -> None:

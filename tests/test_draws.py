@@ -56,3 +56,49 @@ def test_draws_do_not_depend_on_imported_local_modules(tmp_path: Path) -> None:
     without, with_constants = record("without"), record("with")
     assert without == with_constants
     assert len(without) > 100  # cases were recorded
+
+
+#: ``check`` of a NumPy kernel defined in a local module, recording the shapes it is called with.
+CHECK_RECORD = textwrap.dedent("""
+    import json, sys
+    kernel_module, other = sys.argv[1], sys.argv[2]
+    if other == "with":
+        import many_constants  # noqa: F401 (another local module)
+    import importlib
+    from attention_ref.testing import check
+    module = importlib.import_module(kernel_module)
+    check(module.attention, framework="numpy", supports=("causal",), max_examples=150, seed=0,
+          properties=("matches_float64_oracle",))
+    print(json.dumps(module.SEEN))
+""")
+
+KERNEL = textwrap.dedent("""
+    import attention_ref as ar
+    SEEN = []
+    {constants}
+
+    def attention(q, k, v, causal=False):
+        SEEN.append([q.shape, k.shape, causal, float(q.sum())])
+        return ar.attention(q, k, v, backend="numpy", causal=causal)
+""")
+
+
+def test_the_kernels_own_constants_are_drawn_and_no_other_modules(tmp_path: Path) -> None:
+    """Hypothesis' local constants are kept for the kernel's own module (its tile sizes are good edge
+    values): its literals change the draws, another module's do not."""
+    (tmp_path / "many_constants.py").write_text(CONSTANTS + "\n")
+    (tmp_path / "record.py").write_text(CHECK_RECORD)
+    (tmp_path / "plain_kernel.py").write_text(KERNEL.format(constants=""))
+    (tmp_path / "tiled_kernel.py").write_text(KERNEL.format(constants=CONSTANTS))
+
+    def record(kernel: str, other: str) -> str:
+        run = subprocess.run([sys.executable, "record.py", kernel, other], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    plain = record("plain_kernel", "without")
+    assert record("plain_kernel", "with") == plain
+    tiled = record("tiled_kernel", "without")
+    assert tiled != plain
+    assert record("tiled_kernel", "with") == tiled

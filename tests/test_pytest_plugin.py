@@ -18,9 +18,7 @@ import textwrap
 import time
 import venv
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -168,6 +166,8 @@ def test_user_suite_installed_with_pip(tmp_path: Path) -> None:
     failing = json.loads(reference.stdout)
     assert BUGS_BY_NAME["causal_one_key_too_many"].catches in failing
     assert found == {f"test_attention[{name}]": "failure" if name in failing else "passed" for name in APPLICABLE}
+    distributed_bug, output = _user_pytest(python, buggy, "--hypothesis-seed=1", "-n", "2")
+    assert distributed_bug == found, output  # the same draws in every xdist worker (testing/draws.py)
     for name in failing:
         section = output.split(f"test_attention[{name}] _")[1].split("\n_")[0]
         assert f"{name}: FAIL" in section and "case: AttentionCase(" in section, section
@@ -244,6 +244,15 @@ def test_unknown_marker_option_is_a_collection_error(pytester: pytest.Pytester) 
     result.stdout.fnmatch_lines(["*attention_kernel got unknown options [[]'tile'[]]*"])
 
 
+def test_no_applicable_property_is_a_collection_error(pytester: pytest.Pytester) -> None:
+    """Naming only properties the declared features cannot run would collect nothing: an error, not a
+    silently empty test."""
+    _user_file(pytester, 0, 'framework="numpy", supports=["causal"], properties=["softcap_bounds_weight_ratios"]')
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*no property applies to the declared features among the properties named*"])
+
+
 SPY = '''
 import functools
 import json
@@ -306,7 +315,7 @@ def test_picture_path_is_shown(pytester: pytest.Pytester) -> None:
     assert failure.when == "call"
     [line] = [line for line in failure.longreprtext.splitlines() if line.startswith("picture: ")]
     picture = Path(line.removeprefix("picture: "))
-    assert picture.is_relative_to(pytester.path / "plots" / "test_attention.test_attention")
+    assert picture.is_relative_to(pytester.path / "plots" / "test_attention.test_attention_causal_ignores_future_keys_")
     assert picture.read_bytes().startswith(b"\x89PNG")
     assert ("picture", str(picture)) in failure.user_properties
 
@@ -339,29 +348,6 @@ def test_convention_differs_passes_with_its_evidence(pytester: pytest.Pytester) 
     assert ("attention_ref_status", "convention differs") in call.user_properties
     [(title, section)] = [(title, text) for title, text in call.sections if "attention_ref" in title]
     assert "fully_excluded_rows_are_zero: convention differs" in section and "out is NaN" in section
-
-
-def test_attention_plot_without_plot_dir_in_check_is_a_note(pytester: pytest.Pytester,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a check() that makes no pictures (no plot_dir keyword), --attention-plot is ignored with a
-    note, and the item runs as without it."""
-    import attention_ref.testing
-
-    real = attention_ref.testing.check
-
-    def check(fn: Any, *, framework: str, supports: Sequence[str] = (), max_examples: int = 100,
-              seed: int | None = None, properties: Sequence[str] | None = None) -> Any:
-        return real(fn, framework=framework, supports=supports, max_examples=max_examples, seed=seed,
-                    properties=properties)
-
-    monkeypatch.setattr(attention_ref.testing, "check", check)
-    _user_file(pytester, 0, 'framework="numpy", supports=["causal"], max_examples=5, '
-                            'properties=["causal_ignores_future_keys"]')
-    recorder = pytester.inline_run("-p", "no:cacheprovider", "--attention-plot", "plots")
-    reports = recorder.getreports("pytest_runtest_logreport")
-    assert [report.outcome for report in reports] == ["passed"] * 3
-    assert any("--attention-plot ignored" in text for _, text in reports[0].sections)
-    assert not (pytester.path / "plots").exists()
 
 
 def test_readme_shows_the_items_of_its_test_file() -> None:

@@ -86,6 +86,7 @@ def test_an_error_is_a_junit_error_not_a_failure(tmp_path: Path) -> None:
     report = check(_raising_kernel, framework="numpy", properties=("matches_float64_oracle",), max_examples=3,
                    seed=0)
     assert report.outcomes[0].status == Status.ERROR
+    jsonschema.validate(report.document(), schema())
     root = junit_tree(report.document()).getroot()
     case = next(c for c in root.iter("testcase") if c.get("name") == "matches_float64_oracle")
     assert case.find("error") is not None and case.find("failure") is None
@@ -202,3 +203,42 @@ def test_progress_bar_counts_properties_and_examples() -> None:
 def test_status_names_cover_every_status() -> None:
     assert set(STATUS_NAMES) == set(Status)
     assert set(STATUS_NAMES.values()) == set(schema()["$defs"]["counts"]["required"])
+
+
+def test_a_worker_that_dies_is_an_error_of_its_property_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A kernel that kills its process on causal inputs: with workers, the property that always passes
+    causal is an ERROR; the two that never do, which were running or waiting beside it, pass."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dies.py").write_text(
+        "import os\n"
+        "import attention_ref as ar\n"
+        "def attention(q, k, v, causal=False):\n"
+        "    if causal:\n"
+        "        os._exit(3)\n"
+        "    return ar.attention(q, k, v, backend='numpy')\n")
+    chosen = ("key_permutation_invariance", "query_permutation_equivariance", "causal_ignores_future_keys")
+    status = main(["check", "dies:attention", "--framework", "numpy", "--supports", "causal", "--max-examples", "5",
+                   "--seed", "0", "--workers", "2", "--progress", "none", "--json", "dies.json",
+                   *(f"--property={name}" for name in chosen)])
+    assert status == 1
+    document = json.loads((tmp_path / "dies.json").read_text())
+    jsonschema.validate(document, schema())
+    statuses = {o["name"]: o["status"] for o in document["suites"][0]["properties"] if o["name"] in chosen}
+    assert statuses == {"key_permutation_invariance": "pass", "query_permutation_equivariance": "pass",
+                        "causal_ignores_future_keys": "error"}
+    assert "died" in capsys.readouterr().out
+
+
+def test_junit_escapes_what_xml_forbids() -> None:
+    """A worker's stderr or a kernel's message may hold control characters (terminal colours, NUL)."""
+    from attention_ref.testing.report import PropertyOutcome
+    from attention_ref.testing.report_files import Suite
+
+    detail = "RuntimeError: \x1b[31mred\x1b[0m and a NUL \x00\nsecond line"
+    outcome = PropertyOutcome("matches_float64_oracle", (10,), Status.ERROR, detail)
+    document = report_document("check", [Suite("k\x07", [outcome], description="d\x01")], seed=None,
+                               max_examples=1, seconds=0.0)
+    text = ElementTree.tostring(junit_tree(document).getroot(), encoding="unicode")
+    error = ElementTree.fromstring(text).find("testsuite/testcase/error")  # parses
+    assert error is not None and "\\x1b[31mred" in (error.text or "") and "\\x00" in (error.text or "")

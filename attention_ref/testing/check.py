@@ -48,6 +48,7 @@ from __future__ import annotations
 import functools
 import re
 import textwrap
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ from ..registry import get_backend
 from ..result import AttentionOutput, Gradients
 from ..tolerance import UNIT_ROUNDOFF, value_size
 from .cases import AttentionCase
+from .draws import defining_modules
 from .outcomes import outcome_of
 from .progress import Progress, as_progress
 from .report import PropertyOutcome, Status, failure_sections, render_table, rules_text, summary_line
@@ -442,6 +444,9 @@ class CheckReport:
     name: str = ""
     seed: int | None = None
     max_examples: int | None = None
+    #: Where the inputs were placed (None: the framework's default device) and the run's wall time.
+    device: str | None = None
+    seconds: float = 0.0
 
     def suites(self) -> list[Suite]:
         """The report as one suite (``report_files``)."""
@@ -453,8 +458,7 @@ class CheckReport:
         from .report_files import report_document
 
         return report_document("check", self.suites(), seed=self.seed, max_examples=self.max_examples,
-                               seconds=sum(o.seconds for o in self.outcomes), dtypes=self.dtypes,
-                               summary=self.summary())
+                               seconds=self.seconds, device=self.device, dtypes=self.dtypes, summary=self.summary())
 
     @property
     def passed(self) -> bool:
@@ -584,8 +588,10 @@ def check(
     report = CheckReport(f"{impl.name} ({framework}, {layout}, {', '.join(declared)}, "
                          f"dtypes: {', '.join(dtypes)}, fully masked rows: {fully_masked}, "
                          f"{max_examples} examples, seed {seed})", dtypes=tuple(dtypes), name=impl.name, seed=seed,
-                         max_examples=max_examples)
+                         max_examples=max_examples, device=device)
+    began = time.perf_counter()
     shown = as_progress(progress)
+    kernel_modules = defining_modules(fn, kernel.fn, backward)  # their literals are drawn (testing/draws.py)
     shown.plan(sum(selects(p.name, p.rules, properties, rules) and p.applies_to(features) for p in PROPERTIES))
     for prop in PROPERTIES:
         if (fail_fast and not report.passed) or not selects(prop.name, prop.rules, properties, rules):
@@ -597,9 +603,10 @@ def check(
         report.outcomes.append(outcome_of(
             prop.name, prop.rules,
             functools.partial(run_property, prop, impl, run_settings, seed=seed, features=features, calibrated=True,
-                              on_example=shown.example),
+                              on_example=shown.example, local_modules=kernel_modules),
             target=impl.name, progress=shown, observed=impl.observed,
             picture=None if plot_dir is None else failure_picture_maker(impl, plot_dir, prop.name)))
+    report.seconds = time.perf_counter() - began
     return report
 
 

@@ -7,7 +7,8 @@ its ``MODULE:NAME`` (and the backward, when given), with the parent's current di
 (same seed, settings, features and dtypes: the draws of one property do not depend on another), so
 the report is the same whatever N; only the order in which properties finish differs. The parent
 builds the report's header with a check that runs nothing, then puts each property's outcome in
-its place. A worker that dies makes its property an ERROR, never a FAIL.
+its place. When a worker dies, the properties it was running or had not started run again, each
+alone in a fresh process: only one that kills its process again is an ERROR (never a FAIL).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from .check import CheckReport, check
+from .check import CheckReport, check, kernel_features
 from .progress import Progress, as_progress
 from .report import PropertyOutcome, Status
 from .runner import PROPERTIES, check_property_names, check_rule_numbers, selects
@@ -54,6 +57,7 @@ def check_in_workers(target: str, *, workers: int, backward: str | None = None,
     check_property_names(properties)
     check_rule_numbers(rules)
     options.setdefault("name", target)
+    began = time.perf_counter()
     with current_directory_on_path():
         kernel = load_target(target)
         backward_fn = None if backward is None else load_target(backward)
@@ -62,25 +66,56 @@ def check_in_workers(target: str, *, workers: int, backward: str | None = None,
                          **options)
         report = check(kernel, backward=backward_fn, properties=(), **options)  # the header, nothing run
     shown = as_progress(progress)
-    chosen = [p.name for p in PROPERTIES if selects(p.name, p.rules, properties, rules)]
-    shown.plan(len(chosen))
+    features = kernel_features(options.get("supports", ()), options.get("dtypes", ("float32",)),
+                               returns=options.get("returns"), few_shapes=options.get("few_shapes", False))
     outcomes = {outcome.name: outcome for outcome in report.outcomes}
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(workers, max(1, len(chosen))), mp_context=context, initializer=_load,
+    chosen = []
+    for prop in PROPERTIES:
+        if selects(prop.name, prop.rules, properties, rules):
+            if prop.applies_to(features):
+                chosen.append(prop.name)
+            else:
+                outcomes[prop.name] = PropertyOutcome(prop.name, prop.rules, Status.NOT_APPLICABLE)
+    shown.plan(len(chosen))
+
+    def finished(name: str, outcome: PropertyOutcome) -> None:
+        outcomes[name] = outcome
+        shown.end(report.name, outcome, outcome.seconds)
+
+    pool_options: dict[str, Any] = dict(target=target, backward=backward, options=options)
+    for name in _run_pool(chosen, min(workers, max(1, len(chosen))), finished, **pool_options):
+        # a worker died while these were running or pending: each again, alone in a fresh process
+        if _run_pool([name], 1, finished, **pool_options):
+            rules_of = next(p.rules for p in PROPERTIES if p.name == name)
+            finished(name, PropertyOutcome(name, rules_of, Status.ERROR,
+                                           "the check's worker process died while checking this property "
+                                           "(it died again when the property ran alone in a fresh process)"))
+    report.outcomes = [outcomes[outcome.name] for outcome in report.outcomes]
+    report.seconds = time.perf_counter() - began
+    sys.stdout.flush()
+    return report
+
+
+def _run_pool(names: Sequence[str], workers: int, finished: Callable[[str, PropertyOutcome], None], *,
+              target: str, backward: str | None, options: dict[str, Any]) -> list[str]:
+    """Run the properties ``names`` on ``workers`` spawned processes, giving each outcome to
+    ``finished``; the names whose process died (the pool broke while they ran or waited)."""
+    broken: list[str] = []
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_load,
                              initargs=(target, backward, os.getcwd())) as pool:
-        running: dict[Future[PropertyOutcome], str] = {pool.submit(_run_one, name, options): name for name in chosen}
+        running: dict[Future[PropertyOutcome], str] = {pool.submit(_run_one, name, options): name for name in names}
         while running:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 name = running.pop(future)
-                prop = next(p for p in PROPERTIES if p.name == name)
                 try:
                     outcome = future.result()
-                except Exception as error:  # the worker broke or died: the checker's failure, an ERROR
-                    outcome = PropertyOutcome(name, prop.rules, Status.ERROR,
+                except BrokenProcessPool:
+                    broken.append(name)
+                    continue
+                except Exception as error:  # the worker could not run it: the checker's failure, an ERROR
+                    rules = next(p.rules for p in PROPERTIES if p.name == name)
+                    outcome = PropertyOutcome(name, rules, Status.ERROR,
                                               f"the check's worker process failed: {type(error).__name__}: {error}")
-                outcomes[name] = outcome
-                shown.end(report.name, outcome, outcome.seconds)
-    report.outcomes = [outcomes[outcome.name] for outcome in report.outcomes]
-    sys.stdout.flush()
-    return report
+                finished(name, outcome)
+    return [name for name in names if name in broken]

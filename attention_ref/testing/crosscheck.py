@@ -258,11 +258,14 @@ def crosscheck(
         report.results.append((target, *result))
     report.seconds = time.perf_counter() - began
     if plot_dir is not None:
-        from .pictures import matrix_picture
-
         for kind, rows, columns, cells in report.matrices():
-            matrix_picture(rows, columns, cells, Path(plot_dir) / f"crosscheck-{kind}.png",
-                           title=f"crosscheck on {device}: framework {kind} against SPEC.md")
+            try:
+                from .pictures import matrix_picture
+
+                matrix_picture(rows, columns, cells, Path(plot_dir) / f"crosscheck-{kind}.png",
+                               title=f"crosscheck on {device}: framework {kind} against SPEC.md")
+            except Exception as error:  # the report stands; only its picture is missing
+                shown.note(f"the {kind} matrix's picture was not made ({type(error).__name__}: {error})")
     return report
 
 
@@ -424,15 +427,12 @@ class _Pool:
         limit = self.timeout
         if limit is None:
             limit = DEFAULT_TIMEOUT * len(dtypes) * max(1.0, self.max_examples / 10)
-        seen = 0
+        reader = _RecordReader(path)
 
         def report_progress() -> None:  # the properties the worker finished since the last look
-            nonlocal seen
-            records = _read_records(path)
-            for record in records[seen:]:
+            for record in reader.new():
                 if record[0] == "outcome" and record[1].status.counted:
                     self.progress.end(target.name, record[1], record[2])
-            seen = len(records)
 
         died = worker.ask(request, limit, on_wait=report_progress)
         report_progress()
@@ -475,6 +475,28 @@ def _shared_environment(directory: str, device: str) -> dict[str, str]:
     if device != "cpu":
         shared["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     return shared
+
+
+class _RecordReader:
+    """The records a worker appends to ``path``, read as they come: each call of ``new`` unpickles
+    only what was written since the last (up to the first incomplete record)."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.offset = path, 0
+
+    def new(self) -> list[tuple[Any, ...]]:
+        records: list[tuple[Any, ...]] = []
+        try:
+            with open(self.path, "rb") as file:
+                file.seek(self.offset)
+                while True:
+                    try:
+                        records.append(pickle.load(file))
+                    except (EOFError, pickle.UnpicklingError, AttributeError, ValueError):
+                        return records
+                    self.offset = file.tell()
+        except FileNotFoundError:
+            return records
 
 
 def _read_records(path: str) -> list[tuple[Any, ...]]:

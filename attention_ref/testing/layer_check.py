@@ -33,7 +33,9 @@ property needs); not run.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import Any
 
 import hypothesis
@@ -41,7 +43,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as Settings
 
 from .check import CheckReport
-from .draws import without_local_constants
+from .draws import defining_modules, pinned_local_constants
 from .layer_properties import LAYER_PROPERTIES, LayerProperty, LayerTarget
 from .layer_subjects import SubjectOptions, layer_subject
 from .outcomes import outcome_of
@@ -59,9 +61,11 @@ def check_layer_property_names(names: Sequence[str] | None) -> None:
 
 
 def run_layer_property(prop: LayerProperty, target: LayerTarget, settings: Settings | None = None,
-                       seed: int | None = None, on_example: Callable[[], None] | None = None) -> None:
+                       seed: int | None = None, on_example: Callable[[], None] | None = None,
+                       local_modules: Sequence[ModuleType] = ()) -> None:
     """Run one layer property with Hypothesis (``settings``, else the current profile);
-    ``on_example`` is called after each example (for progress)."""
+    ``on_example`` is called after each example (for progress); of Hypothesis' local constants only
+    those of ``local_modules`` (the layer's) are drawn (``attention_ref.testing.draws``)."""
     strategy = prop.strategy(target)
     if strategy is None:
         raise ValueError(f"{prop.name} does not apply to {target.subject.name}")
@@ -77,7 +81,7 @@ def run_layer_property(prop: LayerProperty, target: LayerTarget, settings: Setti
         wrapped = settings(wrapped)
     if seed is not None:
         wrapped = hypothesis.seed(seed)(wrapped)
-    with without_local_constants():  # the same cases in every process (attention_ref.testing.draws)
+    with pinned_local_constants(local_modules):  # the same cases in every process (testing/draws.py)
         wrapped()
 
 
@@ -125,6 +129,8 @@ def check_layer(
     report = CheckReport(f"{subject.name} ({subject.framework}, {subject.describe()}, dtypes: {', '.join(dtypes)}, "
                          f"{max_examples} examples, seed {seed})", dtypes=tuple(dtypes),
                          name=subject.name, seed=seed, max_examples=max_examples)
+    began = time.perf_counter()
+    layer_modules = defining_modules(layer)  # their literals are drawn (testing/draws.py)
     shown.plan(sum(selects(p.name, p.rules, properties, rules) and p.applies_to(target) for p in LAYER_PROPERTIES))
     for prop in LAYER_PROPERTIES:
         if (fail_fast and not report.passed) or not selects(prop.name, prop.rules, properties, rules):
@@ -135,6 +141,8 @@ def check_layer(
             continue
         report.outcomes.append(outcome_of(
             prop.name, prop.rules,
-            functools.partial(run_layer_property, prop, target, run_settings, seed, on_example=shown.example),
+            functools.partial(run_layer_property, prop, target, run_settings, seed, on_example=shown.example,
+                              local_modules=layer_modules),
             target=subject.name, progress=shown, observed=target.observed))
+    report.seconds = time.perf_counter() - began
     return report

@@ -12,7 +12,8 @@ agree:
 * FAIL is a ``<failure>``, ERROR an ``<error>`` (the checker could not run the property: never a
   failure of the kernel), n/a and not run are ``<skipped>``; "convention differs" passes, with its
   evidence in ``<system-out>``;
-* the message is the detail's first line and the text the whole detail.
+* the message is the detail's first line and the text the whole detail; characters XML 1.0 forbids
+  (a worker's stderr may hold control characters) are written as ``\\xNN`` escapes.
 
 JSON has no infinities or NaN: a non-finite number (a bias of -inf, an lse of -inf, a NaN output)
 is written as the string ``"inf"``, ``"-inf"`` or ``"nan"``.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -125,6 +127,16 @@ def write_json(path: str | Path, document: dict[str, Any]) -> Path:
     return path
 
 
+#: The characters XML 1.0 forbids (control characters other than tab, newline and carriage return,
+#: surrogates, U+FFFE and U+FFFF): a worker's stderr or a kernel's message may hold them.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _xml(text: str) -> str:
+    """``text`` with every character XML 1.0 forbids written as ``\\xNN`` (``\\uNNNN``)."""
+    return _NOT_XML.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def junit_tree(document: dict[str, Any]) -> ElementTree.ElementTree:
     """The JUnit XML of ``document`` (the module docstring says how each status maps)."""
     root = ElementTree.Element("testsuites", name=f"attention-ref {document['command']}")
@@ -135,26 +147,27 @@ def junit_tree(document: dict[str, Any]) -> ElementTree.ElementTree:
                    "skipped": counts["not_applicable"] + counts["not_run"]}
         for key, value in numbers.items():
             totals[key] += value
-        element = ElementTree.SubElement(root, "testsuite", attrib={
-            "name": suite["name"], "time": f"{suite['seconds']:.3f}", **{key: str(n) for key, n in numbers.items()}})
+        attributes = {"name": _xml(suite["name"]), "time": f"{suite['seconds']:.3f}"}
+        element = ElementTree.SubElement(root, "testsuite",
+                                         attrib={**attributes, **{key: str(n) for key, n in numbers.items()}})
         if suite["description"]:
             properties = ElementTree.SubElement(element, "properties")
-            ElementTree.SubElement(properties, "property", name="description", value=suite["description"])
-        classname = f"attention_ref.{document['command']}.{suite['name']}"
+            ElementTree.SubElement(properties, "property", name="description", value=_xml(suite["description"]))
+        classname = _xml(f"attention_ref.{document['command']}.{suite['name']}")
         for outcome in suite["properties"]:
             case = ElementTree.SubElement(element, "testcase", classname=classname, name=outcome["name"],
                                           time=f"{outcome['seconds']:.3f}")
             status, detail = outcome["status"], outcome["detail"]
-            message = detail.splitlines()[0] if detail else status
+            message = _xml(detail.splitlines()[0] if detail else status)
             if status in ("fail", "error"):
                 kind = "failure" if status == "fail" else "error"
                 text = detail + (f"\npicture: {outcome['picture']}" if outcome["picture"] else "")
-                ElementTree.SubElement(case, kind, message=message, type=status.upper()).text = text
+                ElementTree.SubElement(case, kind, message=message, type=status.upper()).text = _xml(text)
             elif status in ("not_applicable", "not_run"):
                 reason = "n/a: a feature it needs is not declared" if status == "not_applicable" else "not run"
                 ElementTree.SubElement(case, "skipped", message=reason)
             elif status == "convention_differs":
-                ElementTree.SubElement(case, "system-out").text = "convention differs:\n" + detail
+                ElementTree.SubElement(case, "system-out").text = _xml("convention differs:\n" + detail)
     for key, value in totals.items():
         root.set(key, str(value))
     root.set("time", f"{document['seconds']:.3f}")

@@ -11,8 +11,9 @@ check as a :class:`~attention_ref.testing.implementation.Subject`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import hypothesis
@@ -20,7 +21,7 @@ from hypothesis import given
 from hypothesis import settings as Settings
 from hypothesis import strategies as st
 
-from .draws import without_local_constants
+from .draws import pinned_local_constants
 from .implementation import Implementation, Subject
 from .report import EXAMPLE_ATTRIBUTE
 from .strategies import ALL_FEATURES, Features, feature_cases
@@ -126,11 +127,14 @@ def run_property(
     features: Features = ALL_FEATURES,
     calibrated: bool = False,
     on_example: Callable[[], None] | None = None,
+    local_modules: Sequence[ModuleType] = (),
 ) -> None:
     """Run one property against ``impl`` with Hypothesis (current profile unless ``settings``;
     ``seed`` fixes Hypothesis' random choices), drawing only cases within ``features``; with
     ``calibrated``, ``impl`` is held to the calibrated tolerance rule (other people's kernels).
-    ``on_example`` is called after each example (for progress)."""
+    ``on_example`` is called after each example (for progress). Of the constants Hypothesis
+    collects from local modules, only those of ``local_modules`` (the kernel's) are drawn, so that the
+    cases do not depend on what else the process imported (``attention_ref.testing.draws``)."""
     if not prop.applies_to(features):
         raise ValueError(f"{prop.name} does not apply to an implementation supporting {sorted(features.supports)}")
     subject = Subject(impl, features, calibrated)
@@ -157,5 +161,5 @@ def run_property(
         wrapped = settings(wrapped)
     if seed is not None:
         wrapped = hypothesis.seed(seed)(wrapped)
-    with without_local_constants():  # the same cases in every process (attention_ref.testing.draws)
+    with pinned_local_constants(local_modules):  # the same cases in every process
         wrapped()
