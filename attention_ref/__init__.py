@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar, Unpack, overload
 
-from . import layers
+from . import layers, varlen
 from .backends.base import Backend
 from .dropout import dropout_mask
 from .layers.params import MHAParams
@@ -41,6 +41,9 @@ __all__ = [
     "multi_head_attention",
     "multi_head_attention_vjp",
     "register_backend",
+    "varlen",
+    "varlen_attention",
+    "varlen_attention_vjp",
 ]
 
 #: The package version (pyproject.toml reads it from here).
@@ -131,6 +134,66 @@ def attention_vjp(
                                softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask)
     return _resolve(backend, q).attention_vjp_with(q, k, v, d_out, options, compute_dtype=compute_dtype,
                                                    block_q=block_q, block_k=block_k, dense=dense)
+
+
+def varlen_attention(
+    q: ArrayT,
+    k: ArrayT,
+    v: ArrayT,
+    cu_seqlens_q: Any,
+    cu_seqlens_k: Any,
+    *,
+    backend: str | Backend | None = None,
+    seqused_k: Any = None,
+    scale: float | None = None,
+    causal: bool = False,
+    alignment: str = "top_left",
+    softcap: float | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    return_lse: bool = False,
+    compute_dtype: Any = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    dense: bool = False,
+) -> Any:
+    """Packed variable-length attention (SPEC.md rule 20) on ``backend`` (as for ``attention``): q
+    ``(total_q, Hq, E)``, k ``(total_k, Hkv, E)``, v ``(total_k, Hkv, Ev)``, ``cu_seqlens_q`` and
+    ``cu_seqlens_k`` ``(B + 1,)`` (FlashAttention's layout; ``attention_ref.varlen`` converts
+    padded batches and segment ids). Each segment is its own attention, causal and the window aligned
+    within it. Returns out ``(total_q, Hq, Ev)``, or ``AttentionOutput(out, None, lse)`` with lse
+    ``(Hq, total_q)``; see ``Backend.varlen_attention``."""
+    return _resolve(backend, q).varlen_attention(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k=seqused_k, scale=scale, causal=causal, alignment=alignment,
+        softcap=softcap, window=window, return_lse=return_lse, compute_dtype=compute_dtype, block_q=block_q,
+        block_k=block_k, dense=dense)
+
+
+def varlen_attention_vjp(
+    q: ArrayT,
+    k: ArrayT,
+    v: ArrayT,
+    cu_seqlens_q: Any,
+    cu_seqlens_k: Any,
+    d_out: ArrayT,
+    *,
+    backend: str | Backend | None = None,
+    seqused_k: Any = None,
+    scale: float | None = None,
+    causal: bool = False,
+    alignment: str = "top_left",
+    softcap: float | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    compute_dtype: Any = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    dense: bool = False,
+) -> Gradients:
+    """The gradients of ``varlen_attention`` (SPEC.md rule 20): ``Gradients(dq, dk, dv, None)`` in the
+    packed layout of ``sum(varlen_attention(...) * d_out)``."""
+    return _resolve(backend, q).varlen_attention_vjp(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, d_out, seqused_k=seqused_k, scale=scale, causal=causal,
+        alignment=alignment, softcap=softcap, window=window, compute_dtype=compute_dtype, block_q=block_q,
+        block_k=block_k, dense=dense)
 
 
 def multi_head_attention(

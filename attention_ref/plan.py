@@ -19,6 +19,22 @@ COMPUTE_DTYPES = ("float32", "float64")
 ALIGNMENTS = ("top_left", "bottom_right")
 
 
+def key_range(q_len: int, kv_len: int, *, causal: bool, alignment: str,
+              window: tuple[int | None, int | None] | None) -> tuple[int | None, int | None]:
+    """``(low, high)`` of rule 7 for ``q_len`` queries and ``kv_len`` keys: query i may attend key j
+    only if ``i + low <= j <= i + high`` (causal and window combined at the alignment's offset, 0 for
+    top_left and ``kv_len - q_len`` for bottom_right; None for an unbounded side)."""
+    offset = 0 if alignment == "top_left" else kv_len - q_len
+    left, right = (None, None) if window is None else window
+    low = None if left is None else offset - left
+    rights = [r for r in (right, 0 if causal else None) if r is not None]
+    high = offset + min(rights) if rights else None
+    # j - i lies in [-L, S]: clamping there changes nothing and keeps the bounds small integers.
+    low = None if low is None else max(low, -q_len)
+    high = None if high is None else min(high, kv_len)
+    return low, high
+
+
 @dataclass(frozen=True, kw_only=True, eq=False)
 class AttentionOptions:
     """The attention keywords of SPEC.md, as one frozen value: what the front door validates, what an
@@ -161,14 +177,8 @@ class AttentionPlan:
     def key_range(self) -> tuple[int | None, int | None]:
         """``(low, high)``: query i may attend key j only if ``i + low <= j <= i + high`` (rule 7,
         causal and window combined; None for an unbounded side)."""
-        offset = self.causal_offset
-        low = None if self.window_left is None else offset - self.window_left
-        rights = [r for r in (self.window_right, 0 if self.causal else None) if r is not None]
-        high = offset + min(rights) if rights else None
-        # j - i lies in [-L, S]: clamping there changes nothing and keeps the bounds small integers.
-        low = None if low is None else max(low, -self.q_len)
-        high = None if high is None else min(high, self.kv_len)
-        return low, high
+        return key_range(self.q_len, self.kv_len, causal=self.causal, alignment=self.alignment,
+                         window=(self.window_left, self.window_right))
 
     @property
     def dropout_scale(self) -> float:

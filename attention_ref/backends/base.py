@@ -18,6 +18,7 @@ from ..layers.validation import validate_layer_args, validate_layer_vjp_args
 from ..plan import DEFAULT_OPTIONS, AttentionKeywords, AttentionOptions, AttentionPlan
 from ..result import AttentionOutput, Gradients, LayerGradients
 from ..validation import DEFAULT_BLOCKS, validate_attention_args, validate_vjp_args
+from ..varlen import packed_problem
 
 ArrayT = TypeVar("ArrayT")
 
@@ -178,6 +179,48 @@ class Backend(abc.ABC):
         d_query, d_key, d_value, d_params, dbias = self._multi_head_attention_vjp(
             plan, query, key, value, params, options.mask, key_padding_mask, options.bias, options.dropout_mask, d_out)
         return LayerGradients(d_query, d_key, d_value, d_params, dbias if options.bias is not None else None)
+
+    def varlen_attention(
+        self, q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, *, seqused_k: Any = None,
+        scale: float | None = None, causal: bool = False, alignment: str = "top_left", softcap: float | None = None,
+        window: tuple[int | None, int | None] | None = None, return_lse: bool = False, compute_dtype: Any = None,
+        block_q: int | None = None, block_k: int | None = None, dense: bool = False,
+    ) -> Any:
+        """Packed variable-length attention (SPEC.md rule 20), FlashAttention's layout: q
+        ``(total_q, Hq, E)``, k ``(total_k, Hkv, E)``, v ``(total_k, Hkv, Ev)``, segment b the tokens
+        ``cu_seqlens[b]:cu_seqlens[b + 1]`` of each (``(B + 1,)`` integers, concrete), each segment an
+        independent attention with causal and the window aligned within it (``seqused_k``: only its
+        first keys). Returns out ``(total_q, Hq, Ev)``, or ``AttentionOutput(out, None, lse)`` with
+        lse ``(Hq, total_q)``; tokens in no segment get out 0 and lse -inf."""
+        mask = packed_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, self.to_numpy, causal=causal,
+                              alignment=alignment, window=window)
+        result: Any = self.attention(q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1),
+                                     mask=self.asarray_like(mask, q), scale=scale, softcap=softcap,
+                                     return_lse=return_lse, compute_dtype=compute_dtype, block_q=block_q,
+                                     block_k=block_k, dense=dense)
+        if not return_lse:
+            return result.swapaxes(0, 1)
+        return AttentionOutput(result.out.swapaxes(0, 1), None, result.lse)
+
+    def varlen_attention_vjp(
+        self, q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, d_out: Any, *, seqused_k: Any = None,
+        scale: float | None = None, causal: bool = False, alignment: str = "top_left", softcap: float | None = None,
+        window: tuple[int | None, int | None] | None = None, compute_dtype: Any = None, block_q: int | None = None,
+        block_k: int | None = None, dense: bool = False,
+    ) -> Gradients:
+        """The gradients of ``sum(varlen_attention(...) * d_out)`` (d_out ``(total_q, Hq, Ev)``):
+        ``Gradients(dq, dk, dv, None)`` in the packed layout; tokens in no segment, and keys beyond
+        ``seqused_k``, get exactly zero."""
+        mask = packed_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, self.to_numpy, causal=causal,
+                              alignment=alignment, window=window)
+        grads = self.attention_vjp(q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1), d_out.swapaxes(0, 1),
+                                   mask=self.asarray_like(mask, q), scale=scale, softcap=softcap,
+                                   compute_dtype=compute_dtype, block_q=block_q, block_k=block_k, dense=dense)
+        return Gradients(grads.dq.swapaxes(0, 1), grads.dk.swapaxes(0, 1), grads.dv.swapaxes(0, 1), None)
+
+    def asarray_like(self, x: np.ndarray, like: Any) -> Any:
+        """The NumPy array as an array of this framework where ``like`` is (its device)."""
+        return self.asarray(x)
 
     @abc.abstractmethod
     def _attention(

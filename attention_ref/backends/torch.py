@@ -311,6 +311,10 @@ class TorchBackend(Backend):
             return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(x)
 
+    def asarray_like(self, x: np.ndarray, like: Any) -> Any:
+        """The NumPy array as a tensor on ``like``'s device."""
+        return self.asarray(x).to(like.device)
+
     def to_numpy(self, x: torch.Tensor) -> np.ndarray:
         x = x.detach().cpu()
         if x.dtype == torch.bfloat16:
