@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar, Unpack, overload
 
-from . import layers, varlen
+from . import layers, paged, varlen
 from .backends.base import Backend
 from .dropout import dropout_mask
 from .layers.params import MHAParams
+from .paged import paged_attention, paged_attention_vjp
 from .plan import AttentionKeywords, AttentionOptions
 from .registry import (
     BackendNotAvailableError,
@@ -40,6 +41,9 @@ __all__ = [
     "layers",
     "multi_head_attention",
     "multi_head_attention_vjp",
+    "paged",
+    "paged_attention",
+    "paged_attention_vjp",
     "register_backend",
     "varlen",
     "varlen_attention",
