@@ -17,7 +17,9 @@ cases go through:
 * ``rule08_exclusion``: excluded keys and fully excluded rows;
 * ``rule09_stability``; ``rule10_dtypes``; ``rule11_results``; ``rule12_errors``; ``rule13_dropout``;
 * ``rule14_gradients``;
-* ``rule19_blocked``: results without weights, and the blocked algorithm with any tile.
+* ``rule19_blocked``: results without weights, and the blocked algorithm with any tile;
+* ``rule20_varlen``: packed variable-length attention against each segment's own attention and the
+  dense call with ``varlen_mask``, the segments' independence, and the gradients (feature ``varlen``).
 
 Every tolerance comes from ``bounds_for(subject, case)`` (``attention_ref.testing.assertions``): the
 derived bound for implementations of SPEC.md, the calibrated rule for other people's kernels
@@ -43,6 +45,7 @@ from . import (
     rule13_dropout,
     rule14_gradients,
     rule19_blocked,
+    rule20_varlen,
 )
 
 __all__ = [
@@ -61,4 +64,5 @@ __all__ = [
     "rule13_dropout",
     "rule14_gradients",
     "rule19_blocked",
+    "rule20_varlen",
 ]
