@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--dtype", action="append", dest="dtypes", metavar="DTYPE",
                        help="float16, bfloat16, float32 or float64 (repeatable; default float32)")
     check.add_argument("--layout", default="bhld", choices=("bhld", "blhd"))
+    check.add_argument("--interface", default="dense", choices=("dense", "varlen"),
+                       help="dense: kernel(q, k, v, **keywords) (default); varlen: FlashAttention's packed layout, "
+                            "kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=, max_seqlen_k=, **keywords)")
     check.add_argument("--fully-masked", default="zero", choices=("zero", "nan", "mean_v", "skip"),
                        help="what the kernel returns for a fully masked row (default: zero, the spec; nan: out "
                             "and the weights it returns are NaN there, as a naive softmax gives)")
@@ -194,7 +197,8 @@ def _check(args: argparse.Namespace) -> int:
                 framework=args.framework, supports=supports, layout=args.layout,
                 dtypes=tuple(args.dtypes or ("float32",)), fully_masked=args.fully_masked,
                 max_examples=args.max_examples, seed=args.seed, returns=args.returns,
-                mask_polarity=args.mask_polarity, out_dtype=args.out_dtype, plot_dir=args.plot_dir)
+                mask_polarity=args.mask_polarity, out_dtype=args.out_dtype, plot_dir=args.plot_dir,
+                interface=args.interface)
     except (TargetError, ValueError) as error:  # a usage error: what was asked cannot be checked
         raise SystemExit(f"attention-ref check: {error}") from None
     print(result.render())

@@ -45,6 +45,7 @@ entry point makes this package one); this module's assertion messages are report
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import textwrap
@@ -74,8 +75,11 @@ from .report_files import Suite
 from .runner import PROPERTIES, check_property_names, check_rule_numbers, run_property, selects
 from .strategies import Features
 from .targets import as_kernel
+from .varlen_kernels import call_varlen, check_varlen_supports, dense_through_varlen
 
 LAYOUTS = ("bhld", "blhd")
+#: The calling conventions ``check`` knows: dense attention, or FlashAttention's packed varlen one.
+INTERFACES = ("dense", "varlen")
 #: What a kernel returns for a fully excluded row: SPEC.md's zeros, NaN, the mean of the row's masked v rows
 #: (jax.nn's finite fill), or "skip" to leave those rows out of every comparison.
 FULLY_MASKED_CONVENTIONS = ("zero", "nan", "mean_v", "skip")
@@ -374,6 +378,46 @@ class KernelImplementation:
         return AttentionOutput(out, weights, lse)
 
 
+class VarlenKernelImplementation(KernelImplementation):
+    """A kernel with the packed variable-length interface (``varlen_kernels``): ``attention`` runs it
+    on a packed batch of equal segments (every dense property applies), ``varlen_attention`` on a
+    packed problem as ``Backend.varlen_attention`` takes it (the varlen properties)."""
+
+    def __init__(self, fn: Callable[..., Any], **options: Any) -> None:
+        super().__init__(fn, **options)
+        self.varlen_fn = fn
+        self.fn = dense_through_varlen(fn, self.backend)
+
+    def varlen_attention(self, q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, *,
+                         seqused_k: Any = None, scale: float | None = None, causal: bool = False,
+                         alignment: str = "top_left", softcap: float | None = None,
+                         window: tuple[int | None, int | None] | None = None, return_lse: bool = False) -> Any:
+        """The kernel's results on a packed problem, as NumPy arrays (out, or ``AttentionOutput(out,
+        None, lse)`` with ``return_lse``)."""
+        if seqused_k is not None:
+            raise UnsupportedFeature(f"{self.name}: the varlen interface takes no seqused_k")
+        options = AttentionOptions(scale=scale, causal=causal, alignment=alignment, softcap=softcap, window=window)
+        keywords = self._keywords(options, return_lse=return_lse)
+        cu_q, cu_k = (x if isinstance(x, np.ndarray) else np.asarray(self.to_numpy(x)) if not isinstance(x, list)
+                      else np.asarray(x) for x in (cu_seqlens_q, cu_seqlens_k))
+        where = (f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, cu_seqlens_q {cu_q.tolist()}, "
+                 f"cu_seqlens_k {cu_k.tolist()}, {keywords}")
+        try:
+            result = call_varlen(self.varlen_fn, self.backend, q, k, v, cu_q, cu_k, keywords)
+        except Exception as error:  # a kernel that refuses an input within its declared features: ERROR
+            raise KernelError(f"{self.name} raised {type(error).__name__}: {error}\n  call: {where}") from error
+        values = tuple(result) if isinstance(result, tuple | list) else (result,)
+        if len(values) != (2 if "return_lse" in keywords else 1):
+            raise KernelError(f"{self.name} returned {len(values)} values; the varlen convention is out, or (out, "
+                              f"lse) with return_lse\n  call: {where}")
+        out = self.to_numpy(values[0])
+        if not return_lse:
+            return out
+        if "lse" not in self.features:
+            raise UnsupportedFeature(f"{self.name} does not support lse")
+        return AttentionOutput(out, None, self.to_numpy(values[1]))
+
+
 def _assert_shapes(result: AttentionOutput | Gradients, shapes: AttentionOutput | Gradients,
                    case: AttentionCase) -> None:
     """Each returned array has the shape the spec gives it: a wrong shape is the kernel's wrong answer
@@ -537,6 +581,7 @@ def check(
     rules: Sequence[int] | None = None,
     progress: Progress | None = None,
     plot_dir: str | Path | None = None,
+    interface: str = "dense",
 ) -> CheckReport:
     """Run every applicable property of SPEC.md against the kernel ``fn`` (see the module docstring
     for its calling convention) and report per property.
@@ -554,6 +599,9 @@ def check(
     ``progress`` receives the run's events (``attention_ref.testing.progress``; default: none).
     ``plot_dir``: a PNG of every FAIL's shrunk case is written there (``attention_ref.testing.pictures``,
     the ``plot`` extra), its path in the outcome's ``picture``.
+    ``interface="varlen"``: ``fn`` has FlashAttention's packed variable-length interface
+    (``attention_ref.testing.varlen_kernels``): every property runs on it, the dense ones through a
+    packed batch of equal segments, and the varlen properties (rule 20) on drawn segmentations.
 
     ``fn`` may be a function, a torch ``nn.Module`` (instance or class, called in eval mode), a flax
     nnx or linen module or a keras layer (``attention_ref.testing.targets``; TargetError, a
@@ -564,10 +612,20 @@ def check(
     dtype for narrower inputs on purpose (verified; "convention differs")."""
     check_property_names(properties)
     check_rule_numbers(rules)
+    if interface not in INTERFACES:
+        raise ValueError(f"interface must be one of {', '.join(INTERFACES)}, got {interface!r}")
+    if interface == "varlen":
+        check_varlen_supports(tuple(supports))
+        if layout != "bhld" or returns is not None:
+            raise ValueError("interface='varlen' has its own layout (total, heads, head_dim) and returns (out, or "
+                             "(out, lse) with return_lse): layout and returns do not apply")
     features = kernel_features(supports, dtypes, returns=returns, few_shapes=few_shapes)
+    if interface == "varlen":
+        features = dataclasses.replace(features, supports=features.supports | {"varlen"})
     returned = () if returns is None else parse_returns(tuple(returns))
     kernel = as_kernel(fn, framework, name)
-    impl = KernelImplementation(kernel.fn, framework=framework, features=features, layout=layout,
+    implementation = KernelImplementation if interface == "dense" else VarlenKernelImplementation
+    impl = implementation(kernel.fn, framework=framework, features=features, layout=layout,
                                 fully_masked=fully_masked, name=kernel.name, device=device, backward=backward,
                                 returns=None if returns is None else returned, mask_polarity=mask_polarity,
                                 out_dtype=out_dtype)
