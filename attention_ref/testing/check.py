@@ -393,13 +393,18 @@ class VarlenKernelImplementation(KernelImplementation):
                          alignment: str = "top_left", softcap: float | None = None,
                          window: tuple[int | None, int | None] | None = None, return_lse: bool = False) -> Any:
         """The kernel's results on a packed problem, as NumPy arrays (out, or ``AttentionOutput(out,
-        None, lse)`` with ``return_lse``)."""
-        if seqused_k is not None:
-            raise UnsupportedFeature(f"{self.name}: the varlen interface takes no seqused_k")
+        None, lse)`` with ``return_lse``). ``seqused_k`` is applied by passing the kernel only the keys
+        used (the others are attended by nothing, so the problem is the same)."""
+        cu_q, cu_k = (x if isinstance(x, np.ndarray) else np.asarray(x if isinstance(x, list) else self.to_numpy(x))
+                      for x in (cu_seqlens_q, cu_seqlens_k))
+        if seqused_k is not None:  # the same problem without the unused keys (attended by nothing): exact
+            used = np.asarray(seqused_k if isinstance(seqused_k, np.ndarray | list) else self.to_numpy(seqused_k))
+            keep = np.concatenate([np.arange(start, start + n) for start, n in zip(cu_k[:-1], used, strict=True)]
+                                  + [np.zeros(0, np.int64)]).astype(np.int64)
+            k, v = k[self.backend.asarray_like(keep, k)], v[self.backend.asarray_like(keep, v)]
+            cu_k = np.concatenate([[0], np.cumsum(used)]).astype(np.int64)
         options = AttentionOptions(scale=scale, causal=causal, alignment=alignment, softcap=softcap, window=window)
         keywords = self._keywords(options, return_lse=return_lse)
-        cu_q, cu_k = (x if isinstance(x, np.ndarray) else np.asarray(self.to_numpy(x)) if not isinstance(x, list)
-                      else np.asarray(x) for x in (cu_seqlens_q, cu_seqlens_k))
         where = (f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, cu_seqlens_q {cu_q.tolist()}, "
                  f"cu_seqlens_k {cu_k.tolist()}, {keywords}")
         try:

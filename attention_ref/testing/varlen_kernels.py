@@ -14,7 +14,9 @@ out ``(total_q, Hq, Ev)``, or ``(out, lse)`` with ``return_lse``, lse ``(Hq, tot
 * ``call_varlen`` runs the kernel on a packed problem as ``Backend.varlen_attention`` takes it, so
   that the varlen properties (drawn segmentations, empty segments, tokens in no segment) check it.
 
-A varlen kernel has no mask, bias, dropout or weights: declaring them is a ValueError.
+A varlen kernel has no mask, bias, dropout or weights, and its gradients are not checked yet (the
+varlen gradient property needs a ``varlen_attention_vjp`` of the kernel): declaring any of them is a
+ValueError.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 
 #: Features the varlen interface cannot have.
-NOT_VARLEN = ("mask", "bias", "dropout", "weights", "dbias")
+NOT_VARLEN = ("mask", "bias", "dropout", "weights", "grad", "dbias")
 
 
 def check_varlen_supports(supports: tuple[str, ...] | list[str]) -> None:
@@ -72,7 +74,7 @@ def dense_through_varlen(fn: Callable[..., Any], backend: Any) -> Callable[..., 
                              packed(v, hkv, kv_len, ev), np.arange(rows + 1) * q_len, np.arange(rows + 1) * kv_len,
                              keywords)
         out, lse = (result[0], result[1]) if isinstance(result, tuple | list) else (result, None)
-        out = out.reshape(rows, q_len, hq, -1).swapaxes(1, 2).reshape(*lead, hq, q_len, -1)
+        out = out.reshape(rows, q_len, hq, ev).swapaxes(1, 2).reshape(*lead, hq, q_len, ev)
         if lse is not None:  # (Hq, N * L) -> (*B, Hq, L)
             lse = lse.reshape(hq, rows, q_len).swapaxes(0, 1).reshape(*lead, hq, q_len)
         if rank2:

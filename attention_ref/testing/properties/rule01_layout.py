@@ -24,8 +24,9 @@ def _permute(x: np.ndarray | None, perm: np.ndarray, axis: int) -> np.ndarray | 
 
 
 def _causal_only_with_mask(features: Features) -> st.SearchStrategy[Any] | None:
-    """Cases whose causal pattern can be replaced by the explicit mask (needs mask support)."""
-    cases = feature_cases(features, **({} if "mask" in features else {"causal": False}))
+    """Cases whose causal and window pattern can be replaced by the explicit mask (needs mask support:
+    without it, no causal and no window)."""
+    cases = feature_cases(features, **({} if "mask" in features else {"causal": False, "window": False}))
     return None if cases is None else st.tuples(cases, SEEDS)
 
 

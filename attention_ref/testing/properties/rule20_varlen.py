@@ -97,7 +97,8 @@ def varlen_equals_each_segments_attention(subject: Subject, case: VarlenCase) ->
     _check_outside(result, case)
 
 
-@attention_property("varlen_equals_dense_with_varlen_mask", (20,), strategy=_strategy, requires=("varlen", "lse"))
+@attention_property("varlen_equals_dense_with_varlen_mask", (20,), strategy=_strategy,
+                    requires=("varlen", "lse", "mask"))
 def varlen_equals_dense_with_varlen_mask(subject: Subject, case: VarlenCase) -> None:
     """varlen_attention equals attention on the packed sequence (heads first) with the explicit
     ``varlen_mask``, within twice the tolerance (two results of one implementation)."""

@@ -1,0 +1,47 @@
+"""``check(..., interface="varlen")``: a kernel with FlashAttention's packed interface is checked by
+every dense property (through a packed batch of equal segments) and by the varlen properties
+(drawn segmentations); the planted bugs of tests/zoo/varlen.py are each caught."""
+
+from __future__ import annotations
+
+import pytest
+
+from attention_ref.cli import main
+from attention_ref.testing import check
+from attention_ref.testing.report import Status
+
+from .zoo.varlen import VARLEN_BUG_LIST, VARLEN_FEATURES, varlen_kernel
+
+
+def test_a_correct_varlen_kernel_passes_every_property() -> None:
+    report = check(varlen_kernel(), framework="numpy", supports=VARLEN_FEATURES, dtypes=("float32", "float64"),
+                   interface="varlen", max_examples=25, seed=0)
+    assert report.passed, report.render()
+    ran = {o.name for o in report.outcomes if o.status.counted}
+    assert {"varlen_equals_each_segments_attention", "segments_are_independent", "causal_ignores_future_keys",
+            "matches_float64_oracle"} <= ran
+
+
+@pytest.mark.usefixtures("without_shrinking")
+@pytest.mark.parametrize("bug", VARLEN_BUG_LIST, ids=lambda bug: bug.name)
+def test_each_varlen_bug_is_caught(bug) -> None:  # type: ignore[no-untyped-def]
+    report = check(varlen_kernel(**{bug.name: True}), framework="numpy", supports=VARLEN_FEATURES,
+                   interface="varlen", max_examples=100, seed=0, properties=(bug.catches,))
+    status = {o.name: o.status for o in report.outcomes}[bug.catches]
+    assert status == Status.FAIL, f"{bug.name} ({bug.description}) not caught by {bug.catches}:\n{report.render()}"
+
+
+def test_the_varlen_interface_refuses_what_it_has_no_argument_for() -> None:
+    with pytest.raises(ValueError, match="interface='varlen' has no mask, bias"):
+        check(varlen_kernel(), framework="numpy", supports=("mask", "bias"), interface="varlen")
+    with pytest.raises(ValueError, match="interface must be one of dense, varlen"):
+        check(varlen_kernel(), framework="numpy", interface="paged")
+
+
+def test_cli_checks_a_varlen_kernel(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "packed.py").write_text("from tests.zoo.varlen import varlen_kernel\nattention = varlen_kernel()\n")
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    status = main(["check", "packed:attention", "--framework", "numpy", "--interface", "varlen", "--supports",
+                   "causal,bottom_right", "--max-examples", "5", "--seed", "0", "--workers", "1", "--progress", "none"])
+    assert status == 0, capsys.readouterr().out
