@@ -105,10 +105,13 @@ def test_varlen_cases_are_valid_and_record_as_plain_values(case: VarlenCase) -> 
 
 
 def test_cases_reach_the_corners() -> None:
-    """Zero-length segments, tokens in no segment, seqused_k, GQA, E != Ev and bottom-right causal are all drawn."""
+    """Zero-length segments, tokens in no segment, seqused_k, GQA, E != Ev and bottom-right causal are all
+    drawn, within the examples the property suite gives rule 20 (tests/test_properties.py)."""
+    from .test_properties import VARLEN_EXAMPLES
+
     seen: set[str] = set()
 
-    @settings(max_examples=75, deadline=None, derandomize=True)
+    @settings(max_examples=VARLEN_EXAMPLES, deadline=None, derandomize=True)
     @given(varlen_cases(ALL_FEATURES))
     def draw(case: VarlenCase) -> None:
         lengths = np.diff(case.cu_seqlens_q)
