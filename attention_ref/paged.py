@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .result import AttentionOutput, Gradients
+from .varlen import concrete_integers
 
 __all__ = ["logical_cache_index", "paged_attention", "paged_attention_vjp", "paged_problem"]
 
@@ -33,16 +34,6 @@ def _backend(backend: Any, q: Any) -> Any:
     if not isinstance(backend, Backend):
         raise TypeError(f"backend must be a name, an attention_ref.Backend or None, got {type(backend).__name__}")
     return backend
-
-
-def _concrete(x: Any, name: str, to_numpy: Any) -> np.ndarray:
-    if isinstance(x, np.ndarray | list | tuple):
-        return np.asarray(x)
-    try:
-        return np.asarray(to_numpy(x))
-    except Exception as error:  # a traced value (inside jax.jit), say
-        raise ValueError(f"paged_attention: {name} must be concrete integers (NumPy, a list or a framework array "
-                         f"with values), got {type(x).__name__}: {error}") from None
 
 
 def logical_cache_index(block_table: np.ndarray, cache_seqlens: np.ndarray, page_size: int) -> np.ndarray:
@@ -75,12 +66,12 @@ def paged_problem(q: Any, k_cache: Any, v_cache: Any, block_table: Any, cache_se
         raise ValueError(f"paged_attention: q must be (B, heads, head_dim) for decode or (total_q, heads, head_dim) "
                          f"with cu_seqlens_q, got shape {tuple(getattr(q, 'shape', ()))}")
     num_blocks, page_size = int(k_cache.shape[0]), int(k_cache.shape[1])
-    table = _concrete(block_table, "block_table", to_numpy)
+    table = concrete_integers(block_table, "block_table", to_numpy, "paged_attention")
     if table.ndim != 2 or not (np.issubdtype(table.dtype, np.integer) or table.size == 0):
         raise ValueError(f"paged_attention: block_table must be (B, max_blocks) integers, got shape {table.shape} "
                          f"and dtype {table.dtype}")
     batch, max_blocks = table.shape
-    lengths = _concrete(cache_seqlens, "cache_seqlens", to_numpy)
+    lengths = concrete_integers(cache_seqlens, "cache_seqlens", to_numpy, "paged_attention")
     if lengths.shape != (batch,) or not (np.issubdtype(lengths.dtype, np.integer) or lengths.size == 0):
         raise ValueError(f"paged_attention: cache_seqlens must be ({batch},) integers (one per row of block_table), "
                          f"got shape {lengths.shape} and dtype {lengths.dtype}")
@@ -105,7 +96,7 @@ def paged_problem(q: Any, k_cache: Any, v_cache: Any, block_table: Any, cache_se
                              "sequences (pass cu_seqlens_q for several queries a sequence)")
         cu_q = np.arange(batch + 1, dtype=np.int64)
     else:
-        cu_q = _concrete(cu_seqlens_q, "cu_seqlens_q", to_numpy)
+        cu_q = concrete_integers(cu_seqlens_q, "cu_seqlens_q", to_numpy, "paged_attention")
         if cu_q.shape != (batch + 1,):
             raise ValueError(f"paged_attention: cu_seqlens_q must be (B + 1,) = ({batch + 1},), one more than the "
                              f"sequences of block_table, got shape {cu_q.shape}")

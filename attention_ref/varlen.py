@@ -189,15 +189,21 @@ def packed_problem(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,
         raise ValueError(f"varlen_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same tokens and "
                          "heads")
 
-    def concrete(x: Any, name: str) -> Any:
-        if x is None or isinstance(x, np.ndarray | list | tuple):
-            return x
-        try:
-            return to_numpy(x)
-        except Exception as error:  # a traced value (inside jax.jit), say
-            raise ValueError(f"varlen_attention: {name} must be concrete integers (NumPy, a list or a framework "
-                             f"array with values), got {type(x).__name__}: {error}") from None
+    cu_q, cu_k = (concrete_integers(x, name, to_numpy) for x, name in ((cu_seqlens_q, "cu_seqlens_q"),
+                                                                        (cu_seqlens_k, "cu_seqlens_k")))
+    return varlen_mask(cu_q, cu_k, total_q=int(q.shape[0]), total_k=int(k.shape[0]), causal=causal,
+                       alignment=alignment, window=window,
+                       seqused_k=None if seqused_k is None else concrete_integers(seqused_k, "seqused_k", to_numpy))
 
-    return varlen_mask(concrete(cu_seqlens_q, "cu_seqlens_q"), concrete(cu_seqlens_k, "cu_seqlens_k"),
-                       total_q=int(q.shape[0]), total_k=int(k.shape[0]), causal=causal, alignment=alignment,
-                       window=window, seqused_k=concrete(seqused_k, "seqused_k"))
+
+def concrete_integers(x: Any, name: str, to_numpy: Any, caller: str = "varlen_attention") -> np.ndarray:
+    """``x`` (NumPy, a list or tuple, or a framework array converted by ``to_numpy``) as a NumPy
+    array; ValueError naming ``caller`` and ``name`` when it has no values (a value traced by
+    ``jax.jit``: the segmentation or the table decides what is computed, so it must be known)."""
+    if isinstance(x, np.ndarray | list | tuple):
+        return np.asarray(x)
+    try:
+        return np.asarray(to_numpy(x))
+    except Exception as error:  # a traced value (inside jax.jit), say
+        raise ValueError(f"{caller}: {name} must be concrete integers (NumPy, a list or a framework array with "
+                         f"values), got {type(x).__name__}: {error}") from None
