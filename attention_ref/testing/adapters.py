@@ -21,6 +21,8 @@ target again from its name (``find_target``); a builder imports no framework on 
 * ``flax.nnx.dot_product_attention``: the same conventions, no scale keyword.
 * ``keras.ops.dot_product_attention[jax]``, ``[torch]`` and ``[torch, bias]``: keras 3 on its jax
   and torch backends, each in a process of its own (``Target.environment``: ``KERAS_BACKEND``).
+
+Targets with the packed varlen interface (``Target.interface = "varlen"``) are in ``varlen_targets``.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class Target:
     #: The builder that made it (``"module:function"``, set by ``available_targets``), for a worker to
     #: build it again.
     builder: str = ""
+    #: The kernel's calling convention, as ``check(interface=...)`` takes it: "dense", or "varlen"
+    #: (FlashAttention's packed interface, ``varlen_kernels``; the varlen properties apply).
+    interface: str = "dense"
 
     def plan(self, dtypes: Sequence[str], properties: Sequence[str] | None = None) -> list[PropertyOutcome]:
         """The report's rows before anything runs: each property that will run with status ERROR (what
@@ -73,7 +78,8 @@ class Target:
         from .runner import PROPERTIES
         from .strategies import Features
 
-        features = Features(frozenset(self.supports), tuple(dtypes), few_shapes=self.few_shapes)
+        supports = frozenset(self.supports) | ({"varlen"} if self.interface == "varlen" else set())
+        features = Features(supports, tuple(dtypes), few_shapes=self.few_shapes)
         return [PropertyOutcome(prop.name, prop.rules,
                                 Status.NOT_RUN if properties is not None and prop.name not in properties
                                 else Status.ERROR if prop.applies_to(features) else Status.NOT_APPLICABLE)
@@ -88,7 +94,7 @@ class Target:
         return check(self.kernel, framework=self.framework, supports=self.supports, layout=self.layout,
                      dtypes=dtypes, fully_masked=self.fully_masked, max_examples=max_examples, seed=seed,
                      name=self.name, device=self.device, few_shapes=self.few_shapes, backward=self.backward,
-                     properties=properties, plot_dir=plot_dir)
+                     properties=properties, plot_dir=plot_dir, interface=self.interface)
 
 
 def _installed(module: str) -> bool:
@@ -479,6 +485,8 @@ TARGET_BUILDERS = (
     "attention_ref.testing.adapters:torch_targets",
     "attention_ref.testing.adapters:jax_targets",
     "attention_ref.testing.adapters:keras_targets",
+    "attention_ref.testing.varlen_targets:jax_varlen_targets",
+    "attention_ref.testing.varlen_targets:torch_varlen_targets",
     "attention_ref.testing.layer_targets:torch_layer_targets",
     "attention_ref.testing.layer_targets:flax_layer_targets",
     "attention_ref.testing.layer_targets:keras_layer_targets",
