@@ -71,6 +71,9 @@ class Target:
     #: The kernel's calling convention, as ``check(interface=...)`` takes it: "dense", or "varlen"
     #: (FlashAttention's packed interface, ``varlen_kernels``; the varlen properties apply).
     interface: str = "dense"
+    #: False for an adapter declared from its kernel's documentation and never yet run (CUDA-only
+    #: kernels until a GPU run shows otherwise): reports mark it "not verified".
+    verified: bool = True
 
     def plan(self, dtypes: Sequence[str], properties: Sequence[str] | None = None) -> list[PropertyOutcome]:
         """The report's rows before anything runs: each property that will run with status ERROR (what
