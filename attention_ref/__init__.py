@@ -93,6 +93,8 @@ def attention(
     window: tuple[int | None, int | None] | None = None,
     dropout_p: float = 0.0,
     dropout_mask: Any = None,
+    score_mod: Any = None,
+    mask_mod: Any = None,
     return_weights: bool = False,
     return_lse: bool = False,
     compute_dtype: Any = None,
@@ -105,7 +107,8 @@ def attention(
     q ``(*B, Hq, L, E)``, k ``(*B, Hkv, S, E)``, v ``(*B, Hkv, S, Ev)``; returns out ``(*B, Hq, L, Ev)``,
     or ``AttentionOutput(out, weights, lse)`` with a return flag."""
     options = AttentionOptions(mask=mask, bias=bias, scale=scale, causal=causal, alignment=alignment,
-                               softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask)
+                               softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask,
+                               score_mod=score_mod, mask_mod=mask_mod)
     return _resolve(backend, q).attention_with(q, k, v, options, return_weights=return_weights,
                                                return_lse=return_lse, compute_dtype=compute_dtype, block_q=block_q,
                                                block_k=block_k, dense=dense)
@@ -127,6 +130,8 @@ def attention_vjp(
     window: tuple[int | None, int | None] | None = None,
     dropout_p: float = 0.0,
     dropout_mask: Any = None,
+    score_mod: Any = None,
+    mask_mod: Any = None,
     compute_dtype: Any = None,
     block_q: int | None = None,
     block_k: int | None = None,
@@ -135,7 +140,8 @@ def attention_vjp(
     """The gradients of attention (SPEC.md rule 14) on ``backend`` (as for ``attention``):
     ``Gradients(dq, dk, dv, dbias)`` of ``sum(attention(q, k, v, **keywords) * d_out)``."""
     options = AttentionOptions(mask=mask, bias=bias, scale=scale, causal=causal, alignment=alignment,
-                               softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask)
+                               softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask,
+                               score_mod=score_mod, mask_mod=mask_mod)
     return _resolve(backend, q).attention_vjp_with(q, k, v, d_out, options, compute_dtype=compute_dtype,
                                                    block_q=block_q, block_k=block_k, dense=dense)
 

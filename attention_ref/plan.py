@@ -41,7 +41,9 @@ class AttentionOptions:
     ``AttentionCase`` carries beside its q, k, v, and what the checker passes to a kernel.
 
     mask (bool, True = may attend), bias and dropout_mask (bool, True = keep) are arrays broadcastable
-    to ``(*B, Hq, L, S)``, or None; ``window=(left, right)`` (rule 7); ``dropout_p`` (rule 13).
+    to ``(*B, Hq, L, S)``, or None; ``window=(left, right)`` (rule 7); ``dropout_p`` (rule 13);
+    ``score_mod(score, b, h, q_idx, kv_idx)`` and ``mask_mod(b, h, q_idx, kv_idx)``, callables or None
+    (rule 22).
     """
 
     mask: Any = None
@@ -53,6 +55,8 @@ class AttentionOptions:
     window: tuple[int | None, int | None] | None = None
     dropout_p: float = 0.0
     dropout_mask: Any = None
+    score_mod: Any = None
+    mask_mod: Any = None
 
     def as_keywords(self) -> dict[str, Any]:
         """Every option by its keyword name (arrays not copied; only the options, also on a subclass)."""
@@ -66,14 +70,17 @@ class AttentionOptions:
         return arrays
 
     def scalar_keywords(self) -> dict[str, Any]:
-        """The non-array keywords; window and dropout_p only when set (an implementation without them
-        can still take every case that does not use them)."""
+        """The non-array keywords; window, dropout_p, score_mod and mask_mod only when set (an
+        implementation without them can still take every case that does not use them)."""
         keywords: dict[str, Any] = dict(scale=self.scale, causal=self.causal, alignment=self.alignment,
                                         softcap=self.softcap)
         if self.window is not None:
             keywords["window"] = self.window
         if self.dropout_p:
             keywords["dropout_p"] = self.dropout_p
+        for name in ("score_mod", "mask_mod"):
+            if getattr(self, name) is not None:
+                keywords[name] = getattr(self, name)
         return keywords
 
 
@@ -94,6 +101,8 @@ class AttentionKeywords(TypedDict, total=False):
     window: tuple[int | None, int | None] | None
     dropout_p: float
     dropout_mask: Any
+    score_mod: Any
+    mask_mod: Any
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,9 @@ class AttentionPlan:
     #: L and S (and at least 1); both None for the dense algorithm.
     block_q: int | None = None
     block_k: int | None = None
+    #: The call's ``score_mod`` (rule 22), applied to the scaled logits of the dense algorithm; None
+    #: without one. (A ``mask_mod`` is evaluated into the mask before the plan reaches a backend.)
+    score_mod: Any = None
 
     @property
     def blocked(self) -> bool:

@@ -19,6 +19,7 @@ import numpy as np
 
 from .broadcasting import is_broadcastable
 from .frameworks import FRAMEWORKS, device_of, dtype_name, framework_of, shape_of
+from .mods import check_mod
 from .plan import ALIGNMENTS, COMPUTE_DTYPES, DEFAULT_OPTIONS, FLOATING_DTYPES, AttentionOptions, AttentionPlan
 
 __all__ = ["ALIGNMENTS", "COMPUTE_DTYPES", "FLOATING_DTYPES", "AttentionOptions", "AttentionPlan",
@@ -158,10 +159,11 @@ def _check_block(name: str, value: Any) -> int | None:
     return int(value)
 
 
-def _check_blocks(block_q: Any, block_k: Any, dense: Any, return_weights: bool,
+def _check_blocks(block_q: Any, block_k: Any, dense: Any, return_weights: bool, score_mod: bool,
                   default_blocks: tuple[int, int], q_len: int, kv_len: int) -> tuple[int | None, int | None]:
     """rule 19: the tile ``(block_q, block_k)`` of the blocked algorithm, each clipped to ``[1, L]`` and
-    ``[1, S]``; ``(None, None)`` for the dense algorithm (``dense=True`` or ``return_weights``)."""
+    ``[1, S]``; ``(None, None)`` for the dense algorithm (``dense=True``, ``return_weights`` or a
+    ``score_mod``, rule 22)."""
     block_q, block_k = _check_block("block_q", block_q), _check_block("block_k", block_k)
     dense = _check_flag("dense", dense)
     given = [name for name, b in (("block_q", block_q), ("block_k", block_k)) if b is not None]
@@ -171,7 +173,11 @@ def _check_blocks(block_q: Any, block_k: Any, dense: Any, return_weights: bool,
         verb = "apply" if len(given) == 2 else "applies"
         raise ValueError(f"return_weights=True computes the dense weights; {' and '.join(given)} {verb} only "
                          "without it")
-    if dense or return_weights:
+    if given and score_mod:
+        verb = "apply" if len(given) == 2 else "applies"
+        raise ValueError(f"a score_mod runs on the dense logits (rule 22); {' and '.join(given)} {verb} only "
+                         "without one")
+    if dense or return_weights or score_mod:
         return None, None
     block_q = default_blocks[0] if block_q is None else block_q
     block_k = default_blocks[1] if block_k is None else block_k
@@ -297,7 +303,10 @@ def validate_attention_args(
     resolved_dropout_p = _check_dropout(options.dropout_p, dropout_mask)
     return_weights = _check_flag("return_weights", return_weights)
     return_lse = _check_flag("return_lse", return_lse)
-    resolved_block_q, resolved_block_k = _check_blocks(block_q, block_k, dense, return_weights, default_blocks,
+    check_mod("score_mod", options.score_mod)
+    check_mod("mask_mod", options.mask_mod)
+    resolved_block_q, resolved_block_k = _check_blocks(block_q, block_k, dense, return_weights,
+                                                       options.score_mod is not None, default_blocks,
                                                        q_shape[-2], k_shape[-2])
 
     return AttentionPlan(
@@ -326,6 +335,7 @@ def validate_attention_args(
         has_dropout_mask=dropout_mask is not None,
         block_q=resolved_block_q,
         block_k=resolved_block_k,
+        score_mod=options.score_mod,
     )
 
 

@@ -8,6 +8,7 @@ to NumPy arrays.
 from __future__ import annotations
 
 import abc
+from dataclasses import replace
 from typing import Any, Literal, TypeVar, Unpack, overload
 
 import numpy as np
@@ -15,6 +16,7 @@ import numpy as np
 from ..layers.params import MHAParams
 from ..layers.plan import LayerPlan
 from ..layers.validation import validate_layer_args, validate_layer_vjp_args
+from ..mods import mask_pattern
 from ..plan import DEFAULT_OPTIONS, AttentionKeywords, AttentionOptions, AttentionPlan
 from ..result import AttentionOutput, Gradients, LayerGradients
 from ..validation import DEFAULT_BLOCKS, validate_attention_args, validate_vjp_args
@@ -71,6 +73,8 @@ class Backend(abc.ABC):
         window: tuple[int | None, int | None] | None = None,
         dropout_p: float = 0.0,
         dropout_mask: Any = None,
+        score_mod: Any = None,
+        mask_mod: Any = None,
         return_weights: bool = False,
         return_lse: bool = False,
         compute_dtype: Any = None,
@@ -91,7 +95,8 @@ class Backend(abc.ABC):
         compute dtype).
         """
         options = AttentionOptions(mask=mask, bias=bias, scale=scale, causal=causal, alignment=alignment,
-                                   softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask)
+                                   softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask,
+                                   score_mod=score_mod, mask_mod=mask_mod)
         return self.attention_with(q, k, v, options, return_weights=return_weights, return_lse=return_lse,
                                    compute_dtype=compute_dtype, block_q=block_q, block_k=block_k, dense=dense)
 
@@ -102,7 +107,8 @@ class Backend(abc.ABC):
         plan = validate_attention_args(q, k, v, options, return_weights=return_weights, return_lse=return_lse,
                                        compute_dtype=compute_dtype, block_q=block_q, block_k=block_k, dense=dense,
                                        default_blocks=self.default_blocks, backend_framework=self.framework)
-        out, weights, lse = self._attention(plan, q, k, v, options.mask, options.bias, options.dropout_mask)
+        plan, mask = self._with_mask_mod(plan, options, q)
+        out, weights, lse = self._attention(plan, q, k, v, mask, options.bias, options.dropout_mask)
         if not (plan.return_weights or plan.return_lse):
             return out
         return AttentionOutput(out, weights if plan.return_weights else None, lse if plan.return_lse else None)
@@ -123,6 +129,8 @@ class Backend(abc.ABC):
         window: tuple[int | None, int | None] | None = None,
         dropout_p: float = 0.0,
         dropout_mask: Any = None,
+        score_mod: Any = None,
+        mask_mod: Any = None,
         compute_dtype: Any = None,
         block_q: int | None = None,
         block_k: int | None = None,
@@ -137,7 +145,8 @@ class Backend(abc.ABC):
         keys and fully excluded rows get exactly zero gradient.
         """
         options = AttentionOptions(mask=mask, bias=bias, scale=scale, causal=causal, alignment=alignment,
-                                   softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask)
+                                   softcap=softcap, window=window, dropout_p=dropout_p, dropout_mask=dropout_mask,
+                                   score_mod=score_mod, mask_mod=mask_mod)
         return self.attention_vjp_with(q, k, v, d_out, options, compute_dtype=compute_dtype, block_q=block_q,
                                        block_k=block_k, dense=dense)
 
@@ -148,8 +157,8 @@ class Backend(abc.ABC):
         plan = validate_vjp_args(q, k, v, d_out, options, compute_dtype=compute_dtype, block_q=block_q,
                                  block_k=block_k, dense=dense, default_blocks=self.default_blocks,
                                  backend_framework=self.framework)
-        dq, dk, dv, dbias = self._attention_vjp(plan, q, k, v, options.mask, options.bias, options.dropout_mask,
-                                                d_out)
+        plan, mask = self._with_mask_mod(plan, options, q)
+        dq, dk, dv, dbias = self._attention_vjp(plan, q, k, v, mask, options.bias, options.dropout_mask, d_out)
         return Gradients(dq, dk, dv, dbias if options.bias is not None else None)
 
     def multi_head_attention_with(
@@ -217,6 +226,15 @@ class Backend(abc.ABC):
                                    mask=self.asarray_like(mask, q), scale=scale, softcap=softcap,
                                    compute_dtype=compute_dtype, block_q=block_q, block_k=block_k, dense=dense)
         return Gradients(grads.dq.swapaxes(0, 1), grads.dk.swapaxes(0, 1), grads.dv.swapaxes(0, 1), None)
+
+    def _with_mask_mod(self, plan: AttentionPlan, options: AttentionOptions, like: Any) -> tuple[AttentionPlan, Any]:
+        """rule 22: ``(plan, mask)`` with the mask_mod's pattern, evaluated on int32 index arrays where
+        ``like`` is, intersected with the mask (the plan then has a mask); without a mask_mod, the plan
+        and mask as they are."""
+        if options.mask_mod is None:
+            return plan, options.mask
+        pattern = mask_pattern(plan, options.mask_mod, lambda n: self.asarray_like(np.arange(n, dtype=np.int32), like))
+        return replace(plan, has_mask=True), pattern if options.mask is None else options.mask & pattern
 
     def asarray_like(self, x: np.ndarray, like: Any) -> Any:
         """The NumPy array as an array of this framework where ``like`` is (its device)."""

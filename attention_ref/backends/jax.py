@@ -51,6 +51,7 @@ import numpy as np
 from ..broadcasting import reduce_to_shape
 from ..layers.params import MHAParams
 from ..layers.plan import LayerPlan
+from ..mods import scored
 from ..plan import AttentionPlan
 from . import jax_blocked
 from .base import Backend
@@ -88,17 +89,25 @@ def grouped_view(plan: AttentionPlan, x: jax.Array | None) -> jax.Array | None:
     return jnp.broadcast_to(x, plan.logits_shape).reshape(plan.grouped_logits_shape)  # rule 2: h // G
 
 
+def _int32_arange(n: int) -> jax.Array:
+    """The index arrays of rule 22's mods: int32, as FlexAttention's."""
+    return jnp.arange(n, dtype=jnp.int32)
+
+
 def logits(
     plan: AttentionPlan, q: jax.Array, k: jax.Array, scale: jax.Array, softcap: jax.Array | None,
     bias: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """The logits ``(*B, Hkv, G, L, S)`` of q ``(*B, Hkv, G, L, E)`` and k ``(*B, Hkv, S, E)``:
-    scaled, capped (softcap None: no cap) and biased (bias ``(*B, Hkv, G, L, S)`` or None). scale,
+    scaled, modified by ``plan.score_mod`` (rule 22), capped (softcap None: no cap) and biased (bias
+    ``(*B, Hkv, G, L, S)`` or None). scale,
     softcap and bias are in the compute dtype. Also returns ``tanh(raw / softcap)`` (None without a
     softcap), which jax.vjp differentiates."""
     # rule 10: the matmul runs in the compute dtype at HIGHEST precision, k broadcast over G
     raw = jnp.matmul(q, jnp.swapaxes(k, -1, -2)[..., None, :, :], precision=_HIGHEST)
     x = raw.reshape(plan.grouped_logits_shape) * scale  # rule 3
+    if plan.score_mod is not None:  # rule 22: on the scaled logits, before the softcap
+        x = jnp.broadcast_to(scored(plan, x, _int32_arange), x.shape).astype(x.dtype)
     capped = None
     if softcap is not None:
         capped = jnp.tanh(x / softcap)  # rule 4
@@ -436,7 +445,7 @@ class JaxBackend(Backend):
         return jax_blocked.precision_scope(plan)
 
     def _uses_buckets(self, plan: AttentionPlan, arrays: tuple[Any, ...]) -> bool:
-        if not self.bucket_shapes:
+        if not self.bucket_shapes or plan.score_mod is not None:  # rule 22: a mod sees the true indices
             return False
         for x in arrays:
             if x is None:

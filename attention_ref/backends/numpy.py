@@ -26,6 +26,7 @@ from ..broadcasting import reduce_to_shape
 from ..frameworks import numpy_dtype
 from ..layers.params import MHAParams
 from ..layers.plan import LayerPlan
+from ..mods import scored
 from ..plan import AttentionPlan
 from .base import Backend
 from .numpy_blocked import blocked_backward, blocked_forward
@@ -49,17 +50,25 @@ def grouped_view(plan: AttentionPlan, x: Any) -> np.ndarray | None:
     return np.broadcast_to(x, plan.logits_shape).reshape(plan.grouped_logits_shape)  # rule 2: h // G
 
 
+def _int32_arange(n: int) -> np.ndarray:
+    """The index arrays of rule 22's mods: int32, as FlexAttention's."""
+    return np.arange(n, dtype=np.int32)
+
+
 def logits(
     plan: AttentionPlan, q: np.ndarray, k: np.ndarray, scale: np.generic, softcap: np.generic | None,
     bias: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The logits ``(*B, Hkv, G, L, S)`` of q ``(*B, Hkv, G, L, E)`` and k ``(*B, Hkv, S, E)``:
-    scaled, capped (softcap None: no cap) and biased (bias ``(*B, Hkv, G, L, S)`` or None). scale,
+    scaled, modified by ``plan.score_mod`` (rule 22), capped (softcap None: no cap) and biased (bias
+    ``(*B, Hkv, G, L, S)`` or None). scale,
     softcap and bias are in the compute dtype. Also returns ``tanh(raw / softcap)`` (None without a
     softcap), which the backward pass needs."""
     # rule 10: the matmul runs in the compute dtype; the G query heads of a kv head share one matmul
     raw = np.matmul(q.reshape(plan.stacked_shape(plan.head_dim)), np.swapaxes(k, -1, -2))
     x = raw.reshape(plan.grouped_logits_shape) * scale  # rule 3
+    if plan.score_mod is not None:  # rule 22: on the scaled logits, before the softcap
+        x = np.broadcast_to(scored(plan, x, _int32_arange), x.shape).astype(x.dtype)
     capped = None
     if softcap is not None:
         capped = np.tanh(x / softcap)  # rule 4
@@ -303,6 +312,9 @@ class NumpyBackend(Backend):
         # rule 12: the front door (validation.py) has checked every argument, d_out included
         if plan.blocked:  # rule 19: the FlashAttention-2 backward
             return blocked_backward(plan, q, k, v, mask, bias, dropout_mask, d_out, threads=self.threads)
+        if plan.score_mod is not None:  # rule 22: its derivative needs automatic differentiation
+            raise NotImplementedError("the numpy backend cannot differentiate a score_mod (NumPy has no automatic "
+                                      "differentiation); use the jax or torch backend")
         return attention_backward(plan, q, k, v, mask, bias, dropout_mask, d_out)
 
     def _multi_head_attention(

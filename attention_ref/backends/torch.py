@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ import torch
 
 from ..layers.params import MHAParams
 from ..layers.plan import LayerPlan
+from ..mods import scored
 from ..plan import AttentionPlan
 from .base import Backend
 
@@ -69,11 +71,17 @@ def grouped_view(plan: AttentionPlan, x: torch.Tensor | None) -> torch.Tensor | 
     return x.broadcast_to(plan.logits_shape).reshape(plan.grouped_logits_shape)  # rule 2: h // G
 
 
+def _int32_arange(device: torch.device, n: int) -> torch.Tensor:
+    """The index arrays of rule 22's mods: int32 on the logits' device, as FlexAttention's."""
+    return torch.arange(n, dtype=torch.int32, device=device)
+
+
 def logits(
     plan: AttentionPlan, q: torch.Tensor, k: torch.Tensor, softcap: torch.Tensor | None, bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The logits ``(*B, Hkv, G, L, S)`` of q ``(*B, Hkv, G, L, E)`` and k ``(*B, Hkv, S, E)``:
-    scaled by ``plan.scale`` (rounded to the compute dtype by the matmul that applies it), capped
+    scaled by ``plan.scale`` (rounded to the compute dtype by the matmul that applies it), modified by
+    ``plan.score_mod`` (rule 22), capped
     (softcap None: no cap) and biased (bias ``(*B, Hkv, G, L, S)`` or None). softcap and bias are in
     the compute dtype. Also returns ``tanh(raw / softcap)`` (None without a softcap), which autograd
     differentiates."""
@@ -83,6 +91,8 @@ def logits(
     keys = k.reshape(heads, plan.kv_len, plan.head_dim).transpose(-1, -2)
     raw = torch.baddbmm(q.new_zeros(()), stacked, keys, beta=0, alpha=plan.scale)  # rule 3: scale * (q · k)
     x = raw.reshape(plan.grouped_logits_shape)
+    if plan.score_mod is not None:  # rule 22: on the scaled logits, before the softcap
+        x = scored(plan, x, partial(_int32_arange, x.device)).to(x.dtype).broadcast_to(x.shape)
     capped = None
     if softcap is not None:
         capped = torch.tanh(x / softcap)  # rule 4
