@@ -44,9 +44,9 @@ def check_mod_result(name: str, result: Any, shape: tuple[int, ...], *, boolean:
         raise TypeError(f"mask_mod must return booleans (True = may attend), got {dtype}")
     if not boolean and dtype not in ("float16", "bfloat16", "float32", "float64"):
         raise TypeError(f"score_mod must return floating scores, got {dtype}")
-    got = shape_of(result)
-    if not is_broadcastable(got, shape):
-        raise ValueError(f"{name} returned shape {got}, which does not broadcast to the logits "
+    result_shape = shape_of(result)
+    if not is_broadcastable(result_shape, shape):
+        raise ValueError(f"{name} returned shape {result_shape}, which does not broadcast to the logits "
                          f"{tuple(shape)}")
 
 
