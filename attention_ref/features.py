@@ -27,8 +27,8 @@ KERNEL_FEATURES = tuple(KERNEL_FEATURE_HELP)
 #: Further features of a full implementation of SPEC.md (our backends): inputs of any rank,
 #: ``compute_dtype``, the spec's error messages, the blocked algorithm's ``block_q``, ``block_k``
 #: and ``dense`` keywords (rule 19), and packed variable-length attention, ``varlen_attention`` and
-#: ``varlen_attention_vjp`` (rule 20).
-SPEC_FEATURES = (*KERNEL_FEATURES, "any_rank", "compute_dtype", "spec_errors", "blocks", "varlen")
+#: ``varlen_attention_vjp`` (rule 20), and attention through a paged KV cache, ``paged_attention`` (rule 21).
+SPEC_FEATURES = (*KERNEL_FEATURES, "any_rank", "compute_dtype", "spec_errors", "blocks", "varlen", "paged")
 
 #: What a kernel may return, in this order: out first, then weights and lse.
 RESULTS = ("out", "weights", "lse")

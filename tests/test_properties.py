@@ -13,7 +13,7 @@ from attention_ref.testing.runner import Property
 
 from .conftest import BACKENDS, backend_on_device
 
-#: Examples for rule 20's properties (the profile's 75 elsewhere): each packed case is a new shape,
+#: Examples for rule 20's (and 21's) properties (the profile's 75 elsewhere): each packed case is a new shape,
 #: which jax compiles, and packed attention is dense attention (tested at 75 examples) with a mask;
 #: 25 cases reach every segmentation corner (tests/test_varlen_properties.py counts them).
 VARLEN_EXAMPLES = 25
@@ -23,12 +23,12 @@ VARLEN_EXAMPLES = 25
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_property(backend_name: str, prop: Property) -> None:
     run_property(prop, backend_on_device(backend_name),
-                 settings(max_examples=VARLEN_EXAMPLES) if "varlen" in prop.requires else None)
+                 settings(max_examples=VARLEN_EXAMPLES) if {"varlen", "paged"} & prop.requires else None)
 
 
 def test_every_spec_rule_has_a_property() -> None:
     covered = {rule for prop in PROPERTIES for rule in prop.rules}
-    assert covered == set(range(1, 15)) | {19, 20}  # rules 15-18, the layer's, are proved in test_layer*.py
+    assert covered == set(range(1, 15)) | {19, 20, 21}  # rules 15-18, the layer's, are proved in test_layer*.py
 
 
 def test_properties_are_registered_by_rule_module_in_rule_order() -> None:

@@ -19,7 +19,9 @@ cases go through:
 * ``rule14_gradients``;
 * ``rule19_blocked``: results without weights, and the blocked algorithm with any tile;
 * ``rule20_varlen``: packed variable-length attention against each segment's own attention and the
-  dense call with ``varlen_mask``, the segments' independence, and the gradients (feature ``varlen``).
+  dense call with ``varlen_mask``, the segments' independence, and the gradients (feature ``varlen``);
+* ``rule21_paged``: paged KV caches against each sequence's attention on its gathered logical cache,
+  and the independence from where the pages are (feature ``paged``).
 
 Every tolerance comes from ``bounds_for(subject, case)`` (``attention_ref.testing.assertions``): the
 derived bound for implementations of SPEC.md, the calibrated rule for other people's kernels
@@ -46,6 +48,7 @@ from . import (
     rule14_gradients,
     rule19_blocked,
     rule20_varlen,
+    rule21_paged,
 )
 
 __all__ = [
@@ -65,4 +68,5 @@ __all__ = [
     "rule14_gradients",
     "rule19_blocked",
     "rule20_varlen",
+    "rule21_paged",
 ]
