@@ -82,7 +82,7 @@ class CrosscheckReport:
 
     def suites(self) -> list[Suite]:
         """A suite per target, in the targets' order (``report_files``)."""
-        return [Suite(target.name, report.outcomes, description=report.target, seconds=seconds)
+        return [Suite(target.name, report.outcomes, description=report.target + _unverified(target), seconds=seconds)
                 for target, report, seconds in self.results]
 
     def document(self) -> dict[str, Any]:
@@ -119,7 +119,7 @@ class CrosscheckReport:
         lines += [f"  [{i}] {text}" for i, text in enumerate(footnotes, 1)]
         for target, report, seconds in self.results:
             lines += ["", f"{target.name} ({target.framework}, {target.layout}, dtypes {', '.join(report.dtypes)}; "
-                          f"{report.summary()}, {seconds:.1f} s)",
+                          f"{report.summary()}, {seconds:.1f} s){_unverified(target)}",
                       f"  supports: {', '.join(target.supports) or 'as the layer declares'}"]
             lines += [f"  note: {note}" for note in target.notes]
             for outcome in report.outcomes:
@@ -153,6 +153,11 @@ class CrosscheckReport:
                 if results]
 
     __str__ = render
+
+
+def _unverified(target: Target) -> str:
+    """The mark of a target whose adapter is declared from documentation and was never run (``Target.verified``)."""
+    return "" if target.verified else " [not verified: adapter declared from documentation]"
 
 
 def _cells(results: list[tuple[Target, CheckReport, float]], known: list[str],
