@@ -44,9 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--dtype", action="append", dest="dtypes", metavar="DTYPE",
                        help="float16, bfloat16, float32 or float64 (repeatable; default float32)")
     check.add_argument("--layout", default="bhld", choices=("bhld", "blhd"))
-    check.add_argument("--interface", default="dense", choices=("dense", "varlen"),
+    check.add_argument("--interface", default="dense", choices=("dense", "varlen", "paged"),
                        help="dense: kernel(q, k, v, **keywords) (default); varlen: FlashAttention's packed layout, "
-                            "kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=, max_seqlen_k=, **keywords)")
+                            "kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=, max_seqlen_k=, **keywords); "
+                            "paged: kernel(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q=, "
+                            "max_seqlen_q=, **keywords), causal bottom-right")
     check.add_argument("--fully-masked", default="zero", choices=("zero", "nan", "mean_v", "skip"),
                        help="what the kernel returns for a fully masked row (default: zero, the spec; nan: out "
                             "and the weights it returns are NaN there, as a naive softmax gives)")

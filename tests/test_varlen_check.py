@@ -34,8 +34,8 @@ def test_each_varlen_bug_is_caught(bug) -> None:  # type: ignore[no-untyped-def]
 def test_the_varlen_interface_refuses_what_it_has_no_argument_for() -> None:
     with pytest.raises(ValueError, match="interface='varlen' has no mask, bias"):
         check(varlen_kernel(), framework="numpy", supports=("mask", "bias"), interface="varlen")
-    with pytest.raises(ValueError, match="interface must be one of dense, varlen"):
-        check(varlen_kernel(), framework="numpy", interface="paged")
+    with pytest.raises(ValueError, match="interface must be one of dense, varlen, paged"):
+        check(varlen_kernel(), framework="numpy", interface="ragged")
 
 
 def test_cli_checks_a_varlen_kernel(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -69,6 +69,7 @@ from ..tolerance import UNIT_ROUNDOFF, value_size
 from .cases import AttentionCase
 from .draws import defining_modules
 from .outcomes import outcome_of
+from .paged_kernels import call_paged, check_paged_supports, dense_through_paged
 from .progress import Progress, as_progress
 from .report import PropertyOutcome, Status, failure_sections, render_table, rules_text, summary_line
 from .report_files import Suite
@@ -78,8 +79,9 @@ from .targets import as_kernel
 from .varlen_kernels import call_varlen, check_varlen_supports, dense_through_varlen
 
 LAYOUTS = ("bhld", "blhd")
-#: The calling conventions ``check`` knows: dense attention, or FlashAttention's packed varlen one.
-INTERFACES = ("dense", "varlen")
+#: The calling conventions ``check`` knows: dense attention, FlashAttention's packed varlen one, or a
+#: paged KV cache read through a block table.
+INTERFACES = ("dense", "varlen", "paged")
 #: What a kernel returns for a fully excluded row: SPEC.md's zeros, NaN, the mean of the row's masked v rows
 #: (jax.nn's finite fill), or "skip" to leave those rows out of every comparison.
 FULLY_MASKED_CONVENTIONS = ("zero", "nan", "mean_v", "skip")
@@ -155,7 +157,8 @@ class KernelImplementation:
         keywords: dict[str, Any] = {}
         used = {"mask": options.mask is not None, "bias": options.bias is not None,
                 "scale": options.scale is not None, "causal": options.causal, "softcap": options.softcap is not None,
-                "window": options.window is not None, "dropout": options.dropout_mask is not None}
+                "window": options.window is not None, "dropout": options.dropout_mask is not None,
+                "score_mod": options.score_mod is not None, "mask_mod": options.mask_mod is not None}
         for feature in (name for name, is_used in used.items() if is_used):
             if feature not in self.features:
                 raise UnsupportedFeature(f"{self.name} does not support {feature}")
@@ -423,6 +426,51 @@ class VarlenKernelImplementation(KernelImplementation):
         return AttentionOutput(out, None, self.to_numpy(values[1]))
 
 
+class PagedKernelImplementation(KernelImplementation):
+    """A kernel with the paged KV-cache interface (``paged_kernels``): ``attention`` runs it on a batch
+    of sequences whose caches are a dense case's keys in pages (every dense property applies),
+    ``paged_attention`` on a paged problem as ``attention_ref.paged.paged_attention`` takes it (the
+    paged properties)."""
+
+    def __init__(self, fn: Callable[..., Any], **options: Any) -> None:
+        super().__init__(fn, **options)
+        self.paged_fn = fn
+        self.fn = dense_through_paged(fn, self.backend, window="window" in self.features)
+
+    def paged_attention(self, q: Any, k_cache: Any, v_cache: Any, block_table: Any, cache_seqlens: Any, *,
+                        cu_seqlens_q: Any = None, scale: float | None = None, causal: bool = False,
+                        softcap: float | None = None, window: tuple[int | None, int | None] | None = None,
+                        return_lse: bool = False) -> Any:
+        """The kernel's results on a paged problem, as NumPy arrays (out, or ``AttentionOutput(out,
+        None, lse)`` with ``return_lse``)."""
+        arrays = [None if x is None else x if isinstance(x, np.ndarray) else
+                  np.asarray(x if isinstance(x, list) else self.to_numpy(x))
+                  for x in (block_table, cache_seqlens, cu_seqlens_q)]
+        table, lengths, cu_q = arrays
+        assert table is not None and lengths is not None
+        options = AttentionOptions(scale=scale, causal=causal, alignment="bottom_right", softcap=softcap,
+                                   window=window)
+        keywords = self._keywords(options, return_lse=return_lse)
+        keywords.pop("alignment", None)  # the paged interface is bottom-right, without the keyword
+        where = (f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}, block_table "
+                 f"{table.tolist()}, cache_seqlens {lengths.tolist()}, cu_seqlens_q "
+                 f"{None if cu_q is None else cu_q.tolist()}, {keywords}")
+        try:
+            result = call_paged(self.paged_fn, self.backend, q, k_cache, v_cache, table, lengths, cu_q, keywords)
+        except Exception as error:  # a kernel that refuses an input within its declared features: ERROR
+            raise KernelError(f"{self.name} raised {type(error).__name__}: {error}\n  call: {where}") from error
+        values = tuple(result) if isinstance(result, tuple | list) else (result,)
+        if len(values) != (2 if "return_lse" in keywords else 1):
+            raise KernelError(f"{self.name} returned {len(values)} values; the paged convention is out, or (out, "
+                              f"lse) with return_lse\n  call: {where}")
+        out = self.to_numpy(values[0])
+        if not return_lse:
+            return out
+        if "lse" not in self.features:
+            raise UnsupportedFeature(f"{self.name} does not support lse")
+        return AttentionOutput(out, None, self.to_numpy(values[1]))
+
+
 def _assert_shapes(result: AttentionOutput | Gradients, shapes: AttentionOutput | Gradients,
                    case: AttentionCase) -> None:
     """Each returned array has the shape the spec gives it: a wrong shape is the kernel's wrong answer
@@ -624,12 +672,21 @@ def check(
         if layout != "bhld" or returns is not None:
             raise ValueError("interface='varlen' has its own layout (total, heads, head_dim) and returns (out, or "
                              "(out, lse) with return_lse): layout and returns do not apply")
+    if interface == "paged":
+        check_paged_supports(tuple(supports))
+        if layout != "bhld" or returns is not None:
+            raise ValueError("interface='paged' has its own layout (q in tokens, heads, head_dim; the caches in pages) "
+                             "and returns (out, or (out, lse) with return_lse): layout and returns do not apply")
     features = kernel_features(supports, dtypes, returns=returns, few_shapes=few_shapes)
     if interface == "varlen":
         features = dataclasses.replace(features, supports=features.supports | {"varlen"})
+    if interface == "paged":  # always bottom-right: the dense cases of both alignments reach it
+        positional = {"bottom_right"} if {"causal", "window"} & features.supports else set()
+        features = dataclasses.replace(features, supports=features.supports | {"paged"} | positional)
     returned = () if returns is None else parse_returns(tuple(returns))
     kernel = as_kernel(fn, framework, name)
-    implementation = KernelImplementation if interface == "dense" else VarlenKernelImplementation
+    implementation = {"dense": KernelImplementation, "varlen": VarlenKernelImplementation,
+                      "paged": PagedKernelImplementation}[interface]
     impl = implementation(kernel.fn, framework=framework, features=features, layout=layout,
                                 fully_masked=fully_masked, name=kernel.name, device=device, backward=backward,
                                 returns=None if returns is None else returned, mask_polarity=mask_polarity,
