@@ -490,6 +490,7 @@ TARGET_BUILDERS = (
     "attention_ref.testing.adapters:keras_targets",
     "attention_ref.testing.varlen_targets:jax_varlen_targets",
     "attention_ref.testing.varlen_targets:torch_varlen_targets",
+    "attention_ref.testing.flex_targets:flex_targets",
     "attention_ref.testing.cuda_targets:cuda_kernel_targets",
     "attention_ref.testing.layer_targets:torch_layer_targets",
     "attention_ref.testing.layer_targets:flax_layer_targets",
