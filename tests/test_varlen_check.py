@@ -10,7 +10,14 @@ from attention_ref.cli import main
 from attention_ref.testing import check
 from attention_ref.testing.report import Status
 
-from .zoo.varlen import VARLEN_BUG_LIST, VARLEN_FEATURES, varlen_kernel
+from .zoo.varlen import (
+    FALSE_DECLARATIONS,
+    HONEST_CONVENTIONS,
+    VARLEN_BUG_LIST,
+    VARLEN_FEATURES,
+    convention_kernel,
+    varlen_kernel,
+)
 
 
 def test_a_correct_varlen_kernel_passes_every_property() -> None:
@@ -29,6 +36,44 @@ def test_each_varlen_bug_is_caught(bug) -> None:  # type: ignore[no-untyped-def]
                    interface="varlen", max_examples=100, seed=0, properties=(bug.catches,))
     status = {o.name: o.status for o in report.outcomes}[bug.catches]
     assert status == Status.FAIL, f"{bug.name} ({bug.description}) not caught by {bug.catches}:\n{report.render()}"
+
+
+def _declared_features(declared: dict[str, object]) -> tuple[str, ...]:
+    """A kernel with a fixed alignment takes no alignment keyword: it does not declare bottom_right."""
+    return tuple(f for f in VARLEN_FEATURES if f != "bottom_right" or "causal_alignment" not in declared)
+
+
+@pytest.mark.parametrize("name", HONEST_CONVENTIONS)
+def test_a_declared_convention_is_verified_and_reported_as_convention_differs(name: str) -> None:
+    conventions, declared = HONEST_CONVENTIONS[name]
+    report = check(convention_kernel(**conventions), framework="numpy", supports=_declared_features(declared),
+                   interface="varlen", max_examples=25, seed=0, **declared)
+    assert report.passed, report.render()
+    differs = [o for o in report.outcomes if o.status == Status.CONVENTION_DIFFERS]
+    assert {o.name for o in differs} >= {"varlen_equals_each_segments_attention", "matches_float64_oracle"}
+    evidence = "\n".join(o.detail for o in differs)
+    for key, value in declared.items():
+        assert f"declared {key}='{value}'" in evidence, evidence
+        assert f"{key}: {value}" in report.target
+    assert "convention differs" in report.render()
+
+
+@pytest.mark.usefixtures("without_shrinking")
+@pytest.mark.parametrize("name", FALSE_DECLARATIONS)
+def test_a_false_declaration_fails(name: str) -> None:
+    conventions, declared, catches = FALSE_DECLARATIONS[name]
+    report = check(convention_kernel(**conventions), framework="numpy", supports=_declared_features(declared),
+                   interface="varlen", max_examples=100, seed=0, properties=(catches,),
+                   **declared)
+    status = {o.name: o.status for o in report.outcomes}[catches]
+    assert status == Status.FAIL, f"{name} not caught by {catches}:\n{report.render()}"
+
+
+def test_varlen_conventions_are_checked_and_only_for_varlen() -> None:
+    with pytest.raises(ValueError, match="empty_lse must be one of -inf, \\+inf"):
+        check(varlen_kernel(), framework="numpy", interface="varlen", empty_lse="nan")
+    with pytest.raises(ValueError, match="conventions of interface='varlen'"):
+        check(varlen_kernel(), framework="numpy", lse_layout="padded")
 
 
 def test_the_varlen_interface_refuses_what_it_has_no_argument_for() -> None:

@@ -66,6 +66,7 @@ from ..plan import AttentionKeywords, AttentionOptions
 from ..registry import get_backend
 from ..result import AttentionOutput, Gradients
 from ..tolerance import UNIT_ROUNDOFF, value_size
+from ..varlen import varlen_mask
 from .cases import AttentionCase
 from .draws import defining_modules
 from .outcomes import outcome_of
@@ -76,7 +77,18 @@ from .report_files import Suite
 from .runner import PROPERTIES, check_property_names, check_rule_numbers, run_property, selects
 from .strategies import Features
 from .targets import as_kernel
-from .varlen_kernels import call_varlen, check_varlen_supports, dense_through_varlen
+from .varlen_kernels import (
+    CAUSAL_ALIGNMENTS,
+    CONVENTION_EVIDENCE,
+    EMPTY_LSE_CONVENTIONS,
+    LSE_LAYOUTS,
+    BottomRightCall,
+    bottom_right_calls,
+    call_varlen,
+    check_varlen_supports,
+    dense_through_varlen,
+    packed_lse,
+)
 
 LAYOUTS = ("bhld", "blhd")
 #: The calling conventions ``check`` knows: dense attention, FlashAttention's packed varlen one, or a
@@ -89,6 +101,11 @@ FULLY_MASKED_CONVENTIONS = ("zero", "nan", "mean_v", "skip")
 
 class UnsupportedFeature(Exception):
     """A property asked a kernel for a feature outside its ``supports`` (a checker bug: reported ERROR)."""
+
+
+class DeclarationBroken(AssertionError):
+    """The kernel's result breaks a convention it declared (e.g. ``empty_lse="+inf"`` with a finite lse
+    on a row with no key): its wrong answer, reported FAIL."""
 
 
 class KernelError(Exception):
@@ -195,6 +212,8 @@ class KernelImplementation:
             q, k, v = (x.swapaxes(1, 2) for x in (q, k, v))
         try:
             result = self.fn(q, k, v, **kernel_keywords)
+        except DeclarationBroken as error:  # its declared convention does not hold: FAIL
+            raise DeclarationBroken(f"{error}\n  case: {case!r}") from None
         except Exception as error:  # a kernel that refuses an input within its declared features: ERROR
             flags = [flag for flag in ("return_weights", "return_lse") if flag in kernel_keywords]
             hint = (f" (it was passed {', '.join(flags)}: a kernel that returns its weights or lse on every call "
@@ -384,12 +403,101 @@ class KernelImplementation:
 class VarlenKernelImplementation(KernelImplementation):
     """A kernel with the packed variable-length interface (``varlen_kernels``): ``attention`` runs it
     on a packed batch of equal segments (every dense property applies), ``varlen_attention`` on a
-    packed problem as ``Backend.varlen_attention`` takes it (the varlen properties)."""
+    packed problem as ``Backend.varlen_attention`` takes it (the varlen properties).
 
-    def __init__(self, fn: Callable[..., Any], **options: Any) -> None:
+    Its declared conventions (``empty_lse``, ``lse_layout``, ``causal_alignment``: ``varlen_kernels``)
+    are converted to SPEC.md's on every call, after being verified where they apply: a result that
+    breaks its declaration is a FAIL (``DeclarationBroken``), and a pass that used one reports
+    "convention differs" with ``CONVENTION_EVIDENCE``."""
+
+    def __init__(self, fn: Callable[..., Any], *, empty_lse: str = "-inf", lse_layout: str = "packed",
+                 causal_alignment: str | None = None, **options: Any) -> None:
         super().__init__(fn, **options)
+        for name, value, choices in (("empty_lse", empty_lse, EMPTY_LSE_CONVENTIONS),
+                                     ("lse_layout", lse_layout, LSE_LAYOUTS),
+                                     ("causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        self.empty_lse, self.lse_layout, self.causal_alignment = empty_lse, lse_layout, causal_alignment
         self.varlen_fn = fn
-        self.fn = dense_through_varlen(fn, self.backend)
+        self.fn = dense_through_varlen(self._conventional, self.backend)
+
+    def _conventional(self, q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, *, max_seqlen_q: int,
+                      max_seqlen_k: int, **keywords: Any) -> Any:
+        """The kernel on a packed problem in SPEC.md's conventions: out, or ``(out, lse)`` with lse
+        ``(Hq, total_q)`` and -inf for rows with no key (NumPy when a declared convention was applied)."""
+        cu_q, cu_k = (x if isinstance(x, np.ndarray) else self.to_numpy(x) for x in (cu_seqlens_q, cu_seqlens_k))
+        cu_q, cu_k = cu_q.astype(np.int64), cu_k.astype(np.int64)
+        total_q, total_k = int(q.shape[0]), int(k.shape[0])
+        alignment = keywords.get("alignment", "top_left")
+        direct = BottomRightCall(np.arange(total_q), cu_q, np.arange(total_k), cu_k, {}, np.arange(total_q))
+        calls = [direct]
+        if self.causal_alignment == "bottom_right":
+            keywords.pop("alignment", None)
+            positional = keywords.get("causal", False) or keywords.get("window") is not None
+            if positional and alignment == "top_left" and np.any(np.diff(cu_q) != np.diff(cu_k)):
+                calls = bottom_right_calls(cu_q, cu_k, total_q, total_k, keywords.get("causal", False),
+                                           keywords.get("window"), "window" in self.features)
+                self.observed[CONVENTION_EVIDENCE["bottom_right"]] += int(cu_q[-1])
+            alignment = "bottom_right"
+        plain = calls[0] is direct and self.empty_lse == "-inf" and self.lse_layout == "packed"
+        results = []
+        for call in calls:
+            taken = [x if call is direct else _take_rows(self.backend, x, index)
+                     for x, index in ((q, call.q_index), (k, call.k_index), (v, call.k_index))]
+            result = call_varlen(self.varlen_fn, self.backend, taken[0], taken[1], taken[2], call.cu_seqlens_q,
+                                 call.cu_seqlens_k, {**keywords, **call.keywords})
+            values = tuple(result) if isinstance(result, tuple | list) else (result,)
+            if plain or len(values) != (2 if "return_lse" in keywords else 1):
+                return result  # SPEC.md's conventions, or a result the caller reports as breaking the interface
+            results.append((call, self.to_numpy(values[0]),
+                            self._spec_lse(self.to_numpy(values[1]), call, {**keywords, **call.keywords}, alignment,
+                                           int(taken[0].shape[0]), int(taken[1].shape[0]))
+                            if len(values) == 2 else None))
+        if calls[0] is direct:
+            _, out, lse = results[0]
+            return (out, lse) if lse is not None else out
+        first = results[0][1]
+        out = np.zeros((total_q, *first.shape[1:]), first.dtype)
+        lse_all = None if results[0][2] is None else np.zeros((results[0][2].shape[0], total_q), results[0][2].dtype)
+        for call, part, part_lse in results:
+            keep = call.rows >= 0
+            out[call.rows[keep]] = part[keep]
+            if lse_all is not None and part_lse is not None:
+                lse_all[:, call.rows[keep]] = part_lse[:, keep]
+        return (out, lse_all) if lse_all is not None else out
+
+    def _spec_lse(self, lse: np.ndarray, call: BottomRightCall, keywords: dict[str, Any], alignment: str,
+                  total_q: int, total_k: int) -> np.ndarray:
+        """lse ``(Hq, total_q)`` with -inf for rows with no key, from the declared layout and empty-row value
+        (verified: ``DeclarationBroken`` otherwise)."""
+        cu_q = call.cu_seqlens_q
+        if self.lse_layout == "padded":
+            try:
+                lse = packed_lse(lse, cu_q, total_q)
+            except AssertionError as error:
+                raise DeclarationBroken(str(error)) from None
+            self.observed[CONVENTION_EVIDENCE["padded"]] += int(cu_q[-1])
+        if self.empty_lse == "+inf":
+            allowed = varlen_mask(cu_q, call.cu_seqlens_k, total_q=total_q, total_k=total_k,
+                                  causal=keywords.get("causal", False), alignment=alignment,
+                                  window=keywords.get("window"))
+            empty = np.asarray(~allowed.any(axis=1), dtype=bool)
+            if self.lse_layout == "padded":
+                empty[int(cu_q[-1]):] = False  # no lse in that layout
+            got = lse[:, empty] if lse.ndim == 2 and lse.shape[-1] == total_q else None
+            if got is not None and got.size:
+                wrong = ~np.isposinf(got.astype(np.float64))
+                if wrong.any():
+                    head, token = (int(i) for i in np.argwhere(wrong)[0])
+                    raise DeclarationBroken(
+                        f"lse of rows with no key to attend: the declared convention is +inf (empty_lse='+inf'); "
+                        f"got {got[head, token]!r} at head {head}, token {int(np.flatnonzero(empty)[token])} "
+                        f"(cu_seqlens_q {cu_q.tolist()}, cu_seqlens_k {call.cu_seqlens_k.tolist()})")
+                lse = np.array(lse)
+                lse[:, empty] = -np.inf
+                self.observed[CONVENTION_EVIDENCE["+inf"]] += int(empty.sum())
+        return lse
 
     def varlen_attention(self, q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, *,
                          seqused_k: Any = None, scale: float | None = None, causal: bool = False,
@@ -411,7 +519,9 @@ class VarlenKernelImplementation(KernelImplementation):
         where = (f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, cu_seqlens_q {cu_q.tolist()}, "
                  f"cu_seqlens_k {cu_k.tolist()}, {keywords}")
         try:
-            result = call_varlen(self.varlen_fn, self.backend, q, k, v, cu_q, cu_k, keywords)
+            result = call_varlen(self._conventional, self.backend, q, k, v, cu_q, cu_k, keywords)
+        except DeclarationBroken as error:  # the kernel's wrong answer: FAIL
+            raise DeclarationBroken(f"{error}\n  call: {where}") from None
         except Exception as error:  # a kernel that refuses an input within its declared features: ERROR
             raise KernelError(f"{self.name} raised {type(error).__name__}: {error}\n  call: {where}") from error
         values = tuple(result) if isinstance(result, tuple | list) else (result,)
@@ -424,6 +534,11 @@ class VarlenKernelImplementation(KernelImplementation):
         if "lse" not in self.features:
             raise UnsupportedFeature(f"{self.name} does not support lse")
         return AttentionOutput(out, None, self.to_numpy(values[1]))
+
+
+def _take_rows(backend: Any, x: Any, index: np.ndarray) -> Any:
+    """``x[index]`` along the first axis (any framework)."""
+    return x[backend.asarray_like(np.asarray(index, np.int64), x)] if backend.framework == "torch" else x[index]
 
 
 class PagedKernelImplementation(KernelImplementation):
@@ -635,6 +750,9 @@ def check(
     progress: Progress | None = None,
     plot_dir: str | Path | None = None,
     interface: str = "dense",
+    empty_lse: str = "-inf",
+    lse_layout: str = "packed",
+    causal_alignment: str | None = None,
 ) -> CheckReport:
     """Run every applicable property of SPEC.md against the kernel ``fn`` (see the module docstring
     for its calling convention) and report per property.
@@ -655,6 +773,14 @@ def check(
     ``interface="varlen"``: ``fn`` has FlashAttention's packed variable-length interface
     (``attention_ref.testing.varlen_kernels``): every property runs on it, the dense ones through a
     packed batch of equal segments, and the varlen properties (rule 20) on drawn segmentations.
+    A varlen kernel declares its conventions where they differ from SPEC.md's: ``empty_lse="+inf"``
+    (lse of a row with no key, FlashAttention 2), ``lse_layout="padded"`` (lse ``(B, Hq,
+    max_seqlen_q)``), ``causal_alignment="bottom_right"`` (no alignment keyword, always bottom-right):
+    each is verified and converted, and reported as "convention differs" with its evidence
+    (``varlen_kernels.CONVENTION_EVIDENCE``). ``interface="paged"``: ``fn`` reads a paged KV cache
+    through a block table (``attention_ref.testing.paged_kernels``): every property runs on it, the
+    dense ones through a batch of sequences whose caches hold the keys in pages, and the paged
+    properties (rule 21) on drawn page tables.
 
     ``fn`` may be a function, a torch ``nn.Module`` (instance or class, called in eval mode), a flax
     nnx or linen module or a keras layer (``attention_ref.testing.targets``; TargetError, a
@@ -672,6 +798,9 @@ def check(
         if layout != "bhld" or returns is not None:
             raise ValueError("interface='varlen' has its own layout (total, heads, head_dim) and returns (out, or "
                              "(out, lse) with return_lse): layout and returns do not apply")
+    declared_varlen = {"empty_lse": empty_lse, "lse_layout": lse_layout, "causal_alignment": causal_alignment}
+    if interface != "varlen" and (empty_lse, lse_layout, causal_alignment) != ("-inf", "packed", None):
+        raise ValueError("empty_lse, lse_layout and causal_alignment are conventions of interface='varlen'")
     if interface == "paged":
         check_paged_supports(tuple(supports))
         if layout != "bhld" or returns is not None:
@@ -679,7 +808,8 @@ def check(
                              "and returns (out, or (out, lse) with return_lse): layout and returns do not apply")
     features = kernel_features(supports, dtypes, returns=returns, few_shapes=few_shapes)
     if interface == "varlen":
-        features = dataclasses.replace(features, supports=features.supports | {"varlen"})
+        fixed = {"bottom_right"} if causal_alignment and {"causal", "window"} & features.supports else set()
+        features = dataclasses.replace(features, supports=features.supports | {"varlen"} | fixed)
     if interface == "paged":  # always bottom-right: the dense cases of both alignments reach it
         positional = {"bottom_right"} if {"causal", "window"} & features.supports else set()
         features = dataclasses.replace(features, supports=features.supports | {"paged"} | positional)
@@ -687,10 +817,11 @@ def check(
     kernel = as_kernel(fn, framework, name)
     implementation = {"dense": KernelImplementation, "varlen": VarlenKernelImplementation,
                       "paged": PagedKernelImplementation}[interface]
+    conventions: dict[str, Any] = declared_varlen if interface == "varlen" else {}
     impl = implementation(kernel.fn, framework=framework, features=features, layout=layout,
-                                fully_masked=fully_masked, name=kernel.name, device=device, backward=backward,
-                                returns=None if returns is None else returned, mask_polarity=mask_polarity,
-                                out_dtype=out_dtype)
+                          fully_masked=fully_masked, name=kernel.name, device=device, backward=backward,
+                          returns=None if returns is None else returned, mask_polarity=mask_polarity,
+                          out_dtype=out_dtype, **conventions)
     # No explain phase: it reruns a shrunk failure many times to annotate which parts of it vary, which
     # the report does not show (the shrunk case is the finding).
     run_settings = Settings(max_examples=max_examples, deadline=None, database=None, print_blob=True,
@@ -705,6 +836,10 @@ def check(
         declared.append(f"mask: True = {mask_polarity}")
     if out_dtype is not None:
         declared.append(f"out dtype: {out_dtype}")
+    if interface != "dense":
+        declared.append(f"interface: {interface}")
+    declared += [f"{key}: {value}" for key, value in declared_varlen.items()
+                 if value != {"empty_lse": "-inf", "lse_layout": "packed", "causal_alignment": None}[key]]
     report = CheckReport(f"{impl.name} ({framework}, {layout}, {', '.join(declared)}, "
                          f"dtypes: {', '.join(dtypes)}, fully masked rows: {fully_masked}, "
                          f"{max_examples} examples, seed {seed})", dtypes=tuple(dtypes), name=impl.name, seed=seed,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -83,3 +84,100 @@ def dense_through_varlen(fn: Callable[..., Any], backend: Any) -> Callable[..., 
 
     dense.__name__ = getattr(fn, "__name__", "varlen_kernel")
     return dense
+
+
+# ---- declared conventions (check(..., interface="varlen", empty_lse=, lse_layout=, causal_alignment=)) ----
+
+#: lse of a row with no key to attend: SPEC.md's -inf, or FlashAttention 2's +inf.
+EMPTY_LSE_CONVENTIONS = ("-inf", "+inf")
+#: lse's layout: SPEC.md's packed ``(Hq, total_q)``, or padded ``(B, Hq, max_seqlen_q)`` (FlashAttention 2's
+#: varlen forward before 2.4, and its padded kernels).
+LSE_LAYOUTS = ("packed", "padded")
+#: Causal and window alignment: None (the kernel takes ``alignment``, with the ``bottom_right`` feature), or
+#: "bottom_right" (it takes no alignment keyword and always aligns bottom-right, as FlashAttention >= 2.1).
+CAUSAL_ALIGNMENTS = (None, "bottom_right")
+
+#: The evidence line of each declared varlen convention, as reports print it (with the number of rows).
+CONVENTION_EVIDENCE = {
+    "+inf": "rows with no key to attend: lse is +inf (declared empty_lse='+inf', FlashAttention 2; verified on "
+            "every such row, then compared as SPEC.md's -inf)",
+    "padded": "lse returned padded (B, Hq, max_seqlen_q) (declared lse_layout='padded'; shape verified, converted "
+              "to (Hq, total_q); tokens in no segment have no lse there: theirs is not compared)",
+    "bottom_right": "causal and window always bottom-right (declared causal_alignment='bottom_right', no alignment "
+                    "keyword): top-left cases run as an equal bottom-right problem (each segment's tokens reversed "
+                    "with the window as (right, left); without the window feature, queries padded to S or split)",
+}
+
+
+def packed_lse(padded: np.ndarray, cu_seqlens_q: np.ndarray, total_q: int) -> np.ndarray:
+    """``(Hq, total_q)`` from a padded lse ``(B, Hq, max_seqlen_q)``: token ``cu[b] + i`` is
+    ``padded[b, :, i]``; tokens in no segment get -inf. AssertionError (a FAIL: the kernel broke its
+    declared layout) when the shape is not ``(B, Hq, max_seqlen_q)``."""
+    lengths = np.diff(cu_seqlens_q)
+    batch, longest = lengths.size, int(lengths.max(initial=0))
+    assert padded.ndim == 3 and padded.shape[0] == batch and padded.shape[2] >= longest, (
+        f"lse: shape {padded.shape}, expected (B, Hq, max_seqlen_q) = ({batch}, Hq, {longest}) (declared "
+        f"lse_layout='padded')")
+    lse = np.full((padded.shape[1], total_q), -np.inf, dtype=padded.dtype)
+    for b in range(batch):
+        start = int(cu_seqlens_q[b])
+        lse[:, start:start + int(lengths[b])] = padded[b, :, :int(lengths[b])]
+    return lse
+
+
+@dataclass(frozen=True)
+class BottomRightCall:
+    """One kernel call of a top-left problem run bottom-right: the query and key tokens it takes (indices
+    into the original packed q and k), its segmentation, the keywords it changes, and where each of its
+    query rows goes (-1: a padding query whose result is dropped)."""
+
+    q_index: np.ndarray
+    cu_seqlens_q: np.ndarray
+    k_index: np.ndarray
+    cu_seqlens_k: np.ndarray
+    keywords: dict[str, Any]
+    rows: np.ndarray
+
+
+def _reversed_segments(cu: np.ndarray, total: int) -> np.ndarray:
+    """Token indices with each segment's tokens in reverse order (tokens in no segment in place)."""
+    parts = [np.arange(int(cu[b + 1]) - 1, int(cu[b]) - 1, -1) for b in range(cu.size - 1)]
+    return np.concatenate([*parts, np.arange(int(cu[-1]), total)]).astype(np.int64)
+
+
+def bottom_right_calls(cu_q: np.ndarray, cu_k: np.ndarray, total_q: int, total_k: int, causal: bool,
+                       window: tuple[int | None, int | None] | None, has_window: bool) -> list[BottomRightCall]:
+    """The bottom-right calls that compute a top-left causal/window problem exactly (each original query
+    row in exactly one call). With the window feature: one call, each segment's queries and keys
+    reversed, window ``(l, r)`` as ``(r, l)`` and causal as a left side of 0. Without it (causal alone):
+    each segment's first ``min(L_b, S_b)`` queries padded to ``S_b`` with copies of its first query
+    (offsets 0 either way), and its queries beyond ``S_b``, which see every key, in a second call
+    without causal."""
+    keys = np.arange(total_k, dtype=np.int64)
+    if has_window:
+        left, right = (None, None) if window is None else window
+        return [BottomRightCall(_reversed_segments(cu_q, total_q), cu_q, _reversed_segments(cu_k, total_k), cu_k,
+                                {"causal": False, "window": (0 if causal else right, left)},
+                                _reversed_segments(cu_q, total_q))]
+    lengths_q, lengths_k = np.diff(cu_q), np.diff(cu_k)
+    first, first_rows, first_lengths, rest, rest_lengths = [], [], [], [], []
+    for b in range(lengths_q.size):
+        start, length, held = int(cu_q[b]), int(lengths_q[b]), int(lengths_k[b])
+        kept = min(length, held)
+        pad = held - kept if kept else 0
+        first.append(np.concatenate([start + np.arange(kept), np.full(pad, start)]))
+        first_rows.append(np.concatenate([start + np.arange(kept), np.full(pad, -1)]))
+        first_lengths.append(kept + pad)
+        rest.append(start + np.arange(kept, length))
+        rest_lengths.append(length - kept)
+    outside = np.arange(int(cu_q[-1]), total_q)
+    calls = [BottomRightCall(np.concatenate([*first, outside]).astype(np.int64), _cumulative(first_lengths), keys,
+                             cu_k, {}, np.concatenate([*first_rows, outside]).astype(np.int64))]
+    if sum(rest_lengths):
+        index = np.concatenate(rest).astype(np.int64)
+        calls.append(BottomRightCall(index, _cumulative(rest_lengths), keys, cu_k, {"causal": False}, index))
+    return calls
+
+
+def _cumulative(lengths: list[int]) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)

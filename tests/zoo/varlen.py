@@ -115,3 +115,50 @@ def varlen_kernel(**bugs: bool) -> Any:
         return (out, lse) if return_lse else out
 
     return attention
+
+
+def convention_kernel(*, empty_lse: str = "-inf", lse_layout: str = "packed", alignment: str | None = None) -> Any:
+    """The correct varlen kernel with other conventions: lse ``+inf`` on rows with no key
+    (``empty_lse="+inf"``, FlashAttention 2), lse padded ``(B, Hq, max_seqlen_q)`` (``lse_layout=
+    "padded"``, zeros past each segment), and with ``alignment`` set no alignment keyword, always that
+    alignment (FlashAttention >= 2.1: "bottom_right")."""
+    correct = varlen_kernel()
+
+    def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cu_seqlens_q: np.ndarray, cu_seqlens_k: np.ndarray,
+                  **keywords: Any) -> Any:
+        if alignment is not None:
+            keywords["alignment"] = alignment
+        result = correct(q, k, v, cu_seqlens_q, cu_seqlens_k, **keywords)
+        if not keywords.get("return_lse"):
+            return result
+        out, lse = result
+        if empty_lse == "+inf":
+            lse = np.where(lse == -np.inf, np.inf, lse)
+        if lse_layout == "padded":
+            cu = np.asarray(cu_seqlens_q).astype(int)
+            padded = np.zeros((cu.size - 1, lse.shape[0], keywords["max_seqlen_q"]))
+            for b in range(cu.size - 1):
+                padded[b, :, :cu[b + 1] - cu[b]] = lse[:, cu[b]:cu[b + 1]]
+            lse = padded
+        return out, lse
+
+    return attention
+
+
+#: Kernels that declare their conventions truthfully: name -> (the kernel's conventions, the check keywords).
+HONEST_CONVENTIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "empty_lse_inf": ({"empty_lse": "+inf"}, {"empty_lse": "+inf"}),
+    "lse_padded": ({"lse_layout": "padded"}, {"lse_layout": "padded"}),
+    "always_bottom_right": ({"alignment": "bottom_right"}, {"causal_alignment": "bottom_right"}),
+    "flash_attention_2": ({"empty_lse": "+inf", "lse_layout": "padded", "alignment": "bottom_right"},
+                          {"empty_lse": "+inf", "lse_layout": "padded", "causal_alignment": "bottom_right"}),
+}
+
+#: Kernels whose declaration is false: name -> (the kernel's conventions, the check keywords, the property
+#: that must FAIL).
+FALSE_DECLARATIONS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
+    "declares_inf_returns_minus_inf": ({}, {"empty_lse": "+inf"}, "varlen_equals_each_segments_attention"),
+    "declares_padded_returns_packed": ({}, {"lse_layout": "padded"}, "varlen_equals_each_segments_attention"),
+    "declares_bottom_right_is_top_left": ({"alignment": "top_left"}, {"causal_alignment": "bottom_right"},
+                                          "varlen_equals_each_segments_attention"),
+}
