@@ -93,3 +93,13 @@ def test_cli_checks_a_paged_kernel(tmp_path, monkeypatch, capsys) -> None:
     status = main(["check", "cached:attention", "--framework", "numpy", "--interface", "paged", "--supports",
                    "causal,window", "--max-examples", "5", "--seed", "0", "--workers", "1", "--progress", "none"])
     assert status == 0, capsys.readouterr().out
+
+
+def test_the_interface_features_are_those_check_in_workers_selects_with() -> None:
+    from attention_ref.testing.check import interface_features, kernel_features
+
+    base = kernel_features(("causal", "lse"), ("float32",))
+    assert {"paged", "bottom_right"} <= interface_features(base, "paged").supports
+    assert "bottom_right" not in interface_features(base, "varlen").supports
+    assert "bottom_right" in interface_features(base, "varlen", "bottom_right").supports
+    assert interface_features(base, "dense") == base

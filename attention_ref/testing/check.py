@@ -727,6 +727,18 @@ def kernel_features(supports: Sequence[str], dtypes: Sequence[str], *, returns: 
     return Features(frozenset(supports) | {r for r in returned if r != "out"}, tuple(dtypes), few_shapes=few_shapes)
 
 
+def interface_features(features: Features, interface: str, causal_alignment: str | None = None) -> Features:
+    """The features a kernel of ``interface`` is checked with: its own, plus ``varlen`` or ``paged`` (the
+    interface's properties), plus ``bottom_right`` for a kernel that always aligns bottom-right (the
+    paged interface; a varlen kernel declaring ``causal_alignment``) and takes causal or a window:
+    the cases of both alignments reach it, top-left ones as an equal bottom-right problem."""
+    if interface == "dense":
+        return features
+    positional = {"causal", "window"} & features.supports
+    fixed = {"bottom_right"} if positional and (interface == "paged" or causal_alignment) else set()
+    return dataclasses.replace(features, supports=features.supports | {interface} | fixed)
+
+
 def check(
     fn: Callable[..., Any],
     *,
@@ -806,13 +818,8 @@ def check(
         if layout != "bhld" or returns is not None:
             raise ValueError("interface='paged' has its own layout (q in tokens, heads, head_dim; the caches in pages) "
                              "and returns (out, or (out, lse) with return_lse): layout and returns do not apply")
-    features = kernel_features(supports, dtypes, returns=returns, few_shapes=few_shapes)
-    if interface == "varlen":
-        fixed = {"bottom_right"} if causal_alignment and {"causal", "window"} & features.supports else set()
-        features = dataclasses.replace(features, supports=features.supports | {"varlen"} | fixed)
-    if interface == "paged":  # always bottom-right: the dense cases of both alignments reach it
-        positional = {"bottom_right"} if {"causal", "window"} & features.supports else set()
-        features = dataclasses.replace(features, supports=features.supports | {"paged"} | positional)
+    features = interface_features(kernel_features(supports, dtypes, returns=returns, few_shapes=few_shapes),
+                                  interface, causal_alignment)
     returned = () if returns is None else parse_returns(tuple(returns))
     kernel = as_kernel(fn, framework, name)
     implementation = {"dense": KernelImplementation, "varlen": VarlenKernelImplementation,

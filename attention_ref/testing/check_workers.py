@@ -22,7 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from .check import CheckReport, check, kernel_features
+from .check import CheckReport, check, interface_features, kernel_features
 from .progress import Progress, as_progress
 from .report import PropertyOutcome, Status
 from .runner import PROPERTIES, check_property_names, check_rule_numbers, selects
@@ -66,8 +66,10 @@ def check_in_workers(target: str, *, workers: int, backward: str | None = None,
                          **options)
         report = check(kernel, backward=backward_fn, properties=(), **options)  # the header, nothing run
     shown = as_progress(progress)
-    features = kernel_features(options.get("supports", ()), options.get("dtypes", ("float32",)),
-                               returns=options.get("returns"), few_shapes=options.get("few_shapes", False))
+    features = interface_features(
+        kernel_features(options.get("supports", ()), options.get("dtypes", ("float32",)),
+                        returns=options.get("returns"), few_shapes=options.get("few_shapes", False)),
+        options.get("interface", "dense"), options.get("causal_alignment"))
     outcomes = {outcome.name: outcome for outcome in report.outcomes}
     chosen = []
     for prop in PROPERTIES:
