@@ -103,3 +103,20 @@ def test_the_interface_features_are_those_check_in_workers_selects_with() -> Non
     assert "bottom_right" not in interface_features(base, "varlen").supports
     assert "bottom_right" in interface_features(base, "varlen", "bottom_right").supports
     assert interface_features(base, "dense") == base
+
+
+@pytest.mark.usefixtures("without_shrinking")
+def test_a_paged_failure_records_its_case_in_the_json_report() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from attention_ref.testing.report_files import schema
+
+    for prop in ("paged_equals_dense_on_gathered_cache", "paged_is_invariant_to_page_permutation"):
+        report = check(paged_kernel(physical_page_order=True), framework="numpy", supports=PAGED_FEATURES,
+                       interface="paged", max_examples=100, seed=0, properties=(prop,))
+        document = report.document()
+        jsonschema.validate(document, schema())
+        failed = [o for o in report.outcomes if o.status == Status.FAIL]
+        assert [o.name for o in failed] == [prop] and failed[0].case is not None
+        # the case compared (one sequence on its gathered cache), the paged call in the detail's note
+        assert failed[0].case["kind"] == "attention", failed[0].case
+        assert "the paged case: PagedCase(" in failed[0].detail and "block_table=" in failed[0].detail

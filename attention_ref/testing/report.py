@@ -10,6 +10,7 @@ features, a calling-convention mismatch such as a wrong number of returned value
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -145,7 +146,8 @@ def failure_outcome(name: str, rules: tuple[int, ...], error: BaseException) -> 
     assertions = [leaf for leaf in leaves if isinstance(leaf, AssertionError)]
     status = Status.FAIL if assertions else Status.ERROR
     first = (assertions or leaves)[0]
-    notes = [note for note in getattr(first, "__notes__", []) if note.startswith("drawn with the case")]
+    notes = [note for note in getattr(first, "__notes__", [])  # the drawn extras; the packed/paged call compared
+             if note.startswith("drawn with the case") or re.match(r"(\w+ \d+ of )?the (packed|paged) case: ", note)]
     others = [f"also raised (another example): {type(leaf).__name__}: {str(leaf).splitlines()[0] if str(leaf) else ''}"
               for leaf in leaves if leaf is not first and not isinstance(leaf, AssertionError)]
     worst_element = getattr(first, "worst_element", None)
