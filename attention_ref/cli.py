@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
                             "kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=, max_seqlen_k=, **keywords); "
                             "paged: kernel(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q=, "
                             "max_seqlen_q=, **keywords), causal bottom-right")
+    check.add_argument("--empty-lse", default="-inf", choices=("-inf", "+inf"),
+                       help="varlen: the lse the kernel gives a row with no key (+inf: FlashAttention 2; verified)")
+    check.add_argument("--lse-layout", default="packed", choices=("packed", "padded"),
+                       help="varlen: lse (Hq, total_q) (default) or padded (B, Hq, max_seqlen_q) (verified)")
+    check.add_argument("--causal-alignment", default=None, choices=("bottom_right",),
+                       help="varlen: the kernel takes no alignment keyword and always aligns bottom-right")
     check.add_argument("--fully-masked", default="zero", choices=("zero", "nan", "mean_v", "skip"),
                        help="what the kernel returns for a fully masked row (default: zero, the spec; nan: out "
                             "and the weights it returns are NaN there, as a naive softmax gives)")
@@ -200,7 +206,8 @@ def _check(args: argparse.Namespace) -> int:
                 dtypes=tuple(args.dtypes or ("float32",)), fully_masked=args.fully_masked,
                 max_examples=args.max_examples, seed=args.seed, returns=args.returns,
                 mask_polarity=args.mask_polarity, out_dtype=args.out_dtype, plot_dir=args.plot_dir,
-                interface=args.interface)
+                interface=args.interface, empty_lse=args.empty_lse, lse_layout=args.lse_layout,
+                causal_alignment=args.causal_alignment)
     except (TargetError, ValueError) as error:  # a usage error: what was asked cannot be checked
         raise SystemExit(f"attention-ref check: {error}") from None
     print(result.render())

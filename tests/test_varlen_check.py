@@ -90,3 +90,17 @@ def test_cli_checks_a_varlen_kernel(tmp_path, monkeypatch, capsys) -> None:  # t
     status = main(["check", "packed:attention", "--framework", "numpy", "--interface", "varlen", "--supports",
                    "causal,bottom_right", "--max-examples", "5", "--seed", "0", "--workers", "1", "--progress", "none"])
     assert status == 0, capsys.readouterr().out
+
+
+def test_cli_checks_a_varlen_kernel_with_declared_conventions(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fa2.py").write_text("from tests.zoo.varlen import convention_kernel\n"
+                                     "attention = convention_kernel(empty_lse='+inf', lse_layout='padded', "
+                                     "alignment='bottom_right')\n")
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    status = main(["check", "fa2:attention", "--framework", "numpy", "--interface", "varlen", "--supports",
+                   "causal,lse", "--empty-lse", "+inf", "--lse-layout", "padded", "--causal-alignment",
+                   "bottom_right", "--max-examples", "5", "--seed", "0", "--workers", "1", "--progress", "none"])
+    shown = capsys.readouterr().out
+    assert status == 0, shown
+    assert "convention differs" in shown and "declared empty_lse='+inf'" in shown, shown
