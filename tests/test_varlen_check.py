@@ -104,3 +104,12 @@ def test_cli_checks_a_varlen_kernel_with_declared_conventions(tmp_path, monkeypa
     shown = capsys.readouterr().out
     assert status == 0, shown
     assert "convention differs" in shown and "declared empty_lse='+inf'" in shown, shown
+
+
+def test_a_fixed_bottom_right_kernel_without_windows_gets_top_left_cases_padded_or_split() -> None:
+    report = check(convention_kernel(alignment="bottom_right"), framework="numpy", supports=("causal", "lse"),
+                   interface="varlen", causal_alignment="bottom_right", max_examples=25, seed=0,
+                   properties=("matches_float64_oracle", "causal_ignores_future_keys",
+                               "varlen_equals_each_segments_attention"))
+    assert report.passed, report.render()
+    assert "declared causal_alignment='bottom_right'" in report.render()
