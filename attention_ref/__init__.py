@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar, Unpack, overload
 
-from . import layers, paged, varlen
+from . import flex, layers, paged, varlen
 from .backends.base import Backend
 from .dropout import dropout_mask
 from .layers.params import MHAParams
@@ -36,6 +36,7 @@ __all__ = [
     "attention_vjp",
     "available_backends",
     "dropout_mask",
+    "flex",
     "get_backend",
     "known_backends",
     "layers",

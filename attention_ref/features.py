@@ -21,6 +21,8 @@ KERNEL_FEATURE_HELP = {
     "weights": "returns weights with return_weights=True",
     "grad": "is differentiable (dq, dk, dv)",
     "dbias": "gives the bias's gradient too",
+    "mask_mod": "takes mask_mod=(b, h, q_idx, kv_idx) -> bool (FlexAttention's, rule 22)",
+    "score_mod": "takes score_mod=(score, b, h, q_idx, kv_idx) -> score (FlexAttention's, rule 22)",
 }
 #: The features a kernel may support, in the order of ``KERNEL_FEATURE_HELP``.
 KERNEL_FEATURES = tuple(KERNEL_FEATURE_HELP)

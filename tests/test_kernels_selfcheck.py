@@ -75,6 +75,9 @@ CONFIGS: dict[str, tuple[frozenset[str], dict[str, Any], list[tuple[int, int]]]]
          SIZES),
         ("all_bottom_right", TILED_FEATURES,
          {"causal": True, "alignment": "bottom_right", "softcap": 5.0, "scale": 0.37}, SIZES),
+        ("mask_mod", ("mask_mod",), {"mask_mod": ar.flex.causal_mask(0)}, SIZES),
+        ("score_mod", ("score_mod",), {"score_mod": ar.flex.alibi(ar.flex.alibi_slopes(HQ))}, FEW_SIZES),
+        ("score_mod_gqa", ("score_mod", "gqa"), {"score_mod": ar.flex.alibi(ar.flex.alibi_slopes(HQ))}, FEW_SIZES),
         ("everything", ALL_FEATURES, {"causal": True, "alignment": "bottom_right", "softcap": 5.0, "scale": 0.37,
                                       "window": (6, 2), "dropout_p": DROPOUT_P}, SIZES),
     ]
@@ -89,6 +92,8 @@ class Case:
     k: Any
     v: Any
     kwargs: dict[str, Any] = field(default_factory=dict)
+    #: The options of the same call without its score or mask program (rule 22), for the oracle.
+    spec: dict[str, Any] = field(default_factory=dict)
 
     @property
     def compute_dtype(self) -> Any:
@@ -121,8 +126,15 @@ def _make_case(seed: int, config: str, length: int, keys: int, dtype: Any, *, la
         kwargs["dropout_mask"] = torch.from_numpy(ar.dropout_mask((HQ, length, keys), DROPOUT_P, seed))
     kwargs["return_weights"] = "weights" in features
     kwargs["return_lse"] = "lse" in features
+    spec: dict[str, Any] = {}
+    if "mask_mod" in kwargs:  # causal_mask(0) is causal=True, top-left
+        spec["causal"] = True
+    if "score_mod" in kwargs:  # alibi(slopes) is the bias -slopes[h] |i - j|
+        distance = np.abs(np.arange(length)[:, None] - np.arange(keys)[None, :])
+        compute = np.float64 if dtype == torch.float64 else np.float32
+        spec["bias"] = (-ar.flex.alibi_slopes(HQ)[:, None, None] * distance).astype(compute)
     name = f"{config}-L{length}-S{keys}-{str(dtype).removeprefix('torch.')}{'-large' if large else ''}"
-    return Case(name, features, q, k, v, kwargs)
+    return Case(name, features, q, k, v, kwargs, spec)
 
 
 def _build_cases() -> list[Case]:
@@ -160,7 +172,8 @@ def _spec(index: int) -> tuple[AttentionCase, AttentionOutput, Any]:
               if name in case.kwargs}
     options = {name: case.kwargs[name] for name in ("scale", "causal", "alignment", "softcap", "window", "dropout_p")
                if name in case.kwargs}
-    spec_case = AttentionCase(*(backend.to_numpy(x) for x in (case.q, case.k, case.v)), **arrays, **options)
+    spec_case = AttentionCase(*(backend.to_numpy(x) for x in (case.q, case.k, case.v)),
+                              **{**arrays, **options, **case.spec})
     oracle = spec_case.oracle()
     return spec_case, oracle, spec_case.bounds(oracle=oracle)
 
@@ -221,7 +234,7 @@ def _within(supports: tuple[str, ...]) -> list[int]:
 
 
 def test_cases_cover_the_features() -> None:
-    assert len(BUGS) >= 41
+    assert len(BUGS) >= 45
     for bug in BUGS:
         assert callable(bug.kernel) and bug.description, bug.name
         assert set(bug.supports) <= set(KERNEL_FEATURES), bug.name

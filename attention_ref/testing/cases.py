@@ -314,7 +314,7 @@ class AttentionCase(AttentionOptions):
         named = {"q": self.q, "k": self.k, "v": self.v, "mask": self.mask, "bias": self.bias,
                  "dropout_mask": self.dropout_mask}
         small = self.q.size + self.k.size + self.v.size <= _REPR_FULL_LIMIT
-        options = {key: list(value) if isinstance(value, tuple) else value
+        options = {key: list(value) if isinstance(value, tuple) else repr(value) if callable(value) else value
                    for key, value in self.scalar_keywords().items()}
         return {
             "kind": "attention",

@@ -20,7 +20,7 @@ from .tiled import TILED_BUGS, tiled_kernel
 
 #: The features of the zoo's kernel (``make_kernel``): every feature ``check`` knows.
 ALL_FEATURES = ("mask", "bias", "scale", "causal", "bottom_right", "gqa", "value_dim", "softcap", "window",
-                "dropout", "lse", "weights", "grad", "dbias")
+                "dropout", "lse", "weights", "grad", "dbias", "mask_mod", "score_mod")
 #: The features of the tiled kernel: the forward ones but windows and dropout.
 TILED_FEATURES = ("mask", "bias", "scale", "causal", "bottom_right", "gqa", "value_dim", "softcap", "lse", "weights")
 #: The dtypes every kernel of the zoo is checked in.
@@ -139,6 +139,14 @@ BUGS: tuple[Bug, ...] = (
     Bug("weights_after_dropout", "returned weights are those after dropout, not before",
         "dropout_equals_manual_computation", ("dropout", "weights")),
     # backward
+    Bug("score_mod_on_unscaled_logits", "score_mod applied to q·k before the scale, not to the scaled logits",
+        "bias_only_score_mod_equals_bias", ("score_mod",)),
+    Bug("score_mod_given_kv_head", "score_mod's h is the kv head h // (Hq/Hkv), not the query head, under GQA",
+        "bias_only_score_mod_equals_bias", ("score_mod", "gqa")),
+    Bug("mask_mod_query_key_swapped", "mask_mod called as mask_mod(b, h, kv_idx, q_idx)",
+        "mask_mod_equals_explicit_mask", ("mask_mod",)),
+    Bug("partial_blocks_ignore_mask_mod", "block-sparse: every 4 x 4 block mask_mod allows a key in is attended "
+        "whole (partial blocks taken as full)", "mask_mod_equals_explicit_mask", ("mask_mod",)),
     Bug("dq_missing_scale", "dq is never multiplied by the scale", "gradients_match_float64_oracle", ("grad",)),
     Bug("dk_dv_tile_order_groups", "dk and dv summed over the wrong GQA group (query heads h % Hkv, tile order)",
         "gradients_match_float64_oracle", ("gqa", "grad")),

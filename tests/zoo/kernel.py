@@ -42,6 +42,9 @@ KERNEL_BUGS = (
     "weights_unnormalised",
     # dropout
     "dropout_without_rescale", "weights_after_dropout",
+    # score and mask programs (rule 22)
+    "score_mod_on_unscaled_logits", "score_mod_given_kv_head", "mask_mod_query_key_swapped",
+    "partial_blocks_ignore_mask_mod",
     # backward
     "dq_missing_scale", "dk_dv_tile_order_groups", "probabilities_from_lse_in_backward",
     "backward_without_row_term", "softcap_backward_without_derivative", "backward_ignores_dropout",
@@ -60,6 +63,21 @@ def pack(out: torch.Tensor, weights: torch.Tensor | None, lse: torch.Tensor | No
     if not (return_weights or return_lse):
         return out
     return out, weights if return_weights else None, lse if return_lse else None
+
+
+#: The block size of a block-sparse evaluation of ``mask_mod`` (``partial_blocks_ignore_mask_mod``).
+MOD_BLOCK = 4
+
+
+def mod_indices(q: torch.Tensor, keys: int) -> tuple[torch.Tensor, ...]:
+    """``(b, h, q_idx, kv_idx)``: int32 index tensors broadcast against the logits ``(B, Hq, L, S)``, h
+    the query head (rule 22)."""
+    def arange(n: int) -> torch.Tensor:
+        return torch.arange(n, dtype=torch.int32, device=q.device)
+
+    batch, heads, length = q.shape[0], q.shape[-3], q.shape[-2]
+    return arange(batch).reshape(batch, 1, 1, 1), arange(heads).reshape(heads, 1, 1), arange(length)[:, None], \
+        arange(keys)
 
 
 def make_kernel(**bugs: bool) -> Kernel:
@@ -127,7 +145,8 @@ def make_kernel(**bugs: bool) -> Kernel:
         @staticmethod
         def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                     mask: torch.Tensor | None, dropout_mask: torch.Tensor | None, scale: float, causal: bool,
-                    alignment: str, softcap: float | None, window: Any, dropout_p: float) -> tuple[torch.Tensor, ...]:
+                    alignment: str, softcap: float | None, window: Any, dropout_p: float,
+                    score_mod: Any) -> tuple[torch.Tensor, ...]:
             results = compute_dtype(q)
             dtype = results
             if "half_precision_accumulation" in bug:
@@ -140,7 +159,17 @@ def make_kernel(**bugs: bool) -> Kernel:
             else:
                 kr, vr = (x.to(dtype).repeat_interleave(group, dim=-3) for x in (k, v))
             qc = q.to(dtype)
-            x = torch.matmul(qc, kr.transpose(-1, -2)) * scale
+            x = torch.matmul(qc, kr.transpose(-1, -2))
+            if score_mod is not None:  # rule 22: on the scaled logits
+                b_idx, h_idx, q_idx, kv_idx = mod_indices(q, k.shape[-2])
+                if "score_mod_given_kv_head" in bug:
+                    h_idx = h_idx // group
+                if "score_mod_on_unscaled_logits" in bug:
+                    x = score_mod(x, b_idx, h_idx, q_idx, kv_idx).to(dtype) * scale
+                else:
+                    x = score_mod(x * scale, b_idx, h_idx, q_idx, kv_idx).to(dtype)
+            else:
+                x = x * scale
             b = None
             if bias is not None:
                 b = bias.to(dtype) * scale if "bias_times_scale" in bug else bias.to(dtype)
@@ -172,6 +201,7 @@ def make_kernel(**bugs: bool) -> Kernel:
             pz = p * z
             out = torch.matmul(pz, vr).to(q.dtype)
             ctx.save_for_backward(qc, kr, vr, p, z, masked, lse, t if t is not None else torch.empty(0))
+            ctx.scored = score_mod is not None
             ctx.meta = (scale, softcap, group, q.dtype, k.dtype, None if bias is None else (bias.shape, bias.dtype))
             weights = p
             if "weights_after_dropout" in bug:
@@ -184,6 +214,8 @@ def make_kernel(**bugs: bool) -> Kernel:
 
         @staticmethod
         def backward(ctx: Any, d_out: torch.Tensor, *unused: Any) -> tuple[Any, ...]:
+            if ctx.scored:
+                raise NotImplementedError("the zoo kernel's backward does not differentiate a score_mod")
             qc, kr, vr, p, z, masked, lse, t = ctx.saved_tensors
             scale, softcap, group, q_dtype, kv_dtype, bias_info = ctx.meta
             if "probabilities_from_lse_in_backward" in bug:  # P = exp(x - lse): NaN on fully excluded rows
@@ -221,14 +253,14 @@ def make_kernel(**bugs: bool) -> Kernel:
                 return x.reshape(*lead, heads // group, group, *x.shape[-2:]).sum(dim=-3)
 
             return (dq.to(q_dtype), fold(dk).to(kv_dtype), fold(dv).to(kv_dtype), d_bias,
-                    None, None, None, None, None, None, None, None)
+                    None, None, None, None, None, None, None, None, None)
 
     def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, scale: float | None = None, causal: bool = False,
                alignment: str = "top_left", softcap: float | None = None,
                window: tuple[int | None, int | None] | None = None, dropout_p: float = 0.0,
-               dropout_mask: torch.Tensor | None = None, return_weights: bool = False,
-               return_lse: bool = False) -> Any:
+               dropout_mask: torch.Tensor | None = None, score_mod: Any = None, mask_mod: Any = None,
+               return_weights: bool = False, return_lse: bool = False) -> Any:
         if scale is None:
             s = 1.0 / math.sqrt(v.shape[-1] if "scale_from_value_dim" in bug else q.shape[-1])
         else:
@@ -247,10 +279,24 @@ def make_kernel(**bugs: bool) -> Kernel:
                 mask[1:] = True
             elif "decode_fast_path_ignores_mask" in bug and q.shape[-2] == 1:  # attends the whole KV cache
                 mask = None
+        if mask_mod is not None:  # rule 22: the program's pattern, intersected with the mask
+            b_idx, h_idx, q_idx, kv_idx = mod_indices(q, k.shape[-2])
+            if "mask_mod_query_key_swapped" in bug:  # mask_mod(b, h, kv_idx, q_idx)
+                pattern = mask_mod(b_idx, h_idx, kv_idx[None, :], q_idx[:, 0][:, None])
+            else:
+                pattern = mask_mod(b_idx, h_idx, q_idx, kv_idx)
+            pattern = pattern.broadcast_to(shape)
+            if "partial_blocks_ignore_mask_mod" in bug and pattern.numel():  # blocks taken whole
+                blocks = torch.nn.functional.max_pool2d(pattern.flatten(0, 1)[:, None].float(), MOD_BLOCK,
+                                                        ceil_mode=True)
+                pattern = blocks.repeat_interleave(MOD_BLOCK, -2).repeat_interleave(MOD_BLOCK, -1)[
+                    :, 0, : shape[-2], : shape[-1]].reshape(shape) > 0
+            mask = pattern if mask is None else mask & pattern
         if dropout_mask is not None:
             dropout_mask = dropout_mask.broadcast_to(shape)
         out, weights, lse = Attention.apply(q, k, v, bias, mask, dropout_mask, s, causal, alignment,
-                                            None if softcap is None else float(softcap), window, float(dropout_p))
+                                            None if softcap is None else float(softcap), window, float(dropout_p),
+                                            score_mod)
         if "output_heads_seq_transposed" in bug:  # (B, L, Hq, Ev) memory read as (B, Hq, L, Ev)
             out = out.transpose(-2, -3).reshape(out.shape)
         return pack(out, weights, lse, return_weights, return_lse)
