@@ -88,7 +88,7 @@ def _flex_call(q: Any, k: Any, v: Any, mask: Any, bias: Any, scale: float | None
 
 class _Compiled:
     """``torch.compile(_flex_call, fullgraph=True, dynamic=False)``, with dynamo's cache reset before a
-    new specialisation would pass its recompile limit (which, with fullgraph, raises)."""
+    new specialisation would pass its recompile limit, or when it did (with fullgraph, that raises)."""
 
     def __init__(self) -> None:
         self.function: Callable[..., Any] | None = None
@@ -99,11 +99,27 @@ class _Compiled:
 
         key = tuple((tuple(x.shape), tuple(x.stride()), x.dtype) if isinstance(x, torch.Tensor) else x
                     for x in arguments)
-        if self.function is None or (key not in self.seen and len(self.seen) >= torch._dynamo.config.recompile_limit):
-            torch._dynamo.reset()
-            self.function, self.seen = torch.compile(_flex_call, fullgraph=True, dynamic=False), set()
+        function = self.function
+        if function is None or (key not in self.seen and len(self.seen) >= torch._dynamo.config.recompile_limit):
+            function = self._reset()
         self.seen.add(key)
-        return self.function(*arguments)
+        try:
+            return function(*arguments)
+        except Exception as error:  # a guard this key does not see (dynamo guards more): reset, compile again
+            if "recompile limit" not in str(error):
+                raise
+        function = self._reset()
+        self.seen.add(key)
+        return function(*arguments)
+
+    def _reset(self) -> Callable[..., Any]:
+        import torch
+
+        torch._dynamo.reset()
+        self.seen = set()
+        function: Callable[..., Any] = torch.compile(_flex_call, fullgraph=True, dynamic=False)
+        self.function = function
+        return function
 
 
 _COMPILED = _Compiled()
