@@ -60,7 +60,7 @@ class _Tables:
     def __init__(self, **tables: np.ndarray) -> None:
         self.numpy = {name: np.asarray(table) for name, table in tables.items()}
         torch = sys.modules.get("torch")
-        self.torch = {} if torch is None else {name: torch.as_tensor(t) for name, t in self.numpy.items()}
+        self.torch = {} if torch is None else {name: torch.as_tensor(np.array(t)) for name, t in self.numpy.items()}
 
     def get(self, name: str, like: Any, dtype: Any = None) -> Any:
         framework = framework_of(like)
@@ -68,7 +68,7 @@ class _Tables:
         if framework == "torch":
             import torch
 
-            tensor = self.torch[name] if name in self.torch else torch.as_tensor(table)
+            tensor = self.torch[name] if name in self.torch else torch.as_tensor(np.array(table))
             return tensor.to(device=like.device, dtype=tensor.dtype if dtype is None else dtype)
         if framework == "jax":
             import jax.numpy as jnp

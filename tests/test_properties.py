@@ -13,22 +13,25 @@ from attention_ref.testing.runner import Property
 
 from .conftest import BACKENDS, backend_on_device
 
-#: Examples for rule 20's (and 21's) properties (the profile's 75 elsewhere): each packed case is a new shape,
-#: which jax compiles, and packed attention is dense attention (tested at 75 examples) with a mask;
-#: 25 cases reach every segmentation corner (tests/test_varlen_properties.py counts them).
+#: Examples for rule 20's, 21's and 22's properties (the profile's 75 elsewhere): each packed case is a new
+#: shape, and each score_mod a new program, which jax compiles; packed attention is dense attention (tested
+#: at 75 examples) with a mask, and a mod is a mask or a bias; 25 cases reach every segmentation corner
+#: (tests/test_varlen_properties.py counts them) and draw every kind of mod several times.
 VARLEN_EXAMPLES = 25
+#: The features whose properties run at ``VARLEN_EXAMPLES``.
+FEWER_EXAMPLES = {"varlen", "paged", "mask_mod", "score_mod"}
 
 
 @pytest.mark.parametrize("prop", PROPERTIES, ids=lambda p: f"{p.name}-rules_{'_'.join(map(str, p.rules))}")
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_property(backend_name: str, prop: Property) -> None:
     run_property(prop, backend_on_device(backend_name),
-                 settings(max_examples=VARLEN_EXAMPLES) if {"varlen", "paged"} & prop.requires else None)
+                 settings(max_examples=VARLEN_EXAMPLES) if FEWER_EXAMPLES & prop.requires else None)
 
 
 def test_every_spec_rule_has_a_property() -> None:
     covered = {rule for prop in PROPERTIES for rule in prop.rules}
-    assert covered == set(range(1, 15)) | {19, 20, 21}  # rules 15-18, the layer's, are proved in test_layer*.py
+    assert covered == set(range(1, 15)) | {19, 20, 21, 22}  # rules 15-18, the layer's, are proved in test_layer*.py
 
 
 def test_properties_are_registered_by_rule_module_in_rule_order() -> None:

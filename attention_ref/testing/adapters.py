@@ -78,11 +78,12 @@ class Target:
     def plan(self, dtypes: Sequence[str], properties: Sequence[str] | None = None) -> list[PropertyOutcome]:
         """The report's rows before anything runs: each property that will run with status ERROR (what
         it stays if the run dies before it), the others "n/a" or "not run", in report order."""
+        from .check import interface_features
         from .runner import PROPERTIES
         from .strategies import Features
 
-        supports = frozenset(self.supports) | ({"varlen"} if self.interface == "varlen" else set())
-        features = Features(supports, tuple(dtypes), few_shapes=self.few_shapes)
+        features = interface_features(Features(frozenset(self.supports), tuple(dtypes), few_shapes=self.few_shapes),
+                                      self.interface)
         return [PropertyOutcome(prop.name, prop.rules,
                                 Status.NOT_RUN if properties is not None and prop.name not in properties
                                 else Status.ERROR if prop.applies_to(features) else Status.NOT_APPLICABLE)

@@ -93,7 +93,9 @@ from .varlen_kernels import (
 LAYOUTS = ("bhld", "blhd")
 #: The calling conventions ``check`` knows: dense attention, FlashAttention's packed varlen one, or a
 #: paged KV cache read through a block table.
-INTERFACES = ("dense", "varlen", "paged")
+INTERFACES = ("dense", "varlen", "paged", "flex")
+#: The features the flex interface adds: FlexAttention's programs (rule 22), as keywords of a dense call.
+FLEX_FEATURES = frozenset({"mask_mod", "score_mod"})
 #: What a kernel returns for a fully excluded row: SPEC.md's zeros, NaN, the mean of the row's masked v rows
 #: (jax.nn's finite fill), or "skip" to leave those rows out of every comparison.
 FULLY_MASKED_CONVENTIONS = ("zero", "nan", "mean_v", "skip")
@@ -734,6 +736,8 @@ def interface_features(features: Features, interface: str, causal_alignment: str
     the cases of both alignments reach it, top-left ones as an equal bottom-right problem."""
     if interface == "dense":
         return features
+    if interface == "flex":
+        return dataclasses.replace(features, supports=features.supports | FLEX_FEATURES)
     positional = {"causal", "window"} & features.supports
     fixed = {"bottom_right"} if positional and (interface == "paged" or causal_alignment) else set()
     return dataclasses.replace(features, supports=features.supports | {interface} | fixed)
@@ -792,7 +796,10 @@ def check(
     (``varlen_kernels.CONVENTION_EVIDENCE``). ``interface="paged"``: ``fn`` reads a paged KV cache
     through a block table (``attention_ref.testing.paged_kernels``): every property runs on it, the
     dense ones through a batch of sequences whose caches hold the keys in pages, and the paged
-    properties (rule 21) on drawn page tables.
+    properties (rule 21) on drawn page tables. ``interface="flex"``: ``fn`` is a dense kernel that takes
+    FlexAttention's programs as ``score_mod=`` and ``mask_mod=`` keywords (``supports`` gains
+    ``mask_mod`` and ``score_mod``): every property runs on it, and rule 22's with drawn programs
+    (``attention_ref.flex``: causal, window, prefix-LM, documents, tables, ALiBi, relative bias, softcap).
 
     ``fn`` may be a function, a torch ``nn.Module`` (instance or class, called in eval mode), a flax
     nnx or linen module or a keras layer (``attention_ref.testing.targets``; TargetError, a
@@ -823,7 +830,7 @@ def check(
     returned = () if returns is None else parse_returns(tuple(returns))
     kernel = as_kernel(fn, framework, name)
     implementation = {"dense": KernelImplementation, "varlen": VarlenKernelImplementation,
-                      "paged": PagedKernelImplementation}[interface]
+                      "paged": PagedKernelImplementation, "flex": KernelImplementation}[interface]
     conventions: dict[str, Any] = declared_varlen if interface == "varlen" else {}
     impl = implementation(kernel.fn, framework=framework, features=features, layout=layout,
                           fully_masked=fully_masked, name=kernel.name, device=device, backward=backward,

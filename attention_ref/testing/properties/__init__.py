@@ -21,7 +21,9 @@ cases go through:
 * ``rule20_varlen``: packed variable-length attention against each segment's own attention and the
   dense call with ``varlen_mask``, the segments' independence, and the gradients (feature ``varlen``);
 * ``rule21_paged``: paged KV caches against each sequence's attention on its gathered logical cache,
-  and the independence from where the pages are (feature ``paged``).
+  and the independence from where the pages are (feature ``paged``);
+* ``rule22_mods``: ``mask_mod`` and bias-only or softcap ``score_mod`` against the explicit mask, bias
+  and softcap (features ``mask_mod``, ``score_mod``).
 
 Every tolerance comes from ``bounds_for(subject, case)`` (``attention_ref.testing.assertions``): the
 derived bound for implementations of SPEC.md, the calibrated rule for other people's kernels
@@ -49,6 +51,7 @@ from . import (
     rule19_blocked,
     rule20_varlen,
     rule21_paged,
+    rule22_mods,
 )
 
 __all__ = [
@@ -69,4 +72,5 @@ __all__ = [
     "rule19_blocked",
     "rule20_varlen",
     "rule21_paged",
+    "rule22_mods",
 ]
