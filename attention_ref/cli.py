@@ -48,8 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="dense: kernel(q, k, v, **keywords) (default); varlen: FlashAttention's packed layout, "
                             "kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=, max_seqlen_k=, **keywords); "
                             "paged: kernel(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q=, "
-                            "max_seqlen_q=, **keywords), causal bottom-right; flex: the dense call with FlexAttention's "
-                            "programs as score_mod= and mask_mod= keywords (rule 22)")
+                            "max_seqlen_q=, **keywords), causal bottom-right; flex: the dense call with "
+                            "FlexAttention's programs as score_mod= and mask_mod= keywords (rule 22)")
     check.add_argument("--empty-lse", default="-inf", choices=("-inf", "+inf"),
                        help="varlen: the lse the kernel gives a row with no key (+inf: FlashAttention 2; verified)")
     check.add_argument("--lse-layout", default="packed", choices=("packed", "padded"),

@@ -21,20 +21,20 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 RNG = np.random.default_rng(0)
 Q, K, V = RNG.standard_normal((2, 4, 13, 8)), RNG.standard_normal((2, 2, 13, 8)), RNG.standard_normal((2, 2, 13, 3))
 CU = [0, 3, 3, 8, 11]  # an empty document, and tokens 11 and 12 in none
-I, J = np.arange(13)[:, None], np.arange(13)[None, :]
+QI, KJ = np.arange(13)[:, None], np.arange(13)[None, :]
 
 #: Each program of ``attention_ref.flex`` and its pattern, written out here.
 MASKS: dict[str, tuple[Any, np.ndarray]] = {
-    "causal": (flex.causal_mask(), J <= I),
-    "causal_offset": (flex.causal_mask(-2), J <= I - 2),
-    "window": (flex.sliding_window_mask(2, 1), (J >= I - 2) & (J <= I + 1)),
-    "window_unbounded_left": (flex.sliding_window_mask(None, 0, 1), J <= I + 1),
-    "prefix": (flex.prefix_lm_mask(4), (J < 4) | (J <= I)),
+    "causal": (flex.causal_mask(), KJ <= QI),
+    "causal_offset": (flex.causal_mask(-2), KJ <= QI - 2),
+    "window": (flex.sliding_window_mask(2, 1), (KJ >= QI - 2) & (KJ <= QI + 1)),
+    "window_unbounded_left": (flex.sliding_window_mask(None, 0, 1), KJ <= QI + 1),
+    "prefix": (flex.prefix_lm_mask(4), (KJ < 4) | (KJ <= QI)),
     "document": (flex.document_mask(CU), ar.varlen.varlen_mask(CU, CU, total_q=13, total_k=13)),
     "document_causal": (flex.and_masks(flex.document_mask(CU), flex.causal_mask()),
                         ar.varlen.varlen_mask(CU, CU, total_q=13, total_k=13, causal=True)),
     "prefix_or_window": (flex.or_masks(flex.prefix_lm_mask(2), flex.sliding_window_mask(1, 0)),
-                         (J < 2) | (J <= I)),
+                         (KJ < 2) | (KJ <= QI)),
 }
 
 
@@ -68,8 +68,8 @@ def test_mask_programs_equal_their_patterns(backend: str, name: str) -> None:
 def test_score_programs_equal_their_biases(backend: str) -> None:
     slopes, table = flex.alibi_slopes(4), RNG.standard_normal((4, 7))
     biases = {
-        "alibi": (flex.alibi(slopes, 1), -slopes[:, None, None] * np.abs(I + 1 - J)),
-        "relative": (flex.relative_bias(table, 3), table[:, np.clip(J - I, -3, 3) + 3]),
+        "alibi": (flex.alibi(slopes, 1), -slopes[:, None, None] * np.abs(QI + 1 - KJ)),
+        "relative": (flex.relative_bias(table, 3), table[:, np.clip(KJ - QI, -3, 3) + 3]),
         "table": (flex.bias_mod(np.broadcast_to(table[:, :1, None], (2, 4, 13, 13))),
                   np.broadcast_to(table[:, :1, None], (4, 13, 13))),
     }
@@ -131,7 +131,8 @@ def test_bad_programs_raise_the_same_errors_on_every_backend() -> None:
             with pytest.raises(TypeError, match="score_mod must return floating scores"):
                 ar.attention(q, k, v, score_mod=lambda s, b, h, i, j: i - j, backend=backend)
             with pytest.raises(ValueError, match="does not broadcast to the logits"):
-                ar.attention(q, k, v, mask_mod=lambda b, h, i, j: convert(np.ones((3, 13), bool)), backend=backend)
+                wrong = convert(np.ones((3, 13), bool))
+                ar.attention(q, k, v, mask_mod=lambda b, h, i, j, wrong=wrong: wrong, backend=backend)
             with pytest.raises(ValueError, match=r"a score_mod runs on the dense logits \(rule 22\)"):
                 ar.attention(q, k, v, score_mod=lambda s, *a: s, block_k=4, backend=backend)
     torch = import_or_skip("torch")
@@ -146,7 +147,7 @@ def test_gradients_through_a_score_mod_equal_those_through_the_bias(backend: str
     bias = RNG.standard_normal((2, 4, 13, 13))
     d_out = RNG.standard_normal((2, 4, 13, 3))
     convert, scope = _framework(backend)
-    want = ar.attention_vjp(Q, K, V, d_out, bias=bias, mask=J <= I)
+    want = ar.attention_vjp(Q, K, V, d_out, bias=bias, mask=KJ <= QI)
     with scope:
         got = ar.attention_vjp(*(convert(x) for x in (Q, K, V, d_out)), score_mod=flex.bias_mod(bias),
                                mask_mod=flex.causal_mask(), backend=backend)
