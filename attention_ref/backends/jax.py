@@ -17,8 +17,9 @@ and ``compute_dtype="float64"``, run inside a scoped ``jax.enable_x64``; the glo
 changed.
 
 Compilation: one program per plan (and per ``score_mod``, rule 22, which the plan holds), with its
-scale, softcap and dropout scale traced (not compiled in). A plan with a ``score_mod`` runs unpadded. Small problems on the CPU (at most ``BUCKET_MAX_LOGITS`` logits after padding) run the program
-of a padded plan instead (``_bucket_plan``): laid out on the host as one head per row (batch dims and
+scale, softcap and dropout scale traced (not compiled in). A plan with a ``score_mod`` runs unpadded.
+Small problems on the CPU (at most ``BUCKET_MAX_LOGITS`` logits after padding) run the program of a
+padded plan instead (``_bucket_plan``): laid out on the host as one head per row (batch dims and
 heads flattened, kv heads repeated per rule 2, inputs widened exactly to the compute dtype), each dim
 rounded up to a power of two (at least ``BUCKET_MIN_ROWS`` rows, ``BUCKET_ROWS`` where the padded
 problem stays small, and ``BUCKET_MIN_LENGTH`` for L, S, E and Ev), the key bounds of causal and
