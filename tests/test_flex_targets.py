@@ -108,3 +108,15 @@ def test_flex_refuses_empty_sequences() -> None:
         _, aux = flex_attention(q[:, :, :0], torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2),
                                 return_aux=AuxRequest(lse=True))
     assert aux.lse is None  # L = 0: no lse at all (SPEC.md: an empty (B, H, 0) array)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own, while compiling (see above)
+def test_compiled_fails_to_lower_a_bias_broadcast_over_queries_and_keys() -> None:
+    """A real inductor bug (torch 2.13, CPU), found by bias_row_constant_changes_nothing: a score_mod reading a
+    bias of shape (1, 1), expanded to (B, H, L, S), does not lower ("All the buffers in the score and mask
+    subgraph should be in kernel_group.args.input_buffers"); a (1, S) bias compiles and agrees."""
+    torch = import_or_skip("torch")
+    kernel = flex_kernel(True)
+    q, k, v = torch.randn(1, 1, 1, 3), torch.randn(1, 1, 130, 3), torch.randn(1, 1, 130, 3)
+    with pytest.raises(Exception, match="should be in kernel_group.args.input_buffers"):
+        kernel(q, k, v, bias=torch.randn(1, 1))
