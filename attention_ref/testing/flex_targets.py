@@ -184,7 +184,11 @@ def flex_targets(device: str) -> list[Target]:
                    few_shapes=True, cost=400,
                    notes=(*adapter, "torch.compile(fullgraph=True, dynamic=False): one compilation per shape and "
                           "per value of scale, softcap and window (1-5 s each on 2 cores), so sizes come from a small "
-                          "menu; on the CPU no float64, no return_lse and no backward (NotImplementedError)")),
+                          "menu; on the CPU no float64, no return_lse and no backward (NotImplementedError)",
+                          "inductor bugs (torch 2.13 CPU): a bias of shape (1, 1) in the score_mod fails to lower "
+                          "(LoweringException 'All the buffers in the score and mask subgraph should be in "
+                          "kernel_group.args.input_buffers'); a case of default_scale_is_inverse_sqrt_head_dim fails "
+                          "in g++ (CppCompileError)")),
         ]
     cuda_notes = ("declared from flex's documentation, not yet run on a GPU; gradients through torch.autograd "
                   "(flex's backward); dbias not declared (gradients of captured score_mod buffers)",)
