@@ -72,8 +72,10 @@ class LayerCase(AttentionOptions):
         return AttentionOptions(**self.as_keywords())
 
     def keywords(self) -> dict[str, Any]:
-        """The keywords of ``multi_head_attention`` for this case (arrays as NumPy)."""
-        return {**self.as_keywords(), "key_padding_mask": self.key_padding_mask}
+        """The keywords of ``multi_head_attention`` for this case (arrays as NumPy; the layer takes no
+        score or mask program, rule 22)."""
+        keywords = {name: x for name, x in self.as_keywords().items() if name not in ("score_mod", "mask_mod")}
+        return {**keywords, "key_padding_mask": self.key_padding_mask}
 
     def params64(self) -> MHAParams:
         return self.params.map(lambda x: np.asarray(x, np.float64))
