@@ -134,6 +134,12 @@ def document_mask(cu_seqlens_q: Any, cu_seqlens_k: Any = None) -> Callable[..., 
     return mask_mod
 
 
+def _broadcast_indices(shape: tuple[int, ...], *indices: Any) -> tuple[Any, ...]:
+    """``(b, h, q_idx, kv_idx)`` for a ``(B, H, L, S)`` table: index 0 along its size-1 dims (broadcast).
+    The table must cover the call's sizes elsewhere (JAX clamps an index beyond it, NumPy and torch raise)."""
+    return tuple(index * 0 if size == 1 else index for size, index in zip(shape, indices, strict=True))
+
+
 def mask_from_array(mask: Any) -> Callable[..., Any]:
     """mask_mod reading an explicit boolean mask ``(B, H, L, S)`` (sizes 1 broadcast; B the flattened
     batch), as ``mask[b, h, q_idx, kv_idx]``: a data-dependent mod."""
@@ -143,8 +149,7 @@ def mask_from_array(mask: Any) -> Callable[..., Any]:
     tables = _Tables(mask=table)
 
     def mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        b, h = b * 0 if table.shape[0] == 1 else b, h * 0 if table.shape[1] == 1 else h
-        return tables.get("mask", q_idx)[b, h, q_idx, kv_idx]
+        return tables.get("mask", q_idx)[_broadcast_indices(table.shape, b, h, q_idx, kv_idx)]
 
     return mask_mod
 
@@ -183,8 +188,7 @@ def bias_mod(bias: Any) -> Callable[..., Any]:
     tables = _Tables(bias=table)
 
     def score_mod(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        b, h = b * 0 if table.shape[0] == 1 else b, h * 0 if table.shape[1] == 1 else h
-        return score + tables.get("bias", score, score.dtype)[b, h, q_idx, kv_idx]
+        return score + tables.get("bias", score, score.dtype)[_broadcast_indices(table.shape, b, h, q_idx, kv_idx)]
 
     return score_mod
 

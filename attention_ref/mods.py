@@ -57,11 +57,12 @@ def check_mod(name: str, mod: Any) -> None:
 
 
 def scored(plan: AttentionPlan, x: Any, arange: Arange) -> Any:
-    """``plan.score_mod(x, b, h, q_idx, kv_idx)`` on the grouped scaled logits x ``(*B, Hkv, G, L, S)``
-    (rule 22), checked by ``check_mod_result``; the caller broadcasts it to x and converts it to the
-    compute dtype."""
-    result = plan.score_mod(x, *index_arrays(plan, arange, grouped=True))
-    check_mod_result("score_mod", result, tuple(x.shape), boolean=False, framework=plan.framework)
+    """``plan.score_mod(score, b, h, q_idx, kv_idx)`` (rule 22) with ``score`` the grouped scaled logits x
+    ``(*B, Hkv, G, L, S)`` seen in the logits' own shape ``(*B, Hq, L, S)`` (a free reshape: query head
+    h = kv head * G + g), checked by ``check_mod_result``: an array broadcastable to ``(*B, Hq, L, S)``.
+    The caller broadcasts it to that shape, reshapes it back and converts it to the compute dtype."""
+    result = plan.score_mod(x.reshape(plan.logits_shape), *index_arrays(plan, arange, grouped=False))
+    check_mod_result("score_mod", result, plan.logits_shape, boolean=False, framework=plan.framework)
     return result
 
 

@@ -89,7 +89,7 @@ def test_h_is_the_query_head_and_b_the_flattened_batch() -> None:
     seen: dict[str, Any] = {}
 
     def score_mod(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        seen.update(b=np.broadcast_to(b, score.shape), h=np.broadcast_to(h, score.shape))
+        seen.update(b=np.broadcast_to(b, score.shape), h=np.broadcast_to(h, score.shape), shape=score.shape)
         return score + 0.5 * h - 0.25 * b
 
     q, k, v = RNG.standard_normal((3, 2, 4, 5, 8)), RNG.standard_normal((3, 2, 2, 6, 8)), RNG.standard_normal(
@@ -98,6 +98,7 @@ def test_h_is_the_query_head_and_b_the_flattened_batch() -> None:
     heads, batch = np.arange(4)[:, None, None], np.arange(6).reshape(3, 2, 1, 1, 1)
     np.testing.assert_allclose(got, ar.attention(q, k, v, bias=0.5 * heads - 0.25 * batch), rtol=0, atol=1e-14)
     assert seen["h"].max() == 3 and seen["b"].max() == 5  # query heads 0..3 (GQA 4/2), batch elements 0..5
+    assert seen["shape"] == (3, 2, 4, 5, 6)  # the logits' own shape (*B, Hq, L, S), not a grouped layout
 
 
 def test_the_score_is_the_scaled_logit_before_the_softcap_and_bias() -> None:

@@ -108,7 +108,8 @@ def logits(
     raw = jnp.matmul(q, jnp.swapaxes(k, -1, -2)[..., None, :, :], precision=_HIGHEST)
     x = raw.reshape(plan.grouped_logits_shape) * scale  # rule 3
     if plan.score_mod is not None:  # rule 22: on the scaled logits, before the softcap
-        x = jnp.broadcast_to(scored(plan, x, _int32_arange), x.shape).astype(x.dtype)
+        modded = jnp.broadcast_to(scored(plan, x, _int32_arange), plan.logits_shape)
+        x = modded.reshape(plan.grouped_logits_shape).astype(x.dtype)
     capped = None
     if softcap is not None:
         capped = jnp.tanh(x / softcap)  # rule 4

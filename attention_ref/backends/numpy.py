@@ -68,7 +68,8 @@ def logits(
     raw = np.matmul(q.reshape(plan.stacked_shape(plan.head_dim)), np.swapaxes(k, -1, -2))
     x = raw.reshape(plan.grouped_logits_shape) * scale  # rule 3
     if plan.score_mod is not None:  # rule 22: on the scaled logits, before the softcap
-        x = np.broadcast_to(scored(plan, x, _int32_arange), x.shape).astype(x.dtype)
+        modded = np.broadcast_to(scored(plan, x, _int32_arange), plan.logits_shape)
+        x = modded.reshape(plan.grouped_logits_shape).astype(x.dtype)
     capped = None
     if softcap is not None:
         capped = np.tanh(x / softcap)  # rule 4

@@ -92,7 +92,8 @@ def logits(
     raw = torch.baddbmm(q.new_zeros(()), stacked, keys, beta=0, alpha=plan.scale)  # rule 3: scale * (q · k)
     x = raw.reshape(plan.grouped_logits_shape)
     if plan.score_mod is not None:  # rule 22: on the scaled logits, before the softcap
-        x = scored(plan, x, partial(_int32_arange, x.device)).to(x.dtype).broadcast_to(x.shape)
+        modded = scored(plan, x, partial(_int32_arange, x.device)).to(x.dtype).broadcast_to(plan.logits_shape)
+        x = modded.reshape(plan.grouped_logits_shape)
     capped = None
     if softcap is not None:
         capped = torch.tanh(x / softcap)  # rule 4

@@ -75,9 +75,9 @@ def mod_indices(q: torch.Tensor, keys: int) -> tuple[torch.Tensor, ...]:
     def arange(n: int) -> torch.Tensor:
         return torch.arange(n, dtype=torch.int32, device=q.device)
 
-    batch, heads, length = q.shape[0], q.shape[-3], q.shape[-2]
-    return arange(batch).reshape(batch, 1, 1, 1), arange(heads).reshape(heads, 1, 1), arange(length)[:, None], \
-        arange(keys)
+    batch, heads, length = q.shape[:-3], q.shape[-3], q.shape[-2]
+    flat = arange(math.prod(batch)).reshape(*batch, 1, 1, 1)  # the batch dims flattened row-major
+    return flat, arange(heads).reshape(heads, 1, 1), arange(length)[:, None], arange(keys)
 
 
 def make_kernel(**bugs: bool) -> Kernel:
