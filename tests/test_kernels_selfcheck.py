@@ -77,6 +77,8 @@ CONFIGS: dict[str, tuple[frozenset[str], dict[str, Any], list[tuple[int, int]]]]
          {"causal": True, "alignment": "bottom_right", "softcap": 5.0, "scale": 0.37}, SIZES),
         ("mask_mod", ("mask_mod",), {"mask_mod": ar.flex.causal_mask(0)}, SIZES),
         ("score_mod", ("score_mod",), {"score_mod": ar.flex.alibi(ar.flex.alibi_slopes(HQ))}, FEW_SIZES),
+        ("score_mod_softcap", ("score_mod", "softcap"), {"score_mod": lambda s, b, h, i, j: 2 * s, "softcap": 5.0},
+         FEW_SIZES),
         ("score_mod_gqa", ("score_mod", "gqa"), {"score_mod": ar.flex.alibi(ar.flex.alibi_slopes(HQ))}, FEW_SIZES),
         ("everything", ALL_FEATURES, {"causal": True, "alignment": "bottom_right", "softcap": 5.0, "scale": 0.37,
                                       "window": (6, 2), "dropout_p": DROPOUT_P}, SIZES),
@@ -129,7 +131,9 @@ def _make_case(seed: int, config: str, length: int, keys: int, dtype: Any, *, la
     spec: dict[str, Any] = {}
     if "mask_mod" in kwargs:  # causal_mask(0) is causal=True, top-left
         spec["causal"] = True
-    if "score_mod" in kwargs:  # alibi(slopes) is the bias -slopes[h] |i - j|
+    if config == "score_mod_softcap":  # 2 * score is the scale 2 / sqrt(E)
+        spec["scale"] = 2 / math.sqrt(E)
+    elif "score_mod" in kwargs:  # alibi(slopes) is the bias -slopes[h] |i - j|
         distance = np.abs(np.arange(length)[:, None] - np.arange(keys)[None, :])
         compute = np.float64 if dtype == torch.float64 else np.float32
         spec["bias"] = (-ar.flex.alibi_slopes(HQ)[:, None, None] * distance).astype(compute)
@@ -234,7 +238,7 @@ def _within(supports: tuple[str, ...]) -> list[int]:
 
 
 def test_cases_cover_the_features() -> None:
-    assert len(BUGS) >= 45
+    assert len(BUGS) >= 46
     for bug in BUGS:
         assert callable(bug.kernel) and bug.description, bug.name
         assert set(bug.supports) <= set(KERNEL_FEATURES), bug.name

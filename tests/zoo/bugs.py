@@ -147,6 +147,8 @@ BUGS: tuple[Bug, ...] = (
         "mask_mod_equals_explicit_mask", ("mask_mod",)),
     Bug("partial_blocks_ignore_mask_mod", "block-sparse: every 4 x 4 block mask_mod allows a key in is attended "
         "whole (partial blocks taken as full)", "mask_mod_equals_explicit_mask", ("mask_mod",)),
+    Bug("score_mod_after_softcap", "score_mod applied after the softcap and the bias, not to the scaled logits",
+        "score_mod_runs_before_softcap_and_bias", ("score_mod", "softcap")),
     Bug("dq_missing_scale", "dq is never multiplied by the scale", "gradients_match_float64_oracle", ("grad",)),
     Bug("dk_dv_tile_order_groups", "dk and dv summed over the wrong GQA group (query heads h % Hkv, tile order)",
         "gradients_match_float64_oracle", ("gqa", "grad")),

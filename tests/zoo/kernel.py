@@ -44,7 +44,7 @@ KERNEL_BUGS = (
     "dropout_without_rescale", "weights_after_dropout",
     # score and mask programs (rule 22)
     "score_mod_on_unscaled_logits", "score_mod_given_kv_head", "mask_mod_query_key_swapped",
-    "partial_blocks_ignore_mask_mod",
+    "partial_blocks_ignore_mask_mod", "score_mod_after_softcap",
     # backward
     "dq_missing_scale", "dk_dv_tile_order_groups", "probabilities_from_lse_in_backward",
     "backward_without_row_term", "softcap_backward_without_derivative", "backward_ignores_dropout",
@@ -160,7 +160,8 @@ def make_kernel(**bugs: bool) -> Kernel:
                 kr, vr = (x.to(dtype).repeat_interleave(group, dim=-3) for x in (k, v))
             qc = q.to(dtype)
             x = torch.matmul(qc, kr.transpose(-1, -2))
-            if score_mod is not None:  # rule 22: on the scaled logits
+            late_mod = score_mod is not None and "score_mod_after_softcap" in bug
+            if score_mod is not None and not late_mod:  # rule 22: on the scaled logits
                 b_idx, h_idx, q_idx, kv_idx = mod_indices(q, k.shape[-2])
                 if "score_mod_given_kv_head" in bug:
                     h_idx = h_idx // group
@@ -183,6 +184,8 @@ def make_kernel(**bugs: bool) -> Kernel:
                     t = torch.tanh(x / softcap)
                     x = t if "softcap_without_outer_factor" in bug else softcap * t
                 x = x if b is None else x + b
+            if late_mod:  # after the softcap and the bias
+                x = score_mod(x, *mod_indices(q, k.shape[-2])).to(dtype)
             allowed = x != NEG_INF
             if mask is not None:
                 allowed = allowed & mask

@@ -1,6 +1,7 @@
 """rule 22: score and mask programs: a ``mask_mod`` equals the explicit mask of its pattern, and a
 bias-only ``score_mod`` (an explicit table, ALiBi, a relative-position bias) equals ``bias=`` with that
-bias, a softcap ``score_mod`` equals ``softcap=``; ``h`` is the query head under GQA.
+bias, a softcap ``score_mod`` equals ``softcap=``, and a ``score_mod`` runs on the scaled logits before
+the softcap and the bias; ``h`` is the query head under GQA.
 
 Each property calls the implementation with the mod and holds it to the float64 oracle of the same
 case written without it (the explicit mask, bias or softcap, computed here independently of
@@ -122,6 +123,11 @@ def _softcap_strategy(features: Features) -> st.SearchStrategy[Any] | None:
     return None if cases is None else st.tuples(cases, caps)
 
 
+def _order_strategy(features: Features) -> st.SearchStrategy[Any] | None:
+    cases = feature_cases(features, dropout=False)
+    return None if cases is None else st.tuples(cases, st.sampled_from((0.25, 0.5, 2.0, 4.0)))
+
+
 @attention_property("mask_mod_equals_explicit_mask", (22,), strategy=_mask_strategy, requires=("mask_mod",))
 def mask_mod_equals_explicit_mask(subject: Subject, example: tuple[AttentionCase, str, int]) -> None:
     """A mask_mod (causal, window, prefix-LM, documents, a table) equals the explicit mask of its pattern,
@@ -159,3 +165,20 @@ def softcap_score_mod_equals_softcap(subject: Subject, example: tuple[AttentionC
                                case.replace(softcap=cap), calibrated=subject.calibrated)
     except AssertionError as error:
         raise _noted(error, f"softcap_mod({cap})") from None
+
+
+@attention_property("score_mod_runs_before_softcap_and_bias", (3, 4, 5, 22), strategy=_order_strategy,
+                    requires=("score_mod",))
+def score_mod_runs_before_softcap_and_bias(subject: Subject, example: tuple[AttentionCase, float]) -> None:
+    """The score_mod ``c * score`` (c a power of two, so exact) equals the scale ``c * scale``, with the
+    case's softcap and bias: the program sees the scaled logits, before the softcap and the bias."""
+    case, factor = example
+
+    def times(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        return score * factor
+
+    try:
+        assert_attention_close(full_results(subject.impl, case.replace(score_mod=times)),
+                               case.replace(scale=factor * case.resolved_scale), calibrated=subject.calibrated)
+    except AssertionError as error:
+        raise _noted(error, f"score * {factor}") from None
