@@ -120,3 +120,17 @@ def test_compiled_fails_to_lower_a_bias_broadcast_over_queries_and_keys() -> Non
     q, k, v = torch.randn(1, 1, 1, 3), torch.randn(1, 1, 130, 3), torch.randn(1, 1, 130, 3)
     with pytest.raises(Exception, match="should be in kernel_group.args.input_buffers"):
         kernel(q, k, v, bias=torch.randn(1, 1))
+
+
+def test_eager_flex_keeps_rule_22s_conventions() -> None:
+    """torch's own flex_attention, given our programs as they are (ar.flex's, tables and all), agrees with
+    rule 22: h the query head under GQA, b the batch element, the score the scaled logit before the softcap
+    and the bias, mask_mod one more mask."""
+    import_or_skip("torch")
+    target = find_target(FLEX_EAGER, "cpu", "attention_ref.testing.flex_targets:flex_targets")
+    assert {"mask_mod", "score_mod"} <= set(target.supports)
+    rule22 = ("mask_mod_equals_explicit_mask", "bias_only_score_mod_equals_bias", "softcap_score_mod_equals_softcap",
+              "score_mod_runs_before_softcap_and_bias")
+    report = target.run(dtypes=("float32",), max_examples=10, seed=0, properties=rule22)
+    assert {o.name: o.status for o in report.outcomes if o.name in rule22} == dict.fromkeys(rule22, Status.PASS), \
+        report.render()

@@ -47,15 +47,18 @@ EMPTY_NOTE = ("empty sequences: flex_attention raises IndexError for S = 0 (max(
 
 
 def _flex_call(q: Any, k: Any, v: Any, mask: Any, bias: Any, scale: float | None, softcap: float | None,
-               causal: bool, offset: int, window: tuple[int | None, int | None] | None, return_lse: bool) -> Any:
+               causal: bool, offset: int, window: tuple[int | None, int | None] | None, return_lse: bool,
+               user_score_mod: Any = None, user_mask_mod: Any = None) -> Any:
     """flex_attention on 4-D q, k, v with the spec's mask (broadcast to (B, Hq, L, S)), causal and window
     as a block mask and softcap then bias as a score_mod; ``offset``: 0 (top_left) or S - L (bottom_right).
+    The caller's own programs (rule 22) are passed to flex as they are: ``user_mask_mod`` joins the block
+    mask's mask_mod, ``user_score_mod`` runs first in the score_mod (on the scaled score).
     Traceable by dynamo as a whole (the closures are built inside it)."""
     import torch
     from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
     batch, heads, length, keys = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-    masked = mask is not None or causal or window is not None
+    masked = mask is not None or causal or window is not None or user_mask_mod is not None
     if mask is not None:
         mask = mask.expand(batch, heads, length, keys)
     if bias is not None:
@@ -63,6 +66,8 @@ def _flex_call(q: Any, k: Any, v: Any, mask: Any, bias: Any, scale: float | None
 
     def mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
         keep = q_idx >= 0  # a bool tensor of the index's shape, all True
+        if user_mask_mod is not None:
+            keep = keep & user_mask_mod(b, h, q_idx, kv_idx)
         if mask is not None:
             keep = keep & mask[b, h, q_idx, kv_idx]
         if causal:
@@ -74,6 +79,8 @@ def _flex_call(q: Any, k: Any, v: Any, mask: Any, bias: Any, scale: float | None
         return keep
 
     def score_mod(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        if user_score_mod is not None:  # rule 22: on the scaled score, before the softcap and the bias
+            score = user_score_mod(score, b, h, q_idx, kv_idx)
         if softcap is not None:  # rule 4, before the bias (rule 5)
             score = softcap * torch.tanh(score / softcap)
         if bias is not None:
@@ -81,7 +88,8 @@ def _flex_call(q: Any, k: Any, v: Any, mask: Any, bias: Any, scale: float | None
         return score
 
     block_mask = (create_block_mask(mask_mod, batch, heads, length, keys, device=q.device) if masked else None)
-    return flex_attention(q, k, v, score_mod=score_mod if softcap is not None or bias is not None else None,
+    scored = softcap is not None or bias is not None or user_score_mod is not None
+    return flex_attention(q, k, v, score_mod=score_mod if scored else None,
                           block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
                           return_aux=AuxRequest(lse=True) if return_lse else None)
 
@@ -137,8 +145,11 @@ def flex_kernel(compiled: bool) -> Callable[..., Any]:
 
     def kernel(q: Any, k: Any, v: Any, *, mask: Any = None, bias: Any = None, scale: float | None = None,
                causal: bool = False, alignment: str = "top_left", window: Any = None, softcap: float | None = None,
-               return_lse: bool = False) -> Any:
+               return_lse: bool = False, score_mod: Any = None, mask_mod: Any = None) -> Any:
         import torch
+
+        if compiled and (score_mod is not None or mask_mod is not None):
+            raise ValueError("the compiled flex target does not declare score_mod or mask_mod")
 
         lead = tuple(q.shape[:-3]) if q.dim() >= 3 else ()
         full = (*lead, q.shape[-3] if q.dim() >= 3 else 1, q.shape[-2], k.shape[-2])
@@ -154,7 +165,7 @@ def flex_kernel(compiled: bool) -> Callable[..., Any]:
         else:
             with warnings.catch_warnings():  # torch's advice to compile, once per process
                 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-                result = _flex_call(*arguments)
+                result = _flex_call(*arguments, score_mod, mask_mod)
         out, lse = (result[0], result[1].lse) if return_lse else (result, None)
         out = out.reshape(*q.shape[:-1], v.shape[-1])
         if lse is None:
@@ -175,7 +186,8 @@ def flex_targets(device: str) -> list[Target]:
                "order); scale=, enable_gqa=True",)
     if device == "cpu":
         return [
-            Target(FLEX_EAGER, "torch", flex_kernel(False), (*common, "lse"), device=device, few_shapes=True,
+            Target(FLEX_EAGER, "torch", flex_kernel(False), (*common, "lse", "mask_mod", "score_mod"), device=device,
+                   few_shapes=True,
                    cost=120,
                    notes=(*adapter, EMPTY_NOTE, "eager: flex's unfused implementation; lse through "
                           "return_aux=AuxRequest(lse=True), float32 for half-precision inputs (returned in q's "
