@@ -68,9 +68,13 @@ class Target:
     #: The builder that made it (``"module:function"``, set by ``available_targets``), for a worker to
     #: build it again.
     builder: str = ""
-    #: The kernel's calling convention, as ``check(interface=...)`` takes it: "dense", or "varlen"
-    #: (FlashAttention's packed interface, ``varlen_kernels``; the varlen properties apply).
+    #: The kernel's calling convention, as ``check(interface=...)`` takes it: "dense", "varlen"
+    #: (FlashAttention's packed interface, ``varlen_kernels``), "paged" (``paged_kernels``) or "flex" (the
+    #: dense call with score_mod and mask_mod); each interface's own properties apply.
     interface: str = "dense"
+    #: A varlen kernel's declared conventions, as ``check`` takes them (``("empty_lse", "+inf")``,
+    #: ``("lse_layout", "padded")``, ``("causal_alignment", "bottom_right")``): verified, never hidden.
+    conventions: tuple[tuple[str, str], ...] = ()
     #: False for an adapter declared from its kernel's documentation and never yet run (CUDA-only
     #: kernels until a GPU run shows otherwise): reports mark it "not verified".
     verified: bool = True
@@ -83,7 +87,7 @@ class Target:
         from .strategies import Features
 
         features = interface_features(Features(frozenset(self.supports), tuple(dtypes), few_shapes=self.few_shapes),
-                                      self.interface)
+                                      self.interface, dict(self.conventions).get("causal_alignment"))
         return [PropertyOutcome(prop.name, prop.rules,
                                 Status.NOT_RUN if properties is not None and prop.name not in properties
                                 else Status.ERROR if prop.applies_to(features) else Status.NOT_APPLICABLE)
@@ -95,10 +99,13 @@ class Target:
         ``check``."""
         from .check import check
 
+        declared = dict(self.conventions)
         return check(self.kernel, framework=self.framework, supports=self.supports, layout=self.layout,
                      dtypes=dtypes, fully_masked=self.fully_masked, max_examples=max_examples, seed=seed,
                      name=self.name, device=self.device, few_shapes=self.few_shapes, backward=self.backward,
-                     properties=properties, plot_dir=plot_dir, interface=self.interface)
+                     properties=properties, plot_dir=plot_dir, interface=self.interface,
+                     empty_lse=declared.get("empty_lse", "-inf"), lse_layout=declared.get("lse_layout", "packed"),
+                     causal_alignment=declared.get("causal_alignment"))
 
 
 def _installed(module: str) -> bool:
