@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar, Unpack, overload
 
-from . import flex, layers, paged, varlen
+from . import distributed, flex, layers, paged, varlen
 from .backends.base import Backend
 from .dropout import dropout_mask
 from .layers.params import MHAParams
@@ -35,6 +35,7 @@ __all__ = [
     "attention",
     "attention_vjp",
     "available_backends",
+    "distributed",
     "dropout_mask",
     "flex",
     "get_backend",
