@@ -134,3 +134,16 @@ def test_eager_flex_keeps_rule_22s_conventions() -> None:
     report = target.run(dtypes=("float32",), max_examples=10, seed=0, properties=rule22)
     assert {o.name: o.status for o in report.outcomes if o.name in rule22} == dict.fromkeys(rule22, Status.PASS), \
         report.render()
+
+
+def test_the_compiled_target_runs_only_when_named() -> None:
+    """It recompiles per shape, and shrinking recompiles per candidate: too slow for the default crosscheck
+    (opt_in), so it runs when a crosscheck names it."""
+    import_or_skip("torch")
+    from attention_ref.testing.crosscheck import crosscheck
+
+    compiled = find_target(FLEX_COMPILED, "cpu", "attention_ref.testing.flex_targets:flex_targets")
+    assert compiled.opt_in
+    report = crosscheck(builders=("attention_ref.testing.flex_targets:flex_targets",), dtypes=("float32",),
+                        max_examples=1, properties=("matches_float64_oracle",), workers=1)
+    assert [target.name for target, _, _ in report.results] == [FLEX_EAGER]

@@ -78,6 +78,8 @@ class Target:
     #: False for an adapter declared from its kernel's documentation and never yet run (CUDA-only
     #: kernels until a GPU run shows otherwise): reports mark it "not verified".
     verified: bool = True
+    #: Run only when a crosscheck names it (``only``, ``--target``): a target too slow for the default run.
+    opt_in: bool = False
 
     def plan(self, dtypes: Sequence[str], properties: Sequence[str] | None = None) -> list[PropertyOutcome]:
         """The report's rows before anything runs: each property that will run with status ERROR (what

@@ -209,7 +209,8 @@ def crosscheck(
 ) -> CrosscheckReport:
     """Check every target of ``builders`` available on ``device`` ("cpu" or "cuda"), in each of
     ``dtypes`` it supports (default: all it supports), ``max_examples`` per property. ``only`` keeps
-    the targets whose name contains one of its strings; ``properties`` names the properties to run
+    the targets whose name contains one of its strings (an ``opt_in`` target runs only when named);
+    ``properties`` names the properties to run
     and ``rules`` the SPEC.md rules whose properties run (default: all; the others are "not run");
     ``progress`` receives the run's events (a ``Progress``: a note when a target starts and ends, the
     end of each property as its worker reports it; or a callable given the notes). The targets run
@@ -230,7 +231,8 @@ def crosscheck(
     began = time.perf_counter()
     selected: list[tuple[Target, tuple[str, ...]]] = []
     for target in available_targets(device, builders):
-        if only and not any(part in target.name for part in only):
+        named = bool(only) and any(part in target.name for part in only)
+        if (only and not named) or (target.opt_in and not named):
             continue
         chosen = tuple(d for d in target.dtypes if dtypes is None or d in dtypes)
         if chosen:

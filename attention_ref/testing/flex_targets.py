@@ -193,7 +193,7 @@ def flex_targets(device: str) -> list[Target]:
                           "return_aux=AuxRequest(lse=True), float32 for half-precision inputs (returned in q's "
                           "dtype or wider); no backward on the CPU (NotImplementedError), so no grad")),
             Target(FLEX_COMPILED, "torch", flex_kernel(True), common, dtypes=("bfloat16", "float32"), device=device,
-                   few_shapes=True, cost=400,
+                   few_shapes=True, cost=400, opt_in=True,
                    notes=(*adapter, "torch.compile(fullgraph=True, dynamic=False): one compilation per shape and "
                           "per value of scale, softcap and window (1-5 s each on 2 cores), so sizes come from a small "
                           "menu; on the CPU no float64, no return_lse and no backward (NotImplementedError)",
