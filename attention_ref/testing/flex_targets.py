@@ -187,7 +187,7 @@ def flex_targets(device: str) -> list[Target]:
     if device == "cpu":
         return [
             Target(FLEX_EAGER, "torch", flex_kernel(False), (*common, "lse", "mask_mod", "score_mod"), device=device,
-                   few_shapes=True,
+                   few_shapes=True, opt_in=True,
                    cost=120,
                    notes=(*adapter, EMPTY_NOTE, "eager: flex's unfused implementation; lse through "
                           "return_aux=AuxRequest(lse=True), float32 for half-precision inputs (returned in q's "
