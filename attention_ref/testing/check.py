@@ -199,6 +199,21 @@ class KernelImplementation:
                 keywords["return_lse"] = True
         return keywords
 
+    def _out_and_lse(self, result: Any, interface: str, keywords: dict[str, Any], return_lse: bool,
+                     where: str) -> Any:
+        """A varlen or paged kernel's result, out or ``(out, lse)`` as its convention says (KernelError
+        otherwise), as NumPy: out, or ``AttentionOutput(out, None, lse)`` when ``return_lse``."""
+        values = tuple(result) if isinstance(result, tuple | list) else (result,)
+        if len(values) != (2 if "return_lse" in keywords else 1):
+            raise KernelError(f"{self.name} returned {len(values)} values; the {interface} convention is out, or "
+                              f"(out, lse) with return_lse\n  call: {where}")
+        out = self.to_numpy(values[0])
+        if not return_lse:
+            return out
+        if "lse" not in self.features:
+            raise UnsupportedFeature(f"{self.name} does not support lse")
+        return AttentionOutput(out, None, self.to_numpy(values[1]))
+
     def _case(self, q: Any, k: Any, v: Any, options: AttentionOptions) -> AttentionCase:
         """The call as an AttentionCase (NumPy arrays), for the report and the fully-masked rows."""
         arrays = {name: None if x is None else self.to_numpy(x) for name, x in options.array_keywords().items()}
@@ -526,16 +541,7 @@ class VarlenKernelImplementation(KernelImplementation):
             raise DeclarationBroken(f"{error}\n  call: {where}") from None
         except Exception as error:  # a kernel that refuses an input within its declared features: ERROR
             raise KernelError(f"{self.name} raised {type(error).__name__}: {error}\n  call: {where}") from error
-        values = tuple(result) if isinstance(result, tuple | list) else (result,)
-        if len(values) != (2 if "return_lse" in keywords else 1):
-            raise KernelError(f"{self.name} returned {len(values)} values; the varlen convention is out, or (out, "
-                              f"lse) with return_lse\n  call: {where}")
-        out = self.to_numpy(values[0])
-        if not return_lse:
-            return out
-        if "lse" not in self.features:
-            raise UnsupportedFeature(f"{self.name} does not support lse")
-        return AttentionOutput(out, None, self.to_numpy(values[1]))
+        return self._out_and_lse(result, "varlen", keywords, return_lse, where)
 
 
 def _take_rows(backend: Any, x: Any, index: np.ndarray) -> Any:
@@ -576,16 +582,7 @@ class PagedKernelImplementation(KernelImplementation):
             result = call_paged(self.paged_fn, self.backend, q, k_cache, v_cache, table, lengths, cu_q, keywords)
         except Exception as error:  # a kernel that refuses an input within its declared features: ERROR
             raise KernelError(f"{self.name} raised {type(error).__name__}: {error}\n  call: {where}") from error
-        values = tuple(result) if isinstance(result, tuple | list) else (result,)
-        if len(values) != (2 if "return_lse" in keywords else 1):
-            raise KernelError(f"{self.name} returned {len(values)} values; the paged convention is out, or (out, "
-                              f"lse) with return_lse\n  call: {where}")
-        out = self.to_numpy(values[0])
-        if not return_lse:
-            return out
-        if "lse" not in self.features:
-            raise UnsupportedFeature(f"{self.name} does not support lse")
-        return AttentionOutput(out, None, self.to_numpy(values[1]))
+        return self._out_and_lse(result, "paged", keywords, return_lse, where)
 
 
 def _assert_shapes(result: AttentionOutput | Gradients, shapes: AttentionOutput | Gradients,

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .varlen_kernels import NOT_VARLEN
+from .varlen_kernels import NOT_VARLEN, int32_like
 
 #: Features the paged interface cannot have.
 NOT_PAGED = NOT_VARLEN
@@ -47,10 +47,6 @@ def check_paged_supports(supports: tuple[str, ...] | list[str]) -> None:
                          "return_lse")
 
 
-def _int32_like(backend: Any, values: np.ndarray, like: Any) -> Any:
-    return backend.asarray_like(np.ascontiguousarray(values, dtype=np.int32), like)
-
-
 def _take(backend: Any, x: Any, index: np.ndarray, axis: int) -> Any:
     """``x`` indexed by the integer ``index`` along ``axis`` (any framework)."""
     where = backend.asarray_like(np.asarray(index, np.int64), x) if backend.framework == "torch" else index
@@ -64,8 +60,8 @@ def call_paged(fn: Callable[..., Any], backend: Any, q: Any, k_cache: Any, v_cac
     table, lengths = np.asarray(block_table), np.asarray(cache_seqlens)
     extra: dict[str, Any] = {"max_seqlen_q": 1 if cu_seqlens_q is None else int(np.diff(cu_seqlens_q).max(initial=0))}
     if cu_seqlens_q is not None:
-        extra["cu_seqlens_q"] = _int32_like(backend, np.asarray(cu_seqlens_q), q)
-    return fn(q, k_cache, v_cache, _int32_like(backend, table, q), _int32_like(backend, lengths, q), **extra,
+        extra["cu_seqlens_q"] = int32_like(backend, np.asarray(cu_seqlens_q), q)
+    return fn(q, k_cache, v_cache, int32_like(backend, table, q), int32_like(backend, lengths, q), **extra,
               **keywords)
 
 

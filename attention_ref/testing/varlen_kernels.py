@@ -44,7 +44,9 @@ def check_varlen_supports(supports: tuple[str, ...] | list[str]) -> None:
                          "return_lse")
 
 
-def _int32_like(backend: Any, values: np.ndarray, like: Any) -> Any:
+def int32_like(backend: Any, values: np.ndarray, like: Any) -> Any:
+    """``values`` as int32 in the backend's framework, where ``like`` is (the integer arrays a varlen or paged
+    kernel is given)."""
     return backend.asarray_like(np.ascontiguousarray(values, dtype=np.int32), like)
 
 
@@ -53,7 +55,7 @@ def call_varlen(fn: Callable[..., Any], backend: Any, q: Any, k: Any, v: Any, cu
     """The kernel's result on a packed problem: framework arrays q, k, v, NumPy ``cu_seqlens``
     (passed as int32 arrays on q's device, with ``max_seqlen_q``/``max_seqlen_k``)."""
     cu_q, cu_k = np.asarray(cu_seqlens_q), np.asarray(cu_seqlens_k)
-    return fn(q, k, v, _int32_like(backend, cu_q, q), _int32_like(backend, cu_k, q),
+    return fn(q, k, v, int32_like(backend, cu_q, q), int32_like(backend, cu_k, q),
               max_seqlen_q=int(np.diff(cu_q).max(initial=0)), max_seqlen_k=int(np.diff(cu_k).max(initial=0)),
               **keywords)
 
